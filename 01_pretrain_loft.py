@@ -1,0 +1,134 @@
+"""Stage 1 — pretrain a CNN with LoFT (or a baseline) and save the global model every epoch.
+
+    python 01_pretrain_loft.py --config yaml/quick_c10.yaml                       # S workers in turn
+    deepspeed --num_gpus 2 01_pretrain_loft.py --config yaml/quick_c10.yaml       # 2 ranks, S/2 workers each
+    python 01_pretrain_loft.py --config yaml/preresnet18_c10.yaml --dry-run       # sizes, FLOPs, bytes
+
+Writes runs/NAME/pretrain/: config.yaml, epoch_000.pt … epoch_EEE.pt (BN-recalibrated global
+model), last.pt (resume state), metrics.csv, comm.json. Next: 02_filter_distance.py, 03_prune.py.
+"""
+import json
+
+import torch
+
+from common.checkpoint import load_checkpoint, save_atomic, write_text_atomic
+from common.cli import run_stage
+from common.config import load_config, run_dir_of, stage_parser
+from common.costs import analytic_bytes, flops_per_sample, split_params
+from common.data import NUM_CLASSES, load_dataset
+from common.errors import UserError
+from common.dist import Comm, setup_distributed, teardown
+from common.loft import draw_partition, worker_arch
+from common.models import build_model, partitioned_blocks
+from common.pretrain import METHODS, recal_stream
+from common.runs import prepare_stage_dir, save_config, write_csv
+from common.train import evaluate, recalibrate_bn
+
+
+def main(argv=None):
+    p = stage_parser(__doc__.splitlines()[0])
+    p.add_argument("--dry-run", action="store_true", help="print sizes, FLOPs and analytic bytes as JSON; no training")
+    p.add_argument("--resume", action="store_true", help="continue from last.pt")
+    p.add_argument("--force", action="store_true", help="start over in a folder that holds a run")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    arch = {"name": cfg.model.arch, "num_classes": NUM_CLASSES[cfg.data.dataset], "width": cfg.model.width}
+    if args.dry_run:
+        print(json.dumps(dry_run_report(cfg, arch), indent=1))
+        return
+    out = run_dir_of(args, cfg) / "pretrain"
+    env = setup_distributed(cfg.dist.timeout_s, cfg.dist.threads_per_rank)
+    try:
+        resuming = prepare_stage_dir(out, args.resume, args.force, env.is_main)
+        train_set, test_set = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
+        torch.manual_seed(cfg.seed)
+        init = build_model(arch).state_dict()
+        comm = Comm(env)
+        method = METHODS[cfg.pretrain.method](cfg, arch, init, train_set, env, comm)
+        start, rows, comm_total = 1, [], 0
+        if resuming:
+            start, rows = resume(method, out / "last.pt", cfg, comm)
+        elif env.is_main:
+            save_config(cfg.to_dict(), out / "config.yaml")
+            save_epoch(method.state, arch, 0, cfg, train_set, test_set, env, out, recal=False)
+        for epoch in range(start, cfg.pretrain.epochs + 1):
+            loss = method.train_epoch(epoch)
+            comm_total = int(comm.sum_metric(torch.tensor([comm.bytes_sent], dtype=torch.float64)).item())
+            if env.is_main:
+                acc = save_epoch(method.state, arch, epoch, cfg, train_set, test_set, env, out,
+                                 recal=cfg.pretrain.method == "loft")
+                rows.append({"epoch": epoch, "rounds": getattr(method, "round", ""), "train_loss": round(loss, 5),
+                             "test_acc": round(acc, 3), "comm_bytes": comm_total})
+                write_csv(rows, out / "metrics.csv")
+                save_atomic({"model": method.state, "arch": arch, "epoch": epoch, "method": method.state_dict(),
+                             "rows": rows, "comm_bytes": comm_total, "config": cfg.to_dict()}, out / "last.pt")
+                print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%  comm {comm_total / 1e6:.2f} MB")
+            comm.barrier()
+        if env.is_main:
+            write_comm_json(cfg, arch, len(train_set), comm_total, out)
+    finally:
+        teardown(env)
+
+
+def save_epoch(state, arch, epoch, cfg, train_set, test_set, env, out, recal: bool) -> float:
+    """BN-recalibrate a copy of the global model (LoFT: subnet stats don't describe it), test, save."""
+    model = build_model(arch)
+    model.load_state_dict(state)
+    if recal:
+        recalibrate_bn(model, recal_stream(train_set, cfg), cfg.pretrain.bn_recal_batches, env.device)
+    acc, _ = evaluate(model, test_set, cfg.data.eval_batch_size, env.device)
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_atomic({"model": weights, "arch": arch, "epoch": epoch, "test_acc": acc,
+                 "method": cfg.pretrain.method}, out / f"epoch_{epoch:03d}.pt")
+    return acc
+
+
+def resume(method, path, cfg, comm):
+    ck = load_checkpoint(path, required=("model", "arch", "epoch", "method", "rows", "config"))
+    saved, now = dict(ck["config"]), cfg.to_dict()
+    saved["pretrain"] = {**saved["pretrain"], "epochs": now["pretrain"]["epochs"]}  # extending a run is fine
+    if saved != now:
+        raise UserError(f"--resume: {path} was made with a different config; use --force to start over")
+    method.load_state_dict(ck["method"], weights=ck["model"])
+    comm.bytes_sent = int(ck["comm_bytes"]) if comm.env.is_main else 0  # the total lives on rank 0
+    if comm.env.is_main:
+        print(f"resuming after epoch {ck['epoch']}")
+    return int(ck["epoch"]) + 1, list(ck["rows"])
+
+
+def dry_run_report(cfg, arch) -> dict:
+    pc = cfg.pretrain
+    model = build_model(arch)
+    blocks = partitioned_blocks(model, pc.partition_stage1)
+    shared, part = split_params(model, blocks)
+    n_train = cfg.data.train_subset or 50_000
+    sub = build_model(worker_arch(arch, draw_partition(blocks, pc.workers, cfg.seed, 0), 0))
+    return {
+        "arch": arch, "workers": pc.workers,
+        "params_total": shared + part, "params_partitioned": part,
+        "partitioned_fraction": round(part / (shared + part), 5),
+        "params_per_worker": sum(p.numel() for p in sub.parameters()),
+        "flops_per_sample_dense": flops_per_sample(model), "flops_per_sample_subnet": flops_per_sample(sub),
+        "analytic_bytes": analytic_bytes(model, blocks, pc.workers, pc.epochs, n_train, pc.batch_size,
+                                         pc.local_iters),
+    }
+
+
+def write_comm_json(cfg, arch, n_train, measured_total, out):
+    pc = cfg.pretrain
+    model = build_model(arch)
+    blocks = partitioned_blocks(model, pc.partition_stage1)
+    analytic = analytic_bytes(model, blocks, pc.workers, pc.epochs, n_train, pc.batch_size, pc.local_iters)
+    report = {
+        "method": pc.method, "workers": pc.workers, "wire_dtype": cfg.comm.wire_dtype,
+        "measured_payload_bytes": measured_total,
+        "measured_note": "bytes handed to collectives, summed over ranks (one process: over workers); "
+                         "a push of each worker's subnetwork per round, so the paper's pull+push count is 2x",
+        "analytic_ps_bytes": analytic,
+        "analytic_note": "the paper's parameter-server convention, fp32, parameters only (SPEC 3)",
+    }
+    write_text_atomic(json.dumps(report, indent=1), out / "comm.json")
+
+
+if __name__ == "__main__":
+    run_stage(main)

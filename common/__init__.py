@@ -1,0 +1,1 @@
+"""Shared machinery of the LoFT stage scripts (01–04)."""

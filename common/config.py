@@ -1,0 +1,216 @@
+"""Typed, validated configuration: YAML file + `--set dotted.key=value` overrides.
+
+Every key has a default and a one-line comment here. `load_config` returns a `Config` or
+raises `UserError` naming the bad key (unknown key, wrong type, out-of-range value).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import get_type_hints
+
+import yaml
+
+from common.errors import UserError
+
+
+def opt(default, *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False):
+    """A config field with its admissible values (checked by `validate`)."""
+    meta = {"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelCfg:
+    arch: str = opt("preresnet18", choices=["resnet18", "resnet34", "preresnet18", "preresnet34"])  # CIFAR ResNet family
+    width: float = opt(1.0, lo=0.0, hi=16.0, lo_open=True)  # channel multiplier: 1.0 = the paper's widths
+
+
+@dataclass
+class DataCfg:
+    dataset: str = opt("cifar10", choices=["cifar10"])   # dataset name
+    root: str = opt("data")                             # folder holding cifar-10-batches-py/ (downloaded if absent)
+    train_subset: int = opt(0, lo=0)                    # 0 = all 50,000; else a class-balanced subset of this size
+    test_subset: int = opt(0, lo=0)                     # 0 = all 10,000; else a class-balanced subset
+    eval_batch_size: int = opt(500, lo=1)               # batch size for evaluation and BN recalibration
+
+
+@dataclass
+class PretrainCfg:
+    method: str = opt("loft", choices=["loft", "dense"])  # pretraining algorithm (SPEC 2)
+    workers: int = opt(4, lo=1, hi=1024)                  # S: number of LoFT subnetworks / workers
+    local_iters: int = opt(25, lo=1)                      # K: local SGD steps per round
+    epochs: int = opt(20, lo=1, hi=10000)                 # passes of the training set through every worker
+    batch_size: int = opt(128, lo=1)                      # B: batch size of one worker
+    lr: float = opt(0.1, lo=0.0, hi=10.0, lo_open=True)   # peak learning rate
+    momentum: float = opt(0.9, lo=0.0, hi=1.0, hi_open=True)
+    weight_decay: float = opt(5e-4, lo=0.0, hi=1.0)
+    schedule: str = opt("cosine", choices=["cosine", "step", "constant"])  # lr over the global step count
+    carry_momentum: bool = opt(False)       # slice/gather momentum with the weights (doubles traffic); default fresh per round
+    partition_stage1: bool = opt(False)     # also split blocks[1:] of stage 1 (SPEC 1 default: no)
+    bn_recal_batches: int = opt(20, lo=0)   # training batches used to re-estimate BN stats before eval/checkpoint
+    grad_clip: float = opt(0.0, lo=0.0)     # max grad norm; 0 = off (DeepSpeed's default of 1.0 is never implied)
+
+
+@dataclass
+class CommCfg:
+    wire_dtype: str = opt("fp32", choices=["fp32"])  # dtype of tensors sent between workers
+
+
+@dataclass
+class DistCfg:
+    timeout_s: int = opt(300, lo=1)          # collective timeout before a rank gives up
+    threads_per_rank: int = opt(0, lo=0)     # torch threads per rank; 0 = cores // local ranks
+
+
+@dataclass
+class Config:
+    seed: int = opt(0, lo=0, hi=2**31 - 1)   # one seed for init, data order, augmentation and partitions
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    pretrain: PretrainCfg = field(default_factory=PretrainCfg)
+    comm: CommCfg = field(default_factory=CommCfg)
+    dist: DistCfg = field(default_factory=DistCfg)
+    name: str = opt("")                      # run name: the config file's stem unless given
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------- parsing
+def _coerce(key: str, value, typ):
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise UserError(f"config key {key}: {value!r} is not a finite number")
+            return float(value)
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise UserError(f"config key {key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _check_range(key: str, value, meta: dict):
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise UserError(f"config key {key}: {value!r} is not one of {meta['choices']}")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and (value < lo or (meta["lo_open"] and value == lo)):
+        raise UserError(f"config key {key}: {value!r} must be {'>' if meta['lo_open'] else '>='} {lo}")
+    if hi is not None and (value > hi or (meta["hi_open"] and value == hi)):
+        raise UserError(f"config key {key}: {value!r} must be {'<' if meta['hi_open'] else '<='} {hi}")
+
+
+def _fill(obj, values: dict, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise UserError(f"config key {prefix.rstrip('.') or '<top>'}: expected a mapping, got {values!r}")
+    hints = get_type_hints(type(obj))
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise UserError(f"unknown config key {full!r} (known here: {', '.join(sorted(names))})")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            _fill(getattr(obj, key), value, full + ".")
+        else:
+            value = _coerce(full, value, typ)
+            _check_range(full, value, names[key].metadata)
+            setattr(obj, key, value)
+
+
+def _check_defaults(obj, prefix=""):
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            _check_defaults(v, f"{prefix}{f.name}.")
+        else:
+            _check_range(prefix + f.name, v, f.metadata)
+
+
+def cross_check(cfg: Config):
+    """Constraints between keys."""
+    if cfg.pretrain.method == "loft" and cfg.pretrain.workers < 2:
+        raise UserError("config key pretrain.workers: LoFT needs at least 2 workers")
+
+
+def parse_set(items: list[str]) -> dict:
+    """['a.b=1', 'c=x'] → nested dict with YAML-parsed values."""
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {item!r}: value is not valid YAML ({e.__class__.__name__})") from None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {item!r}: {p} is set both as a value and a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"--config {path}: no such file")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise UserError(f"--config {path}: top level must be a mapping")
+    values = _merge(values, parse_set(overrides))
+    cfg = Config()
+    _fill(cfg, values)
+    _check_defaults(cfg)
+    if not cfg.name:
+        cfg.name = Path(path).stem if path is not None else "default"
+    cross_check(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------ CLI
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other user error
+        raise UserError(f"{self.prog}: {message}")
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every stage takes; a stage adds its own before parsing."""
+    p = _Parser(description=description)
+    p.add_argument("--config", required=True, help="yaml/NAME.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (YAML-parsed value), repeatable")
+    p.add_argument("--run-dir", default=None, help="default: runs/<config stem>")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the DeepSpeed launcher
+    return p
+
+
+def run_dir_of(args, cfg: Config) -> Path:
+    return Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name

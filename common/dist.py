@@ -1,0 +1,143 @@
+"""The one place that knows about distribution.
+
+`setup_distributed` reads RANK / LOCAL_RANK / WORLD_SIZE (set by the DeepSpeed launcher,
+torchrun or a hostfile launch), so plain `python` runs without any process group.
+`Comm` wraps the few `deepspeed.comm` collectives the stages use and counts the payload
+bytes this rank hands to each of them (SPEC section 3).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+
+from common.errors import UserError
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def _skip_shm_op_build():
+    """DeepSpeed JIT-compiles a shared-memory op (used only for inference all-reduce) on CPU
+    init, ~1 min on 2 cores. The stages never use it, so the build is replaced by a no-op."""
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `import deepspeed.comm.torch` is shadowed
+    ds_torch.build_shm_op = lambda: None
+
+
+def setup_distributed(timeout_s: int = 300, threads_per_rank: int = 0) -> DistEnv:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", str(world))))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    # Ranks on one host share its cores: without this each would start cores-many threads.
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // max(1, local_world))
+    torch.set_num_threads(threads)
+    env = DistEnv(rank, world, local_rank, local_world, device)
+    if env.distributed:
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+        import deepspeed
+        if not cuda:
+            _skip_shm_op_build()
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+                                   timeout=timedelta(seconds=timeout_s))
+    return env
+
+
+def teardown(env: DistEnv):
+    """Barrier, then destroy the group: without it ~1 run in 10 aborted at exit (DEEPSPEED.md)."""
+    if env.distributed and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+class Comm:
+    """Collectives over workers, with payload byte counting (SPEC section 3).
+
+    A payload is what one worker hands over. In one process the S workers run in turn and
+    each is counted as its own (virtual) rank. Under the launcher a rank packs its workers'
+    payloads into one collective call (pre-summed for a reduction), and what it hands over
+    is what is counted: with one worker per rank both views give the same bytes.
+    """
+
+    def __init__(self, env: DistEnv):
+        self.env = env
+        self.bytes_sent = 0  # payload handed to collectives by this rank, in the dtype sent
+
+    def _count(self, t: torch.Tensor):
+        self.bytes_sent += t.numel() * t.element_size()
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        import deepspeed.comm as dcomm
+        buf = t.to(self.env.device)  # NCCL needs device tensors; the global model stays on the host
+        dcomm.all_reduce(buf)
+        return buf.to(t.device)
+
+    def reduce_workers(self, payloads: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Sum over all S workers of their payloads (this rank holds `payloads`)."""
+        if not self.env.distributed:
+            for p in payloads.values():
+                self._count(p)
+            return torch.stack(list(payloads.values())).sum(0)
+        local = torch.stack(list(payloads.values())).sum(0)
+        self._count(local)
+        return self._all_reduce(local)
+
+    def gather_workers(self, payloads: dict[int, torch.Tensor], sizes: dict[int, int]) -> dict[int, torch.Tensor]:
+        """Every worker's 1-D payload; `sizes` gives all S workers' lengths (known on every rank)."""
+        if not self.env.distributed:
+            for p in payloads.values():
+                self._count(p)
+            return payloads
+        import deepspeed.comm as dcomm
+        per = len(sizes) // self.env.world
+        owners = [list(range(r * per, (r + 1) * per)) for r in range(self.env.world)]
+        width = max(sum(sizes[w] for w in ws) for ws in owners)  # all_gather needs equal lengths
+        local = torch.cat([payloads[w] for w in sorted(payloads)])
+        buf = torch.nn.functional.pad(local, (0, width - len(local))).to(self.env.device)
+        self._count(buf)
+        out = [torch.empty_like(buf) for _ in range(self.env.world)]
+        dcomm.all_gather(out, buf)
+        gathered = {}
+        for ws, flat in zip(owners, out):
+            flat, offset = flat.cpu(), 0
+            for w in ws:
+                gathered[w] = flat[offset:offset + sizes[w]]
+                offset += sizes[w]
+        return gathered
+
+    def sum_metric(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce for bookkeeping (losses, byte counters): not counted as training traffic."""
+        return self._all_reduce(t) if self.env.distributed else t
+
+    def barrier(self):
+        if self.env.distributed:
+            torch.distributed.barrier()
+
+
+def workers_of_rank(workers: int, env: DistEnv) -> list[int]:
+    """Worker ids run by this rank: S/W consecutive ids from the global rank."""
+    if workers % env.world:
+        raise UserError(f"pretrain.workers={workers} is not a multiple of the {env.world} launched ranks")
+    per = workers // env.world
+    return list(range(env.rank * per, (env.rank + 1) * per))

@@ -1,0 +1,117 @@
+"""One LoFT round — partition, train locally, aggregate (SPEC section 2) — written once over
+the model's list of partitioned blocks (`common.models.partitioned_blocks`).
+
+The global model is a state dict in host memory. A worker's subnetwork is a real narrow
+module: `build_model(worker_arch(...))` with the worker's channel counts, loaded with
+`extract(...)`. Output scaling: none. A subnetwork computes exactly the full network with
+the other workers' mid channels removed (equivalently: conv2's input columns outside the
+worker's sets zeroed), so no factor S is applied anywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.data import _gen
+from common.models import BlockRef, narrowed_arch
+
+PARTITION_STREAM = 7_000_001  # generator namespace for partitions, apart from data streams
+
+
+# ------------------------------------------------------------------- partition
+def draw_partition(blocks: list[BlockRef], workers: int, seed: int, round_: int) -> dict[str, list[torch.Tensor]]:
+    """block name → S disjoint sorted index sets covering range(mid), sizes differing by ≤ 1.
+
+    Seeded by (seed, round) only, so every rank draws the same partition without talking."""
+    gen = _gen(seed, PARTITION_STREAM, round_)
+    out = {}
+    for b in blocks:
+        perm = torch.randperm(b.mid, generator=gen)
+        out[b.name] = [torch.sort(chunk).values for chunk in torch.tensor_split(perm, workers)]
+    return out
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """Which state entries live on partitioned channels: key → (block name, dim)."""
+    entries: dict[str, tuple[str, int]]
+
+    @staticmethod
+    def of(blocks: list[BlockRef], state: dict) -> "SlicePlan":
+        return SlicePlan({k: (b.name, d) for b in blocks for k, d in b.slice_dims(state).items()})
+
+    def shared_keys(self, state: dict) -> list[str]:
+        return [k for k in state if k not in self.entries]
+
+
+def worker_arch(arch: dict, part: dict, worker: int) -> dict:
+    return narrowed_arch(arch, {name: len(sets[worker]) for name, sets in part.items()})
+
+
+def extract(state: dict, plan: SlicePlan, part: dict, worker: int) -> dict:
+    """Worker's subnetwork state: partitioned entries sliced to its channels, the rest copied."""
+    sub = {}
+    for k, v in state.items():
+        if k in plan.entries:
+            block, dim = plan.entries[k]
+            sub[k] = v.index_select(dim, part[block][worker])
+        else:
+            sub[k] = v.clone()
+    return sub
+
+
+# ------------------------------------------------------------------- aggregate
+def _flat(tensors) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
+
+
+def aggregate(state: dict, plan: SlicePlan, part: dict, results: dict[int, dict], comm, workers: int) -> dict:
+    """New global state from the workers' trained subnetwork states.
+
+    `results` holds this rank's workers (all S in one process). Partitioned slices are
+    all-gathered and placed back at their indices (disjoint sets: a placement, not a mean);
+    every shared float tensor is the mean over the S workers (one all-reduce); integer
+    buffers (num_batches_tracked) are equal on all workers and averaged alike.
+    """
+    part_keys = [k for k in state if k in plan.entries]
+    shared = plan.shared_keys(state)
+    shared_f = [k for k in shared if state[k].is_floating_point()]
+    shared_i = [k for k in shared if not state[k].is_floating_point()]
+
+    def slice_numel(w):
+        return sum(results_shape_numel(state, plan, part, k, w) for k in part_keys)
+
+    payloads = {w: _flat([results[w][k] for k in part_keys]) for w in sorted(results)}
+    gathered = comm.gather_workers(payloads, {w: slice_numel(w) for w in range(workers)})
+    new = {}
+    for k in part_keys:
+        new[k] = state[k].clone()
+    for w, flat in gathered.items():
+        offset = 0
+        for k in part_keys:
+            block, dim = plan.entries[k]
+            idx = part[block][w]
+            shape = list(state[k].shape)
+            shape[dim] = len(idx)
+            n = int(torch.Size(shape).numel())
+            new[k].index_copy_(dim, idx, flat[offset:offset + n].view(shape).to(state[k].dtype))
+            offset += n
+
+    for keys in (shared_f, shared_i):
+        if not keys:
+            continue
+        total = comm.reduce_workers({w: _flat([results[w][k] for k in keys]) for w in sorted(results)})
+        mean = total / workers if keys is shared_f else torch.div(total, workers, rounding_mode="floor")
+        offset = 0
+        for k in keys:
+            n = state[k].numel()
+            new[k] = mean[offset:offset + n].view(state[k].shape).to(state[k].dtype)
+            offset += n
+    return {k: new[k] for k in state}  # keep the state dict's key order
+
+
+def results_shape_numel(state, plan, part, key, worker) -> int:
+    block, dim = plan.entries[key]
+    t = state[key]
+    return t.numel() // t.shape[dim] * len(part[block][worker])

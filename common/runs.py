@@ -1,0 +1,47 @@
+"""Run folders: refuse to clobber a finished stage, CSV metrics, the saved config."""
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+from pathlib import Path
+
+import yaml
+
+from common.checkpoint import write_text_atomic
+from common.errors import UserError
+
+
+def prepare_stage_dir(path: Path, resume: bool, force: bool, is_main: bool) -> bool:
+    """True when resuming. A folder holding outputs needs --resume (continue) or --force (start over)."""
+    if resume and force:
+        raise UserError("--resume and --force exclude each other")
+    if resume:
+        if not (path / "last.pt").is_file():
+            raise UserError(f"--resume: {path / 'last.pt'} does not exist, nothing to resume")
+        return True
+    if path.exists() and any(path.iterdir()):
+        if not force:
+            raise UserError(f"{path} already holds outputs; pass --resume to continue or --force to start over")
+        if is_main:
+            shutil.rmtree(path)
+    return False
+
+
+def write_csv(rows: list[dict], path: Path):
+    """Rewrite the whole (small) CSV atomically; columns are the union of the rows' keys, in order."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(buf.getvalue(), path)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def save_config(cfg_dict: dict, path: Path):
+    write_text_atomic(yaml.safe_dump(cfg_dict, sort_keys=False), path)
