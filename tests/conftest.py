@@ -1,0 +1,73 @@
+"""Shared fixtures: the real CIFAR-10 in ../shared/data, tiny configs, stage runners."""
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("LOFT_DATA", REPO.parent / "shared" / "data")).resolve()
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+# A narrow PreActResNet-18 on 640 real CIFAR-10 images: one epoch is 20 steps of 32.
+TINY = {
+    "seed": 0,
+    "model": {"arch": "preresnet18", "width": 0.125},
+    "data": {"root": str(DATA), "train_subset": 640, "test_subset": 200, "eval_batch_size": 200},
+    "pretrain": {"method": "loft", "workers": 2, "local_iters": 5, "epochs": 2, "batch_size": 32,
+                 "lr": 0.05, "bn_recal_batches": 2},
+    "dist": {"threads_per_rank": 1},
+}
+
+
+def _merge(a, b):
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_present():
+    if not (DATA / "cifar-10-batches-py").is_dir():
+        pytest.exit(f"real CIFAR-10 not found under {DATA} (set LOFT_DATA)", returncode=3)
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """Write a tiny config (with nested overrides) and return its path."""
+    def make(name="tiny", **overrides):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(_merge(TINY, overrides)))
+        return path
+    return make
+
+
+def stage(name: str):
+    """Import a numbered stage script as a module (e.g. stage('01_pretrain_loft'))."""
+    return importlib.import_module(name)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args: list[str], launcher: list[str] | None = None, timeout=600) -> subprocess.CompletedProcess:
+    """Run a stage script as a user would: python SCRIPT ... or deepspeed ... SCRIPT ..."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    cmd = (launcher or [sys.executable]) + args
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def deepspeed_launcher(ranks: int) -> list[str]:
+    exe = Path(sys.executable).with_name("deepspeed")
+    return [str(exe), "--num_gpus", str(ranks), "--master_port", str(free_port())]
