@@ -43,7 +43,7 @@ class DataCfg:
 
 @dataclass
 class PretrainCfg:
-    method: str = opt("loft", choices=["loft", "dense"])  # pretraining algorithm (SPEC 2)
+    method: str = opt("loft", choices=["loft", "dense", "localsgd", "gpipe"])  # pretraining algorithm (SPEC 2)
     workers: int = opt(4, lo=1, hi=1024)                  # S: number of LoFT subnetworks / workers
     local_iters: int = opt(25, lo=1)                      # K: local SGD steps per round
     epochs: int = opt(20, lo=1, hi=10000)                 # passes of the training set through every worker
@@ -56,11 +56,39 @@ class PretrainCfg:
     partition_stage1: bool = opt(False)     # also split blocks[1:] of stage 1 (SPEC 1 default: no)
     bn_recal_batches: int = opt(20, lo=0)   # training batches used to re-estimate BN stats before eval/checkpoint
     grad_clip: float = opt(0.0, lo=0.0)     # max grad norm; 0 = off (DeepSpeed's default of 1.0 is never implied)
+    stop_on_emergence: bool = opt(False)    # stop once the ticket has emerged (distance.emergence_* rule)
+
+
+@dataclass
+class DistanceCfg:
+    emergence_eps: float = opt(0.05, lo=0.0, lo_open=True)  # normalised top-k distance under which rankings count as settled
+    emergence_window: int = opt(3, lo=1)                    # consecutive epoch pairs that must stay under eps
+
+
+@dataclass
+class PruneCfg:
+    kind: str = opt("l1", choices=["l1", "magnitude"])   # l1: structured filters (LoFT); magnitude: unstructured masks (LTH/RISE)
+    ratio: float = opt(0.5, lo=0.0, hi=1.0, hi_open=True)  # fraction removed: 0.3/0.5/0.8 in LoFT; 1 - R in RISE
+    scope: str = opt("global", choices=["global", "layer"])  # magnitude ranking over all layers or per layer
+
+
+@dataclass
+class FinetuneCfg:
+    mode: str = opt("finetune", choices=["finetune", "rewind", "scratch", "rise"])  # ticket initialisation (SPEC 6)
+    epochs: int = opt(90, lo=1, hi=10000)          # the paper fine-tunes 90 epochs
+    rewind_epoch: int = opt(0, lo=0)               # pretraining epoch k the kept weights are reset to (rewind, rise)
+    batch_size: int = opt(128, lo=1)
+    lr: float = opt(0.1, lo=0.0, hi=10.0, lo_open=True)
+    momentum: float = opt(0.9, lo=0.0, hi=1.0, hi_open=True)
+    weight_decay: float = opt(5e-4, lo=0.0, hi=1.0)
+    schedule: str = opt("step", choices=["step", "cosine", "constant"])  # step: ÷10 at 50 % and 75 %
+    grad_clip: float = opt(0.0, lo=0.0)
+    bf16: bool = opt(False)                        # bf16 autocast on CUDA (ignored on CPU)
 
 
 @dataclass
 class CommCfg:
-    wire_dtype: str = opt("fp32", choices=["fp32"])  # dtype of tensors sent between workers
+    wire_dtype: str = opt("fp32", choices=["fp32", "bf16", "fp16"])  # dtype of LoFT/Local SGD transfers (accumulated in fp32)
 
 
 @dataclass
@@ -76,6 +104,9 @@ class Config:
     data: DataCfg = field(default_factory=DataCfg)
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)
     comm: CommCfg = field(default_factory=CommCfg)
+    distance: DistanceCfg = field(default_factory=DistanceCfg)
+    prune: PruneCfg = field(default_factory=PruneCfg)
+    finetune: FinetuneCfg = field(default_factory=FinetuneCfg)
     dist: DistCfg = field(default_factory=DistCfg)
     name: str = opt("")                      # run name: the config file's stem unless given
 
