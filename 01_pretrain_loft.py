@@ -43,24 +43,25 @@ def main(argv=None):
         train_set, test_set = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
         torch.manual_seed(cfg.seed)
         init = build_model(arch).state_dict()
-        comm = Comm(env)
+        comm = Comm(env, cfg.comm.wire_dtype)
         method = METHODS[cfg.pretrain.method](cfg, arch, init, train_set, env, comm)
         start, rows, comm_total = 1, [], 0
         if resuming:
             start, rows = resume(method, out / "last.pt", cfg, comm)
         elif env.is_main:
             save_config(cfg.to_dict(), out / "config.yaml")
-            save_epoch(method.state, arch, 0, cfg, train_set, test_set, env, out, recal=False)
+            save_epoch(init, arch, 0, cfg, train_set, test_set, env, out, train_flops=0)
         for epoch in range(start, cfg.pretrain.epochs + 1):
             loss = method.train_epoch(epoch)
+            state = method.global_state()  # a collective for gpipe: every rank calls it
             comm_total = int(comm.sum_metric(torch.tensor([comm.bytes_sent], dtype=torch.float64)).item())
+            train_flops = method.steps_done * method.train_flops_per_step
             if env.is_main:
-                acc = save_epoch(method.state, arch, epoch, cfg, train_set, test_set, env, out,
-                                 recal=cfg.pretrain.method == "loft")
+                acc = save_epoch(state, arch, epoch, cfg, train_set, test_set, env, out, train_flops)
                 rows.append({"epoch": epoch, "rounds": getattr(method, "round", ""), "train_loss": round(loss, 5),
-                             "test_acc": round(acc, 3), "comm_bytes": comm_total})
+                             "test_acc": round(acc, 3), "comm_bytes": comm_total, "train_flops": train_flops})
                 write_csv(rows, out / "metrics.csv")
-                save_atomic({"model": method.state, "arch": arch, "epoch": epoch, "method": method.state_dict(),
+                save_atomic({"model": state, "arch": arch, "epoch": epoch, "method": method.state_dict(),
                              "rows": rows, "comm_bytes": comm_total, "config": cfg.to_dict()}, out / "last.pt")
                 print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%  comm {comm_total / 1e6:.2f} MB")
             comm.barrier()
@@ -70,16 +71,18 @@ def main(argv=None):
         teardown(env)
 
 
-def save_epoch(state, arch, epoch, cfg, train_set, test_set, env, out, recal: bool) -> float:
-    """BN-recalibrate a copy of the global model (LoFT: subnet stats don't describe it), test, save."""
+def save_epoch(state, arch, epoch, cfg, train_set, test_set, env, out, train_flops: int) -> float:
+    """BN-recalibrate a copy of the global model, test it, save it. LoFT needs this (statistics
+    from narrow subnetworks don't describe the full net); the other methods get it too, so
+    every method's checkpoints are made alike (and data-parallel ranks agree on them)."""
     model = build_model(arch)
     model.load_state_dict(state)
-    if recal:
+    if epoch > 0:
         recalibrate_bn(model, recal_stream(train_set, cfg), cfg.pretrain.bn_recal_batches, env.device)
     acc, _ = evaluate(model, test_set, cfg.data.eval_batch_size, env.device)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_atomic({"model": weights, "arch": arch, "epoch": epoch, "test_acc": acc,
-                 "method": cfg.pretrain.method}, out / f"epoch_{epoch:03d}.pt")
+                 "method": cfg.pretrain.method, "train_flops": train_flops}, out / f"epoch_{epoch:03d}.pt")
     return acc
 
 

@@ -56,6 +56,7 @@ class PretrainCfg:
     partition_stage1: bool = opt(False)     # also split blocks[1:] of stage 1 (SPEC 1 default: no)
     bn_recal_batches: int = opt(20, lo=0)   # training batches used to re-estimate BN stats before eval/checkpoint
     grad_clip: float = opt(0.0, lo=0.0)     # max grad norm; 0 = off (DeepSpeed's default of 1.0 is never implied)
+    micro_batches: int = opt(0, lo=0)       # dense/gpipe: chunks of a batch (grad accumulation / pipeline micro-batches); 0 = ranks (dense) or S (gpipe)
     stop_on_emergence: bool = opt(False)    # stop once the ticket has emerged (distance.emergence_* rule)
 
 

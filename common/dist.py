@@ -71,64 +71,69 @@ def teardown(env: DistEnv):
         torch.distributed.destroy_process_group()
 
 
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Comm:
     """Collectives over workers, with payload byte counting (SPEC section 3).
 
-    A payload is what one worker hands over. In one process the S workers run in turn and
-    each is counted as its own (virtual) rank. Under the launcher a rank packs its workers'
-    payloads into one collective call (pre-summed for a reduction), and what it hands over
-    is what is counted: with one worker per rank both views give the same bytes.
+    A payload is the 1-D tensor one worker hands over per collective. In one process the S
+    workers run in turn and are the (virtual) ranks; under the launcher a rank hands its
+    workers' payloads in one all-gather. Counted: the bytes handed over, in the wire dtype.
+    Float payloads travel in `wire_dtype` and come back as fp32, so sums are taken in fp32.
     """
 
-    def __init__(self, env: DistEnv):
+    def __init__(self, env: DistEnv, wire_dtype: str = "fp32"):
         self.env = env
+        self.wire = WIRE_DTYPES[wire_dtype]
         self.bytes_sent = 0  # payload handed to collectives by this rank, in the dtype sent
 
     def _count(self, t: torch.Tensor):
         self.bytes_sent += t.numel() * t.element_size()
 
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        import deepspeed.comm as dcomm
-        buf = t.to(self.env.device)  # NCCL needs device tensors; the global model stays on the host
-        dcomm.all_reduce(buf)
-        return buf.to(t.device)
-
-    def reduce_workers(self, payloads: dict[int, torch.Tensor]) -> torch.Tensor:
-        """Sum over all S workers of their payloads (this rank holds `payloads`)."""
-        if not self.env.distributed:
-            for p in payloads.values():
-                self._count(p)
-            return torch.stack(list(payloads.values())).sum(0)
-        local = torch.stack(list(payloads.values())).sum(0)
-        self._count(local)
-        return self._all_reduce(local)
+    def _on_wire(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.wire) if t.is_floating_point() else t
 
     def gather_workers(self, payloads: dict[int, torch.Tensor], sizes: dict[int, int]) -> dict[int, torch.Tensor]:
         """Every worker's 1-D payload; `sizes` gives all S workers' lengths (known on every rank)."""
+        dtype = next(iter(payloads.values())).dtype
         if not self.env.distributed:
-            for p in payloads.values():
+            wired = {w: self._on_wire(p) for w, p in payloads.items()}
+            for p in wired.values():
                 self._count(p)
-            return payloads
+            return {w: p.to(dtype) for w, p in wired.items()}
         import deepspeed.comm as dcomm
         per = len(sizes) // self.env.world
         owners = [list(range(r * per, (r + 1) * per)) for r in range(self.env.world)]
         width = max(sum(sizes[w] for w in ws) for ws in owners)  # all_gather needs equal lengths
-        local = torch.cat([payloads[w] for w in sorted(payloads)])
+        local = self._on_wire(torch.cat([payloads[w] for w in sorted(payloads)]))
         buf = torch.nn.functional.pad(local, (0, width - len(local))).to(self.env.device)
         self._count(buf)
         out = [torch.empty_like(buf) for _ in range(self.env.world)]
-        dcomm.all_gather(out, buf)
+        dcomm.all_gather(out, buf)  # NCCL needs device tensors; the global model stays on the host
         gathered = {}
         for ws, flat in zip(owners, out):
-            flat, offset = flat.cpu(), 0
+            flat, offset = flat.cpu().to(dtype), 0
             for w in ws:
                 gathered[w] = flat[offset:offset + sizes[w]]
                 offset += sizes[w]
         return gathered
 
+    def sum_workers(self, payloads: dict[int, torch.Tensor], workers: int) -> torch.Tensor:
+        """Sum over all S workers' equal-length payloads, added in worker order on every rank
+        (the same order in one process and under the launcher)."""
+        n = len(next(iter(payloads.values())))
+        gathered = self.gather_workers(payloads, {w: n for w in range(workers)})
+        return torch.stack([gathered[w] for w in range(workers)]).sum(0)
+
     def sum_metric(self, t: torch.Tensor) -> torch.Tensor:
         """All-reduce for bookkeeping (losses, byte counters): not counted as training traffic."""
-        return self._all_reduce(t) if self.env.distributed else t
+        if not self.env.distributed:
+            return t
+        import deepspeed.comm as dcomm
+        buf = t.to(self.env.device)
+        dcomm.all_reduce(buf)
+        return buf.to(t.device)
 
     def barrier(self):
         if self.env.distributed:

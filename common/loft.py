@@ -71,8 +71,9 @@ def aggregate(state: dict, plan: SlicePlan, part: dict, results: dict[int, dict]
 
     `results` holds this rank's workers (all S in one process). Partitioned slices are
     all-gathered and placed back at their indices (disjoint sets: a placement, not a mean);
-    every shared float tensor is the mean over the S workers (one all-reduce); integer
-    buffers (num_batches_tracked) are equal on all workers and averaged alike.
+    every shared float tensor is the mean over the S workers (all-gathered, summed in fp32); integer
+    buffers (num_batches_tracked) are equal on all workers and averaged alike. The sums are
+    taken in worker order on every rank, so one process and W ranks agree bit for bit.
     """
     part_keys = [k for k in state if k in plan.entries]
     shared = plan.shared_keys(state)
@@ -101,7 +102,7 @@ def aggregate(state: dict, plan: SlicePlan, part: dict, results: dict[int, dict]
     for keys in (shared_f, shared_i):
         if not keys:
             continue
-        total = comm.reduce_workers({w: _flat([results[w][k] for k in keys]) for w in sorted(results)})
+        total = comm.sum_workers({w: _flat([results[w][k] for k in keys]) for w in sorted(results)}, workers)
         mean = total / workers if keys is shared_f else torch.div(total, workers, rounding_mode="floor")
         offset = 0
         for k in keys:

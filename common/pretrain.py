@@ -1,41 +1,55 @@
-"""Pretraining methods behind one interface, used by 01_pretrain_loft.py.
+"""Pretraining methods behind one interface, used by 01_pretrain_loft.py (SPEC 2).
 
-A method owns the global weights and knows how to train one epoch:
-- `Loft`: rounds of partition → local training → aggregation (common.loft), S workers per
-  run, S/W of them on each of W ranks;
-- `Dense`: the full model trained as usual (one process).
-Both keep every RNG stream addressable by (seed, stream, step), so `resume` only needs the
-weights, the momentum buffers and the counters that `state_dict` returns.
+- `Loft`: rounds of partition → local training → aggregation (common.loft); S workers,
+  S/W of them on each of W ranks.
+- `LocalSGD`: the same round with nothing partitioned: S full replicas on their own streams,
+  every parameter and BN buffer averaged every K steps (Stich 2019).
+- `Dense`: the full model; under the launcher data parallel through the DeepSpeed engine
+  (each rank takes its share of the micro-batches of one global batch).
+- `GPipe`: under the launcher with S ranks, DeepSpeed's pipeline engine over S stages cut by
+  SPEC 3's rule; in one process it trains as `Dense` over S micro-batches and counts the
+  activations and gradients that would cross the cuts.
+Every RNG stream is addressed by (seed, stream, step), so resuming needs only the weights,
+optimizer state and counters in `state_dict`.
+Interface: train_epoch(epoch) → mean loss; global_state() (collective) → full state dict;
+train_flops_per_step (all workers, forward+backward); steps_done; state_dict()/load_state_dict(d, weights).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.costs import epoch_end_round
+from common.costs import epoch_end_round, flops_per_sample, pipeline_cuts
 from common.data import Stream
 from common.dist import Comm, DistEnv, workers_of_rank
 from common.errors import UserError
 from common.loft import SlicePlan, aggregate, draw_partition, extract, worker_arch
 from common.models import build_model, partitioned_blocks
-from common.train import make_sgd, lr_at, train_steps, sgd_step
+from common.train import lr_at, make_sgd, train_steps, NonFiniteLoss
 
 RECAL_STREAM = 9_000_001  # data stream id of the fixed BN-recalibration batches
 
 
+def recal_stream(train_set, cfg) -> Stream:
+    return Stream(train_set, min(cfg.data.eval_batch_size, len(train_set)), cfg.seed, RECAL_STREAM)
+
+
+def _progress(it, epoch, env, unit):
+    return tqdm(it, desc=f"epoch {epoch} {unit}", disable=not env.is_main, leave=False)
+
+
+# ----------------------------------------------------------------- LoFT / LocalSGD
 class Loft:
     def __init__(self, cfg, arch: dict, init_state: dict, train_set, env: DistEnv, comm: Comm):
         self.cfg, self.arch, self.env, self.comm = cfg, arch, env, comm
         pc = cfg.pretrain
         self.S, self.K = pc.workers, pc.local_iters
         model = build_model(arch)
-        self.blocks = partitioned_blocks(model, pc.partition_stage1)
-        if not self.blocks:
-            raise UserError(f"model.arch={arch['name']}: no partitionable blocks")
-        narrowest = min(b.mid for b in self.blocks)
-        if self.S > narrowest:
-            raise UserError(f"pretrain.workers={self.S} exceeds the narrowest partitioned block "
-                            f"({narrowest} channels)")
+        self.blocks = self.split_blocks(model)
         self.my_workers = workers_of_rank(self.S, env)
         self.streams = {w: Stream(train_set, pc.batch_size, cfg.seed, w) for w in self.my_workers}
         self.steps_per_epoch = len(train_set) // pc.batch_size
@@ -47,6 +61,18 @@ class Loft:
         self.momentum = ({k: torch.zeros_like(v) for k, v in model.named_parameters()}
                          if pc.carry_momentum else None)
         self.round = 0
+        part = draw_partition(self.blocks, self.S, cfg.seed, 0)  # sizes per worker are the same every round
+        self.train_flops_per_step = pc.batch_size * sum(
+            flops_per_sample(build_model(worker_arch(arch, part, w)), backward=True) for w in range(self.S))
+
+    def split_blocks(self, model):
+        blocks = partitioned_blocks(model, self.cfg.pretrain.partition_stage1)
+        if not blocks:
+            raise UserError(f"model.arch={self.arch['name']}: no partitionable blocks")
+        narrowest = min(b.mid for b in blocks)
+        if self.S > narrowest:
+            raise UserError(f"pretrain.workers={self.S} exceeds the narrowest partitioned block ({narrowest} channels)")
+        return blocks
 
     def run_round(self, r: int) -> float:
         """Partition, train this rank's workers for K steps each, aggregate. Returns mean loss."""
@@ -69,11 +95,16 @@ class Loft:
 
     def train_epoch(self, epoch: int) -> float:
         first, last = self.round, epoch_end_round(epoch, self.steps_per_epoch, self.K)
-        losses = [self.run_round(r) for r in tqdm(range(first, last), desc=f"epoch {epoch} rounds",
-                                                  disable=not self.env.is_main, leave=False)]
-        loss = torch.tensor([sum(losses), float(len(losses))], dtype=torch.float64)
-        loss = self.comm.sum_metric(loss)
+        losses = [self.run_round(r) for r in _progress(range(first, last), epoch, self.env, "rounds")]
+        loss = self.comm.sum_metric(torch.tensor([sum(losses), float(len(losses))], dtype=torch.float64))
         return float(loss[0] / loss[1]) if loss[1] else float("nan")
+
+    def global_state(self) -> dict:
+        return self.state
+
+    @property
+    def steps_done(self) -> int:
+        return self.round * self.K
 
     def state_dict(self) -> dict:
         return {"round": self.round, "momentum": self.momentum}
@@ -82,37 +113,105 @@ class Loft:
         self.state, self.round, self.momentum = dict(weights), int(d["round"]), d["momentum"]
 
 
-class Dense:
-    """The full model, one stream, optimizer state kept across epochs (one process)."""
+class LocalSGD(Loft):
+    """S full replicas, averaged every K steps: a LoFT round with no partitioned block."""
 
-    def __init__(self, cfg, arch: dict, init_state: dict, train_set, env: DistEnv, comm: Comm):
-        if env.distributed:
-            raise UserError("pretrain.method=dense under the launcher is not implemented yet; run it with plain python")
-        self.cfg, self.env = cfg, env
+    def split_blocks(self, model):
+        return []
+
+
+# ---------------------------------------------------------------------- Dense
+@contextlib.contextmanager
+def counting_all_reduce(comm: Comm):
+    """Count the payload of every deepspeed.comm.all_reduce issued inside (engine gradients)."""
+    import deepspeed.comm as dcomm
+    real = dcomm.all_reduce
+
+    def counted(tensor, *args, **kwargs):
+        comm.bytes_sent += tensor.numel() * tensor.element_size()
+        return real(tensor, *args, **kwargs)
+
+    dcomm.all_reduce = counted
+    try:
+        yield
+    finally:
+        dcomm.all_reduce = real
+
+
+class Dense:
+    """The full model; one global batch per step split into `micro` chunks (gradient accumulation
+    in one process, the chunks shared out among ranks under the launcher)."""
+
+    def __init__(self, cfg, arch, init_state, train_set, env: DistEnv, comm: Comm, default_micro: int | None = None):
+        pc = cfg.pretrain
+        self.cfg, self.env, self.comm = cfg, env, comm
+        self.micro = pc.micro_batches or default_micro or env.world
+        if pc.batch_size % self.micro or self.micro % env.world:
+            raise UserError(f"pretrain.batch_size={pc.batch_size} must split into pretrain.micro_batches="
+                            f"{self.micro} chunks, a multiple of the {env.world} ranks")
         self.model = build_model(arch)
         self.model.load_state_dict(init_state)
         self.model.to(env.device)
-        self.opt = make_sgd(self.model, cfg.pretrain.lr, cfg.pretrain.momentum, cfg.pretrain.weight_decay)
-        self.stream = Stream(train_set, cfg.pretrain.batch_size, cfg.seed, 0)
-        self.steps_per_epoch = len(train_set) // cfg.pretrain.batch_size
-        self.total_steps = cfg.pretrain.epochs * self.steps_per_epoch
+        self.opt = make_sgd(self.model, pc.lr, pc.momentum, pc.weight_decay)
+        self.engine = None
+        if env.distributed:
+            import deepspeed
+            self.engine, self.opt, _, _ = deepspeed.initialize(model=self.model, optimizer=self.opt, config={
+                "train_batch_size": pc.batch_size, "train_micro_batch_size_per_gpu": pc.batch_size // self.micro,
+                "gradient_accumulation_steps": self.micro // env.world, "gradient_clipping": pc.grad_clip,
+                "steps_per_print": 10**9})
+        self.stream = Stream(train_set, pc.batch_size, cfg.seed, 0)
+        self.steps_per_epoch = len(train_set) // pc.batch_size
+        self.total_steps = pc.epochs * self.steps_per_epoch
         self.step = 0
+        self.train_flops_per_step = pc.batch_size * flops_per_sample(build_model(arch), backward=True)
 
-    @property
-    def state(self) -> dict:
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+    def my_chunks(self, t: int):
+        x, y = self.stream.batch(t)
+        per = self.micro // self.env.world
+        chunks = list(zip(x.chunk(self.micro), y.chunk(self.micro)))
+        return chunks[self.env.rank * per:(self.env.rank + 1) * per]
+
+    def train_step(self, t: int) -> float:
+        pc = self.cfg.pretrain
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(t, self.total_steps, pc.lr, pc.schedule)
+        losses = []
+        if self.engine is None:
+            self.opt.zero_grad(set_to_none=True)
+        for x, y in self.my_chunks(t):
+            x, y = x.to(self.env.device), y.to(self.env.device)
+            if self.engine is None:
+                loss = F.cross_entropy(self.model(x), y)
+                (loss / self.micro).backward()
+            else:
+                loss = F.cross_entropy(self.engine(x), y)
+                with counting_all_reduce(self.comm):
+                    self.engine.backward(loss)
+                    self.engine.step()
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {t}; the last good checkpoint is kept")
+            losses.append(loss.item())
+        if self.engine is None:
+            if pc.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), pc.grad_clip)
+            self.opt.step()
+        return sum(losses) / len(losses)
 
     def train_epoch(self, epoch: int) -> float:
-        pc, losses = self.cfg.pretrain, []
         self.model.train()
-        for t in tqdm(range(self.step, epoch * self.steps_per_epoch), desc=f"epoch {epoch} steps",
-                      disable=not self.env.is_main, leave=False):
-            x, y = self.stream.batch(t)
-            losses.append(sgd_step(self.model, self.opt, x.to(self.env.device), y.to(self.env.device),
-                                   lr_at(t, self.total_steps, pc.lr, pc.schedule), pc.grad_clip,
-                                   where=f"epoch {epoch} step {t}"))
+        losses = [self.train_step(t) for t in
+                  _progress(range(self.step, epoch * self.steps_per_epoch), epoch, self.env, "steps")]
         self.step = epoch * self.steps_per_epoch
-        return sum(losses) / max(1, len(losses))
+        loss = self.comm.sum_metric(torch.tensor([sum(losses), float(len(losses))], dtype=torch.float64))
+        return float(loss[0] / loss[1])
+
+    def global_state(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    @property
+    def steps_done(self) -> int:
+        return self.step
 
     def state_dict(self) -> dict:
         return {"step": self.step, "opt": self.opt.state_dict()}
@@ -123,8 +222,124 @@ class Dense:
         self.opt.load_state_dict(d["opt"])
 
 
-METHODS = {"loft": Loft, "dense": Dense}
+# ---------------------------------------------------------------------- GPipe
+def pipeline_stages(model: nn.Module, stages: int) -> list[nn.Sequential]:
+    """The layer list cut by SPEC 3's rule: floor(L/S) layers a stage, the remainder on the last."""
+    layers = model.layer_list()
+    bounds = [0] + [c + 1 for c in pipeline_cuts(len(layers), stages)] + [len(layers)]
+    return [nn.Sequential(*layers[a:b]) for a, b in zip(bounds, bounds[1:])]
 
 
-def recal_stream(train_set, cfg) -> Stream:
-    return Stream(train_set, min(cfg.data.eval_batch_size, len(train_set)), cfg.seed, RECAL_STREAM)
+class GPipeCounter:
+    """Hooks on the cut layers of the full model: bytes of the activations (forward) and of their
+    gradients (backward) that a pipeline would send across each cut."""
+
+    def __init__(self, model: nn.Module, stages: int, comm: Comm):
+        layers = model.layer_list()
+        for i in pipeline_cuts(len(layers), stages):
+            layers[i].register_forward_hook(self._hook)
+        self.comm = comm
+
+    def _hook(self, module, inputs, out):
+        if torch.is_grad_enabled() and module.training:
+            self.comm.bytes_sent += out.numel() * out.element_size()
+            if out.requires_grad:
+                out.register_hook(self._count_grad)
+
+    def _count_grad(self, grad):
+        self.comm.bytes_sent += grad.numel() * grad.element_size()
+
+
+class GPipe(Dense):
+    def __init__(self, cfg, arch, init_state, train_set, env: DistEnv, comm: Comm):
+        S = cfg.pretrain.workers
+        if not env.distributed:
+            super().__init__(cfg, arch, init_state, train_set, env, comm, default_micro=S)
+            GPipeCounter(self.model, S, comm)
+            return
+        if env.world != S:
+            raise UserError(f"pretrain.method=gpipe needs one rank per stage: launched {env.world} ranks, workers={S}")
+        import deepspeed
+        from deepspeed.pipe import PipelineModule
+        pc = self.cfg = cfg
+        self.env, self.comm, self.engine = env, comm, None
+        self.micro = pc.pretrain.micro_batches or S
+        if pc.pretrain.batch_size % self.micro:
+            raise UserError(f"pretrain.batch_size={pc.pretrain.batch_size} must split into {self.micro} micro-batches")
+        self.model = build_model(arch)
+        self.model.load_state_dict(init_state)
+        pipe = PipelineModule(layers=pipeline_stages(self.model, S), num_stages=S, loss_fn=F.cross_entropy,
+                              partition_method="uniform")
+        self.opt = make_sgd(pipe, pc.pretrain.lr, pc.pretrain.momentum, pc.pretrain.weight_decay)
+        self.pipe_engine, self.opt, _, _ = deepspeed.initialize(model=pipe, optimizer=self.opt, config={
+            "train_batch_size": pc.pretrain.batch_size,
+            "train_micro_batch_size_per_gpu": pc.pretrain.batch_size // self.micro,
+            "gradient_accumulation_steps": self.micro, "gradient_clipping": pc.pretrain.grad_clip,
+            "steps_per_print": 10**9})
+        self._count_pipeline_sends()
+        self.stream = Stream(train_set, pc.pretrain.batch_size, cfg.seed, 0)
+        self.steps_per_epoch = len(train_set) // pc.pretrain.batch_size
+        self.total_steps = pc.pretrain.epochs * self.steps_per_epoch
+        self.step = 0
+        self.train_flops_per_step = pc.pretrain.batch_size * flops_per_sample(build_model(arch), backward=True)
+        self.owned = self._owned_keys(pipe)
+
+    def _count_pipeline_sends(self):
+        """Wrap the engine's two send instructions (activations forward, input gradients back) in
+        this engine's copy of its instruction table, counting what each hands to p2p.send."""
+        from deepspeed.runtime.pipe import schedule
+        comm, table = self.comm, dict(type(self.pipe_engine)._INSTRUCTION_MAP)
+        send_act, send_grad = table[schedule.SendActivation], table[schedule.SendGrad]
+
+        def act(eng, buffer_id):
+            out = eng.pipe_buffers["outputs"][buffer_id]
+            comm.bytes_sent += out.numel() * out.element_size()
+            return send_act(eng, buffer_id)
+
+        def grad(eng, buffer_id):
+            g = eng.pipe_buffers["inputs"][buffer_id].grad
+            comm.bytes_sent += g.numel() * g.element_size()
+            return send_grad(eng, buffer_id)
+
+        table[schedule.SendActivation], table[schedule.SendGrad] = act, grad
+        self.pipe_engine._INSTRUCTION_MAP = table
+
+    def _owned_keys(self, pipe) -> list[str]:
+        mine = {id(t) for t in list(pipe.parameters()) + list(pipe.buffers())}
+        full = dict(self.model.state_dict(keep_vars=True))
+        return [k for k, t in full.items() if id(t) in mine]
+
+    def train_step(self, t: int) -> float:
+        if not self.env.distributed:
+            return super().train_step(t)
+        pc = self.cfg.pretrain
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(t, self.total_steps, pc.lr, pc.schedule)
+        x, y = self.stream.batch(t)
+        loss = self.pipe_engine.train_batch(data_iter=iter(list(zip(x.chunk(self.micro), y.chunk(self.micro)))))
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {t}; the last good checkpoint is kept")
+        return loss.item()  # every stage gets the same (broadcast) loss
+
+    def global_state(self) -> dict:
+        """Collective: each stage contributes the tensors it owns; every rank gets the full model."""
+        if not self.env.distributed:
+            return super().global_state()
+        full = self.model.state_dict()
+        parts = [None] * self.env.world
+        torch.distributed.all_gather_object(parts, {k: full[k].detach().cpu() for k in self.owned})
+        merged = {k: v for p in parts for k, v in p.items()}
+        return {k: merged[k].clone() for k in full}
+
+    def state_dict(self) -> dict:
+        if self.env.distributed:  # each stage holds its own optimizer state: not saved (yet)
+            return {"step": self.step, "opt": None}
+        return super().state_dict()
+
+    def load_state_dict(self, d: dict, weights: dict):
+        if d["opt"] is None:
+            raise UserError("--resume of a multi-rank gpipe run is not supported (optimizer state is per stage)")
+        super().load_state_dict(d, weights)
+
+
+METHODS = {"loft": Loft, "localsgd": LocalSGD, "dense": Dense, "gpipe": GPipe}

@@ -1,0 +1,214 @@
+"""Pruning (SPEC section 5): structured L1 filter pruning and unstructured magnitude masks.
+
+Structured (LoFT; Li et al. 2016). For every prunable block (`common.models.prunable_blocks`:
+blocks [1:] of every stage) keep the ceil((1-p)·C) conv1 filters of largest L1 norm (at least
+one; ties go to the lower index), with their mid-BN channels and conv2's matching input
+channels (`BlockRef.slice_dims`). Kept indices are sorted ascending, so channel order is
+preserved. The result is a physically smaller model, `build_model(arch)` with narrower
+`arch["mids"]`, whose forward equals the full model's with the pruned mid channels masked
+(conv2's input columns zeroed). Nothing below names a layer by hand, so every ResNet-style
+model of `common.models` is handled; no external pruning library (Torch-Pruning) is used.
+Pruning an already narrowed model prunes its current widths further; `kept` indices are
+then composed with the source's, so they always index the pretrained (full-width) model.
+
+Unstructured (LTH / "Rise of the Lottery Heroes"). Remove the fraction p of the weights of
+every nn.Conv2d / nn.Linear (their .weight only: no bias, no BN) by |w|, ranked over all
+layers at once (scope "global": exactly round(R·N) weights survive, R = 1 - p) or per layer
+(scope "layer": round(R·n_l) in each). Ties go to the lower flat index of the concatenation
+of the layers in state-dict order. If the source already carries a mask (iterative pruning
+of a fine-tuned masked ticket), only its surviving weights are ranked and the fraction p of
+*the survivors* is removed, so I rounds keep (1-p)^I of the weights and every new mask is a
+subset of the previous one. Pruned weights are stored as zeros; FLOPs do not shrink
+physically, so a sparse estimate (each layer's FLOPs times its kept fraction) is reported.
+
+Counts: round(x) here is round-half-up after rounding x to 6 decimals (so that 0.3·10 is 3,
+not 3.0000000000000004, and halves never depend on float noise or banker's rounding).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from common.costs import flops_per_sample
+from common.models import BlockRef, build_model, count_params, narrowed_arch, prunable_blocks
+
+
+# ------------------------------------------------------------------------ counts
+def structured_keep(channels: int, ratio: float) -> int:
+    """Filters a block keeps: ceil((1 - p) * C), at least 1."""
+    return max(1, math.ceil(round((1.0 - ratio) * channels, 6)))
+
+
+def unstructured_keep(n: int, ratio: float) -> int:
+    """Weights a group keeps: round((1 - p) * n), half up."""
+    return int(math.floor(round((1.0 - ratio) * n, 6) + 0.5))
+
+
+# -------------------------------------------------------------------- structured
+def filter_l1_norms(state: dict, block: BlockRef) -> torch.Tensor:
+    """L1 norm of each conv1 filter of `block` (float64, one entry per mid channel)."""
+    w = state[f"{block.name}.conv1.weight"].detach().double()
+    return w.abs().flatten(1).sum(1)
+
+
+def top_filters(norms: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the `keep` largest norms, ties to the lower index, returned sorted ascending."""
+    order = torch.sort(norms, descending=True, stable=True).indices
+    return torch.sort(order[:keep]).values
+
+
+def slice_blocks(state: dict, blocks: list[BlockRef], kept: dict[str, torch.Tensor]) -> dict:
+    """A copy of `state` with every block's mid-channel entries reduced to `kept[block]`."""
+    plan = {k: (b.name, d) for b in blocks if b.name in kept for k, d in b.slice_dims(state).items()}
+    out = {}
+    for k, v in state.items():
+        if k in plan:
+            name, dim = plan[k]
+            out[k] = v.index_select(dim, kept[name]).clone()
+        else:
+            out[k] = v.clone()
+    return out
+
+
+@dataclass
+class Pruned:
+    """What either kind of pruning returns: the new model and what the ticket records."""
+    model: nn.Module
+    arch: dict
+    rows: list[dict]                                  # the printed per-block / per-layer table
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)   # l1: block → channel indices
+    mask: dict[str, torch.Tensor] = field(default_factory=dict)   # magnitude: param → bool
+    threshold: float = float("nan")                   # magnitude (global): smallest kept |w|
+
+
+@torch.no_grad()
+def prune_filters(model: nn.Module, arch: dict, ratio: float,
+                  source_kept: dict[str, torch.Tensor] | None = None) -> Pruned:
+    """Structured L1 pruning of every prunable block at ratio p; returns a narrower model.
+
+    `kept` indexes the pretrained (full-width) model's channels: the source's own channels,
+    composed through `source_kept` when the source was itself pruned. `rows` give each
+    block's width before/after and its L1 threshold (the norm of its weakest kept filter)."""
+    state = model.state_dict()
+    blocks = prunable_blocks(model)
+    rel, rows = {}, []
+    for b in blocks:
+        norms = filter_l1_norms(state, b)
+        rel[b.name] = top_filters(norms, structured_keep(b.mid, ratio))
+        rows.append({"block": b.name, "before": b.mid, "after": len(rel[b.name]),
+                     "l1_threshold": float(norms[rel[b.name]].min())})
+    new_arch = narrowed_arch(arch, {name: len(idx) for name, idx in rel.items()})
+    pruned = build_model(new_arch)
+    pruned.load_state_dict(slice_blocks(state, blocks, rel))
+    source_kept = source_kept or {}
+    kept = {name: (source_kept[name][idx] if name in source_kept else idx).clone() for name, idx in rel.items()}
+    return Pruned(pruned.eval(), new_arch, rows, kept=kept)
+
+
+# ------------------------------------------------------------------ unstructured
+def maskable_weights(model: nn.Module) -> list[str]:
+    """State-dict names of the .weight of every nn.Conv2d / nn.Linear, in state-dict order."""
+    names = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    return [k for k in model.state_dict() if k in names]
+
+
+def magnitude_mask(weights: dict[str, torch.Tensor], ratio: float, scope: str = "global",
+                   old_mask: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """param name → bool mask keeping round((1-p)·n) of the surviving weights by |w|.
+
+    scope "global" ranks all layers together, "layer" each layer alone. Ties go to the lower
+    flat index in the concatenation of `weights` (in its order). With `old_mask`, only the
+    weights it keeps are ranked and the fraction p of them is removed: the new mask is a
+    subset of the old one."""
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope {scope!r}")
+    names = list(weights)
+    groups = [names] if scope == "global" else [[k] for k in names]
+    mask = {}
+    for group in groups:
+        scores = torch.cat([weights[k].detach().abs().double().reshape(-1) for k in group])
+        alive = torch.cat([(old_mask[k] if old_mask else torch.ones_like(weights[k], dtype=torch.bool)).reshape(-1)
+                           for k in group])
+        alive_idx = alive.nonzero().squeeze(1)                       # ascending flat indices
+        keep = unstructured_keep(len(alive_idx), ratio)
+        order = torch.sort(scores[alive_idx], descending=True, stable=True).indices[:keep]
+        flat = torch.zeros_like(alive)
+        flat[alive_idx[order]] = True
+        for k, part in zip(group, flat.split([weights[k].numel() for k in group])):
+            mask[k] = part.reshape(weights[k].shape).clone()
+    return mask
+
+
+@torch.no_grad()
+def prune_magnitude(model: nn.Module, arch: dict, ratio: float, scope: str,
+                    old_mask: dict[str, torch.Tensor] | None = None) -> Pruned:
+    """Unstructured magnitude pruning; the returned model holds zeros at the pruned weights."""
+    state = model.state_dict()
+    names = maskable_weights(model)
+    mask = magnitude_mask({k: state[k] for k in names}, ratio, scope, old_mask)
+    new_state = {k: (v * mask[k] if k in mask else v).clone() for k, v in state.items()}
+    pruned = build_model(arch)
+    pruned.load_state_dict(new_state)
+    rows = [{"layer": k, "size": state[k].numel(),
+             "before": int(old_mask[k].sum()) if old_mask else state[k].numel(),
+             "after": int(mask[k].sum())} for k in names]
+    survivors = torch.cat([state[k].abs().double()[mask[k]] for k in names])
+    threshold = float(survivors.min()) if scope == "global" and survivors.numel() else float("nan")
+    return Pruned(pruned.eval(), dict(arch), rows, mask=mask, threshold=threshold)
+
+
+# ------------------------------------------------------------------------ costs
+def layer_flops(model: nn.Module, input_shape=(3, 32, 32)) -> dict[str, int]:
+    """Forward FLOPs of one sample per module (FlopCounterMode's names, root prefix removed)."""
+    root = type(model).__name__
+    x = torch.zeros(1, *input_shape)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(x)
+    out = {}
+    for name, ops in counter.get_flop_counts().items():
+        if name.startswith(root + "."):
+            out[name[len(root) + 1:]] = int(sum(ops.values()))
+    return out
+
+
+def sparse_flops(model: nn.Module, mask: dict[str, torch.Tensor], input_shape=(3, 32, 32)) -> int:
+    """Dense forward FLOPs with each masked layer's FLOPs scaled by its kept fraction."""
+    dense = flops_per_sample(model, input_shape)
+    per = layer_flops(model, input_shape)
+    saved = sum(per.get(k.rsplit(".", 1)[0], 0) * (1.0 - float(m.float().mean())) for k, m in mask.items())
+    return int(round(dense - saved))
+
+
+def nonzero_params(model: nn.Module, mask: dict[str, torch.Tensor] | None) -> int:
+    """Parameter count minus the weights a mask removes."""
+    removed = sum(int((~m).sum()) for m in (mask or {}).values())
+    return count_params(model) - removed
+
+
+# ------------------------------------------------------------------------ report
+def format_table(pruned: Pruned, kind: str) -> str:
+    """The per-block (l1) or per-layer (magnitude) table printed by 03_prune.py."""
+    if kind == "l1":
+        lines = [f"{'block':<12} {'mid width':^17} {'L1 threshold':>13}"]
+        lines += [f"{r['block']:<12} {r['before']:>7} → {r['after']:<7} {r['l1_threshold']:>13.4f}" for r in pruned.rows]
+    else:
+        lines = [f"{'layer':<28} {'size':>9} {'kept before':>12} {'kept after':>11} {'kept %':>7}"]
+        lines += [f"{r['layer']:<28} {r['size']:>9} {r['before']:>12} {r['after']:>11} "
+                  f"{100 * r['after'] / r['size']:>6.2f}%" for r in pruned.rows]
+        if not math.isnan(pruned.threshold):
+            lines.append(f"global |w| threshold (smallest kept): {pruned.threshold:.6g}")
+    return "\n".join(lines)
+
+
+def format_totals(before: dict, after: dict) -> str:
+    """'params 11.17M → 6.2M (-44.5 %)' lines for every count present in both dicts."""
+    lines = []
+    for key in before:
+        if key in after:
+            b, a = before[key], after[key]
+            lines.append(f"{key:<13} {b:>14,} → {a:>14,}  ({100 * (b - a) / max(b, 1):5.1f} % fewer)")
+    return "\n".join(lines)
