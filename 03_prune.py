@@ -1,0 +1,132 @@
+"""Stage 3 — prune a pretrained model (or a fine-tuned ticket) into a ticket.
+
+    python 03_prune.py --config yaml/quick_c10.yaml                               # L1 filters, p = prune.ratio
+    python 03_prune.py --config yaml/preresnet18_c10.yaml --set prune.ratio=0.8   # LoFT's 80 % setting
+    python 03_prune.py --config yaml/quick_c10.yaml --set prune.kind=magnitude --set prune.ratio=0.2
+    python 03_prune.py --config yaml/quick_c10.yaml --set prune.kind=magnitude --set prune.ratio=0.2 \\
+        --from runs/quick_c10/finetune_mag_r80_rewind/final.pt --tag mag_r64_it2  # I-LOT-R, round 2
+
+Reads runs/NAME/pretrain/epoch_EEE.pt (the last epoch present) unless --from names another
+checkpoint or a fine-tuned ticket (iterative pruning). Writes runs/NAME/prune_TAG/ticket.pt and
+config.yaml, TAG = l1_pNN (structured, NN % of filters removed) or mag_rNN (NN % of weights
+remain). Next: 04_finetune.py.
+"""
+import re
+from pathlib import Path
+
+from common.checkpoint import load_checkpoint, save_atomic
+from common.cli import run_stage
+from common.config import load_config, run_dir_of, stage_parser
+from common.costs import flops_per_sample
+from common.errors import UserError
+from common.models import build_model
+from common.prune import (format_table, format_totals, nonzero_params, prune_filters, prune_magnitude,
+                          sparse_flops)
+from common.runs import save_config
+
+
+def main(argv=None):
+    p = stage_parser(__doc__.splitlines()[0])
+    p.add_argument("--from", dest="source", default=None,
+                   help="checkpoint or fine-tuned ticket to prune (default: the last pretraining epoch)")
+    p.add_argument("--tag", default=None, help="output folder prune_TAG (default: l1_pNN or mag_rNN)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing ticket")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    pc, run = cfg.prune, run_dir_of(args, cfg)
+    out = run / f"prune_{check_tag(args.tag) if args.tag else default_tag(pc.kind, pc.ratio)}"
+    if (out / "ticket.pt").exists() and not args.force:
+        raise UserError(f"{out / 'ticket.pt'} already exists; pass --force to overwrite it")
+
+    src_path = Path(args.source) if args.source else last_epoch(run / "pretrain", pretrain_command(args))
+    src = load_source(src_path, cfg, pretrain_command(args))
+    model = build_model(src["arch"])
+    model.load_state_dict(src["model"])
+    old_mask = src.get("mask")
+    print(f"source {src_path}: {src['arch']['name']} width {src['arch']['width']}, epoch {src['epoch']}"
+          f"{', narrowed' if src['arch'].get('mids') else ''}{', masked' if old_mask else ''}")
+
+    if pc.kind == "l1":
+        if old_mask:
+            raise UserError(f"{src_path} is a magnitude-masked ticket; structured (prune.kind=l1) pruning "
+                            "of a masked ticket is not supported (use prune.kind=magnitude)")
+        pruned = prune_filters(model, src["arch"], pc.ratio, src.get("kept"))
+    else:
+        pruned = prune_magnitude(model, src["arch"], pc.ratio, pc.scope, old_mask)
+
+    ticket = make_ticket(src, src_path, model, pruned, cfg)
+    print(format_table(pruned, pc.kind))
+    before = {"params": ticket["params_before"], "flops": ticket["flops_before"]}
+    after = {"params": ticket["params_after"], "flops": ticket["flops_after"]}
+    if pc.kind == "magnitude":
+        before["flops_sparse"], after["flops_sparse"] = ticket["flops_before_sparse"], ticket["flops_after_sparse"]
+    print(format_totals(before, after))
+    save_config(cfg.to_dict(), out / "config.yaml")
+    save_atomic(ticket, out / "ticket.pt")
+    print(f"wrote {out / 'ticket.pt'}")
+
+
+def default_tag(kind: str, ratio: float) -> str:
+    return f"l1_p{round(100 * ratio)}" if kind == "l1" else f"mag_r{round(100 * (1 - ratio))}"
+
+
+def check_tag(tag: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", tag):
+        raise UserError(f"--tag {tag!r}: use letters, digits, '_', '.', '-' only (it names a folder)")
+    return tag
+
+
+def pretrain_command(args) -> str:
+    extra = f" --run-dir {args.run_dir}" if args.run_dir else ""
+    extra += "".join(f" --set {s}" for s in args.set)
+    return f"python 01_pretrain_loft.py --config {args.config}{extra}"
+
+
+def last_epoch(folder: Path, made_by: str) -> Path:
+    """The pretraining checkpoint of the highest epoch in `folder`."""
+    epochs = sorted(int(m.group(1)) for f in folder.glob("epoch_*.pt") if (m := re.fullmatch(r"epoch_(\d+)\.pt", f.name)))
+    if not epochs:
+        raise UserError(f"{folder}: no pretraining checkpoints epoch_EEE.pt (run: {made_by})")
+    return folder / f"epoch_{epochs[-1]:03d}.pt"
+
+
+def load_source(path: Path, cfg, made_by: str) -> dict:
+    """A pretraining epoch checkpoint or a fine-tuned ticket; its architecture must be the config's."""
+    ticket_like = "finetune_" in str(path) or "prune_" in str(path)
+    src = load_checkpoint(path, required=("model", "arch", "epoch"),
+                          made_by=None if ticket_like else made_by)
+    arch = src["arch"]
+    if arch["name"] != cfg.model.arch or float(arch["width"]) != cfg.model.width:
+        raise UserError(f"{path} holds a {arch['name']} of width {arch['width']}, but the config says "
+                        f"model.arch={cfg.model.arch}, model.width={cfg.model.width}")
+    return src
+
+
+def make_ticket(src: dict, src_path: Path, model, pruned, cfg) -> dict:
+    """The ticket dict (plain values and tensors only; loads with weights_only=True)."""
+    pc, old_mask = cfg.prune, src.get("mask")
+    ticket = {
+        "model": {k: v.detach().clone() for k, v in pruned.model.state_dict().items()},
+        "arch": pruned.arch, "epoch": int(src["epoch"]),
+        "kind": pc.kind, "ratio": pc.ratio, "scope": pc.scope,
+        "source": str(src_path), "source_epoch": int(src["epoch"]),
+        # a pretraining checkpoint starts the lineage; a fine-tuned ticket passes its origin on
+        "pretrain_dir": str(src["pretrain_dir"]) if "pretrain_dir" in src else str(src_path.parent),
+        "train_flops": src.get("train_flops", 0),
+        "params_before": nonzero_params(model, old_mask), "params_after": nonzero_params(pruned.model, pruned.mask),
+        "flops_before": flops_per_sample(model), "flops_after": flops_per_sample(pruned.model),
+        "config": cfg.to_dict(),
+    }
+    if pc.kind == "l1":
+        ticket["kept"] = pruned.kept
+    else:
+        ticket["mask"] = pruned.mask
+        ticket["flops_before_sparse"] = sparse_flops(model, old_mask) if old_mask else ticket["flops_before"]
+        ticket["flops_after_sparse"] = sparse_flops(pruned.model, pruned.mask)
+        if "kept" in src:  # a structurally pruned lineage: keep its channel indices for rewinding
+            ticket["kept"] = src["kept"]
+    return ticket
+
+
+if __name__ == "__main__":
+    run_stage(main)
