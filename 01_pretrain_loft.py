@@ -28,13 +28,14 @@ from common.train import evaluate, recalibrate_bn
 def main(argv=None):
     p = stage_parser(__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="print sizes, FLOPs and analytic bytes as JSON; no training")
+    p.add_argument("--table", action="store_true", help="with --dry-run: Markdown table of analytic bytes, S = 2 and 4")
     p.add_argument("--resume", action="store_true", help="continue from last.pt")
     p.add_argument("--force", action="store_true", help="start over in a folder that holds a run")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.set)
     arch = {"name": cfg.model.arch, "num_classes": NUM_CLASSES[cfg.data.dataset], "width": cfg.model.width}
     if args.dry_run:
-        print(json.dumps(dry_run_report(cfg, arch), indent=1))
+        print(comm_table(cfg, arch) if args.table else json.dumps(dry_run_report(cfg, arch), indent=1))
         return
     out = run_dir_of(args, cfg) / "pretrain"
     env = setup_distributed(cfg.dist.timeout_s, cfg.dist.threads_per_rank)
@@ -115,6 +116,21 @@ def dry_run_report(cfg, arch) -> dict:
         "analytic_bytes": analytic_bytes(model, blocks, pc.workers, pc.epochs, n_train, pc.batch_size,
                                          pc.local_iters),
     }
+
+
+def comm_table(cfg, arch) -> str:
+    """The paper's Table 1 cost columns for this config: G = 1e9 bytes, ratio to LoFT-S."""
+    pc, model = cfg.pretrain, build_model(arch)
+    blocks = partitioned_blocks(model, pc.partition_stage1)
+    n_train = cfg.data.train_subset or 50_000
+    lines = [f"{arch['name']} (width {arch['width']}), {pc.epochs} epochs, {n_train} images, batch {pc.batch_size}, "
+             f"K={pc.local_iters}, fp32", "", "| method | comm. cost | ratio to LoFT |", "|---|---:|---:|"]
+    for S in (2, 4):
+        b = analytic_bytes(model, blocks, S, pc.epochs, n_train, pc.batch_size, pc.local_iters)
+        for name, key in (("GPipe", "gpipe_fwd"), ("GPipe fwd+bwd", "gpipe_fwd_bwd"), ("Local SGD", "localsgd"),
+                          ("LoFT", "loft")):
+            lines.append(f"| {name}-{S} | {b[key] / 1e9:.2f}G | {b[key] / b['loft']:.2f}x |")
+    return "\n".join(lines)
 
 
 def write_comm_json(cfg, arch, n_train, measured_total, out):
