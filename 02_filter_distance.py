@@ -1,0 +1,83 @@
+"""Stage 2 — filter distance between pretraining epochs: when does the winning ticket emerge?
+
+    python 02_filter_distance.py --config yaml/quick_c10.yaml
+    python 02_filter_distance.py --config yaml/quick_c10.yaml --compare runs/quick_dense   # + compare.png
+    python 02_filter_distance.py --config yaml/quick_c10.yaml --set prune.ratio=0.8        # top-k at p = 0.8
+
+Reads runs/NAME/pretrain/epoch_*.pt (any method) and writes runs/NAME/distance/: config.yaml,
+filter_distance.csv (every layer and ordered epoch pair; network_mean/network_weighted rows),
+early_bird.csv, heatmap_<layer>.png, distance_to_final.png, early_bird.png, [compare.png],
+summary.json. The metric and its conventions are in common/distance.py. Next: 03_prune.py.
+"""
+import json
+from pathlib import Path
+
+from common.checkpoint import write_text_atomic
+from common.cli import run_stage
+from common.config import load_config, run_dir_of, stage_parser
+from common.distance import (EB_EPS, EB_HISTORY, analyse, consecutive_distances, distance_rows,
+                             early_bird_epoch, emergence_epoch, load_series, mask_rows, plot_compare,
+                             plot_distance_to_final, plot_heatmap, plot_mask_heatmap, safe_name, to_final)
+from common.runs import save_config, write_csv
+
+
+def main(argv=None):
+    p = stage_parser(__doc__.splitlines()[0])
+    p.add_argument("--compare", nargs="+", default=[], metavar="DIR",
+                   help="other run folders (runs/X) whose distance to final is drawn beside this run's")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    run = run_dir_of(args, cfg)
+    made_by = f"python 01_pretrain_loft.py --config {args.config}" + (f" --run-dir {run}" if args.run_dir else "")
+    series = load_series(run / "pretrain", made_by)
+    print(f"{run / 'pretrain'}: epochs {series.epochs[0]}..{series.epochs[-1]} of {series.arch['name']} "
+          f"(width {series.arch['width']}, method {series.method}), {len(series.norms)} prunable layers")
+
+    res = analyse(series, cfg.prune.ratio)
+    ep = series.epochs
+    filt = emergence_epoch(consecutive_distances(res), cfg.distance.emergence_eps, cfg.distance.emergence_window)
+    bird = early_bird_epoch(res.mask_dist)
+    marks = {"filter emergence": None if filt is None else ep[filt], "early bird": None if bird is None else ep[bird]}
+    curves = {f"{run} ({series.method})": (ep, to_final(res))}
+    for other in map(Path, args.compare):  # the same network-mean curve of every other run (paper Fig. 4)
+        s = load_series(other / "pretrain", f"python 01_pretrain_loft.py --config yaml/<NAME>.yaml --run-dir {other}")
+        curves[f"{other} ({s.method})"] = (s.epochs, to_final(analyse(s, cfg.prune.ratio)))
+
+    out = run / "distance"
+    save_config(cfg.to_dict(), out / "config.yaml")
+    write_csv(distance_rows(ep, res), out / "filter_distance.csv")
+    write_csv(mask_rows(ep, res.mask_dist), out / "early_bird.csv")
+    for layer, d in res.filters.items():
+        plot_heatmap(ep, d, layer, res.k.get(layer), out / f"heatmap_{safe_name(layer)}.png")
+    plot_distance_to_final(ep, res, marks, out / "distance_to_final.png")
+    plot_mask_heatmap(ep, res.mask_dist, cfg.prune.ratio, out / "early_bird.png")
+    if args.compare:
+        plot_compare(curves, out / "compare.png")
+
+    summary = {
+        "run": str(run), "method": series.method, "arch": series.arch, "epochs": ep,
+        "prune_ratio": cfg.prune.ratio, "layers": {l: {"filters": n.shape[1], "k": res.k[l], "params": series.params[l]}
+                                                   for l, n in series.norms.items()},
+        "filter_emergence_epoch": marks["filter emergence"],
+        "filter_emergence_rule": f"first e with network-mean normalised top-k F(e+j+1, e+j) < {cfg.distance.emergence_eps} "
+                                 f"for j = 0..{cfg.distance.emergence_window - 1}",
+        "early_bird_epoch": marks["early bird"],
+        "early_bird_rule": f"first e with mask distance <= {EB_EPS} to each of the previous {EB_HISTORY} epochs",
+        "distance_to_final": {str(e): round(v, 5) for e, v in zip(ep, to_final(res))},
+        "distance_to_final_weighted": {str(e): round(v, 5) for e, v in zip(ep, to_final(res, "network_weighted"))},
+        "mask_distance_to_final": {str(e): round(v, 5) for e, v in zip(ep, res.mask_dist[-1].tolist())},
+        "consecutive": {f"{a}-{b}": round(v, 5) for a, b, v in zip(ep, ep[1:], consecutive_distances(res))},
+    }
+    write_text_atomic(json.dumps(summary, indent=1), out / "summary.json")
+    for name, rule in (("filter emergence", "filter_emergence_rule"), ("early bird", "early_bird_rule")):
+        print(f"{name + ' epoch:':24s}{marks[name] if marks[name] is not None else 'not reached':>12}   ({summary[rule]})")
+    print("epoch  F_topk(final, e)  F_topk(e, e-1)  mask dist to final   [F: network mean, normalised top-k]")
+    for i, (e, v, m) in enumerate(zip(ep, to_final(res), res.mask_dist[-1].tolist())):
+        step = f"{consecutive_distances(res)[i - 1]:14.4f}" if i else f"{'':14s}"
+        print(f"{e:5d}  {v:16.4f}  {step}  {m:18.4f}")
+    print(f"wrote {out}/: filter_distance.csv, early_bird.csv, {len(res.filters)} heatmaps, distance_to_final.png, "
+          f"early_bird.png{', compare.png' if args.compare else ''}, summary.json")
+
+
+if __name__ == "__main__":
+    run_stage(main)
