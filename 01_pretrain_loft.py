@@ -19,7 +19,8 @@ from common.data import NUM_CLASSES, load_dataset
 from common.errors import UserError
 from common.dist import Comm, setup_distributed, teardown
 from common.loft import draw_partition, worker_arch
-from common.models import build_model, partitioned_blocks
+from common.distance import EmergenceWatch
+from common.models import build_model, partitioned_blocks, prunable_blocks
 from common.pretrain import METHODS, recal_stream
 from common.runs import prepare_stage_dir, save_config, write_csv
 from common.train import evaluate, recalibrate_bn
@@ -46,9 +47,13 @@ def main(argv=None):
         init = build_model(arch).state_dict()
         comm = Comm(env, cfg.comm.wire_dtype)
         method = METHODS[cfg.pretrain.method](cfg, arch, init, train_set, env, comm)
-        start, rows, comm_total = 1, [], 0
+        start, rows, comm_total, watch = 1, [], 0, None
+        if cfg.pretrain.stop_on_emergence:
+            watch = EmergenceWatch(prunable_blocks(build_model(arch)), cfg.prune.ratio,
+                                   cfg.distance.emergence_eps, cfg.distance.emergence_window)
+            watch.start(init)
         if resuming:
-            start, rows = resume(method, out / "last.pt", cfg, comm)
+            start, rows = resume(method, out / "last.pt", cfg, comm, watch)
         elif env.is_main:
             save_config(cfg.to_dict(), out / "config.yaml")
             save_epoch(init, arch, 0, cfg, train_set, test_set, env, out, train_flops=0)
@@ -57,15 +62,22 @@ def main(argv=None):
             state = method.global_state()  # a collective for gpipe: every rank calls it
             comm_total = int(comm.sum_metric(torch.tensor([comm.bytes_sent], dtype=torch.float64)).item())
             train_flops = method.steps_done * method.train_flops_per_step
+            emerged = watch.update(state) if watch else None  # same weights on every rank: same decision
             if env.is_main:
                 acc = save_epoch(state, arch, epoch, cfg, train_set, test_set, env, out, train_flops)
                 rows.append({"epoch": epoch, "rounds": getattr(method, "round", ""), "train_loss": round(loss, 5),
-                             "test_acc": round(acc, 3), "comm_bytes": comm_total, "train_flops": train_flops})
+                             "test_acc": round(acc, 3), "comm_bytes": comm_total, "train_flops": train_flops,
+                             **({"emerged_at": "" if emerged is None else emerged} if watch else {})})
                 write_csv(rows, out / "metrics.csv")
                 save_atomic({"model": state, "arch": arch, "epoch": epoch, "method": method.state_dict(),
-                             "rows": rows, "comm_bytes": comm_total, "config": cfg.to_dict()}, out / "last.pt")
+                             "rows": rows, "comm_bytes": comm_total, "config": cfg.to_dict(),
+                             "consecutive": watch.consecutive if watch else []}, out / "last.pt")
                 print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%  comm {comm_total / 1e6:.2f} MB")
             comm.barrier()
+            if emerged is not None:
+                if env.is_main:
+                    print(f"ticket emerged at epoch {emerged} (filter-distance rule); stopping after epoch {epoch}")
+                break
         if env.is_main:
             write_comm_json(cfg, arch, len(train_set), comm_total, out)
     finally:
@@ -87,13 +99,16 @@ def save_epoch(state, arch, epoch, cfg, train_set, test_set, env, out, train_flo
     return acc
 
 
-def resume(method, path, cfg, comm):
+def resume(method, path, cfg, comm, watch):
     ck = load_checkpoint(path, required=("model", "arch", "epoch", "method", "rows", "config"))
     saved, now = dict(ck["config"]), cfg.to_dict()
     saved["pretrain"] = {**saved["pretrain"], "epochs": now["pretrain"]["epochs"]}  # extending a run is fine
     if saved != now:
         raise UserError(f"--resume: {path} was made with a different config; use --force to start over")
     method.load_state_dict(ck["method"], weights=ck["model"])
+    if watch:
+        watch.consecutive = list(ck["consecutive"])
+        watch.start(ck["model"])
     comm.bytes_sent = int(ck["comm_bytes"]) if comm.env.is_main else 0  # the total lives on rank 0
     if comm.env.is_main:
         print(f"resuming after epoch {ck['epoch']}")

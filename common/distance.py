@@ -382,3 +382,25 @@ def plot_compare(curves: dict[str, tuple[list[int], list[float]]], path: Path):
 
 def safe_name(layer: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", layer)
+
+
+class EmergenceWatch:
+    """`pretrain.stop_on_emergence` for 01: feeds F(e, e-1) of each new epoch to
+    `emergence_epoch`, keeping only the previous epoch's filter norms (no checkpoint reads).
+    `consecutive` goes into last.pt so a resumed run continues the same series."""
+
+    def __init__(self, blocks: list[BlockRef], ratio: float, eps: float, window: int,
+                 consecutive: list[float] | None = None):
+        self.blocks, self.ratio, self.eps, self.window = blocks, ratio, eps, window
+        self.consecutive = list(consecutive or [])
+        self.prev = None
+
+    def start(self, state: dict):
+        self.prev = filter_norms(state, self.blocks)
+
+    def update(self, state: dict) -> int | None:
+        """Add the newest epoch's weights; the emergence epoch once the rule fires, else None."""
+        now = filter_norms(state, self.blocks)
+        self.consecutive.append(network_distance(now, self.prev, self.ratio))
+        self.prev = now
+        return emergence_epoch(self.consecutive, self.eps, self.window)

@@ -126,3 +126,15 @@ def test_missing_config_file_and_finished_run_are_refused(tiny_config, tmp_path)
     r = run_cli(["01_pretrain_loft.py", "--config", str(cfg), "--run-dir", str(tmp_path / "r")])
     assert r.returncode == 2 and "--resume" in r.stderr and "--force" in r.stderr
     assert (tmp_path / "r/pretrain/epoch_001.pt").read_bytes() == before
+
+
+def test_stop_on_emergence_stops_when_the_rule_fires(tiny_config, tmp_path):
+    # eps above any normalised distance: F(1, 0) < eps, so with window 1 the ticket of epoch 0
+    # counts as emerged once epoch 1 exists, and the run stops there.
+    cfg = tiny_config(pretrain={"epochs": 3, "stop_on_emergence": True},
+                      distance={"emergence_eps": 5.0, "emergence_window": 1})
+    pretrain.main(["--config", str(cfg), "--run-dir", str(tmp_path / "r")])
+    out = tmp_path / "r/pretrain"
+    assert (out / "epoch_001.pt").exists() and not (out / "epoch_002.pt").exists()
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].endswith("emerged_at") and rows[1].endswith(",0")
