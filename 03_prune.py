@@ -20,8 +20,8 @@ from common.config import load_config, run_dir_of, stage_parser
 from common.costs import flops_per_sample
 from common.errors import UserError
 from common.models import build_model
-from common.prune import (format_table, format_totals, nonzero_params, prune_filters, prune_magnitude,
-                          sparse_flops)
+from common.prune import (check_tag, default_tag, format_table, format_totals, nonzero_params, prune_filters,
+                          prune_magnitude, sparse_flops)
 from common.runs import save_config
 
 
@@ -64,16 +64,6 @@ def main(argv=None):
     save_config(cfg.to_dict(), out / "config.yaml")
     save_atomic(ticket, out / "ticket.pt")
     print(f"wrote {out / 'ticket.pt'}")
-
-
-def default_tag(kind: str, ratio: float) -> str:
-    return f"l1_p{round(100 * ratio)}" if kind == "l1" else f"mag_r{round(100 * (1 - ratio))}"
-
-
-def check_tag(tag: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", tag):
-        raise UserError(f"--tag {tag!r}: use letters, digits, '_', '.', '-' only (it names a folder)")
-    return tag
 
 
 def pretrain_command(args) -> str:

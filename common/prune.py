@@ -27,6 +27,7 @@ not 3.0000000000000004, and halves never depend on float noise or banker's round
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.costs import flops_per_sample
+from common.errors import UserError
 from common.models import BlockRef, build_model, count_params, narrowed_arch, prunable_blocks
 
 
@@ -212,3 +214,13 @@ def format_totals(before: dict, after: dict) -> str:
             b, a = before[key], after[key]
             lines.append(f"{key:<13} {b:>14,} → {a:>14,}  ({100 * (b - a) / max(b, 1):5.1f} % fewer)")
     return "\n".join(lines)
+
+
+def default_tag(kind: str, ratio: float) -> str:
+    return f"l1_p{round(100 * ratio)}" if kind == "l1" else f"mag_r{round(100 * (1 - ratio))}"
+
+
+def check_tag(tag: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", tag):
+        raise UserError(f"--tag {tag!r}: use letters, digits, '_', '.', '-' only (it names a folder)")
+    return tag
