@@ -140,31 +140,37 @@ def counting_all_reduce(comm: Comm):
 
 class Dense:
     """The full model; one global batch per step split into `micro` chunks (gradient accumulation
-    in one process, the chunks shared out among ranks under the launcher)."""
+    in one process, the chunks shared out among ranks under the launcher).
 
-    def __init__(self, cfg, arch, init_state, train_set, env: DistEnv, comm: Comm, default_micro: int | None = None):
-        pc = cfg.pretrain
-        self.cfg, self.env, self.comm = cfg, env, comm
-        self.micro = pc.micro_batches or default_micro or env.world
-        if pc.batch_size % self.micro or self.micro % env.world:
-            raise UserError(f"pretrain.batch_size={pc.batch_size} must split into pretrain.micro_batches="
-                            f"{self.micro} chunks, a multiple of the {env.world} ranks")
+    Also the trainer of 04: `tcfg` is the training section (cfg.pretrain or cfg.finetune),
+    `grad_hook(model)` edits the summed gradients before each update (masks, locked weights:
+    it then owns weight decay, so the optimizer gets none), bf16 autocast on CUDA if asked."""
+
+    def __init__(self, cfg, arch, init_state, train_set, env: DistEnv, comm: Comm, default_micro: int | None = None,
+                 tcfg=None, stream_id: int = 0, grad_hook=None):
+        tc = self.tc = tcfg or cfg.pretrain
+        self.cfg, self.env, self.comm, self.grad_hook = cfg, env, comm, grad_hook
+        self.micro = getattr(tc, "micro_batches", 0) or default_micro or env.world
+        if tc.batch_size % self.micro or self.micro % env.world:
+            raise UserError(f"batch_size={tc.batch_size} must split into {self.micro} micro-batches, "
+                            f"a multiple of the {env.world} ranks")
         self.model = build_model(arch)
         self.model.load_state_dict(init_state)
         self.model.to(env.device)
-        self.opt = make_sgd(self.model, pc.lr, pc.momentum, pc.weight_decay)
+        self.opt = make_sgd(self.model, tc.lr, tc.momentum, 0.0 if grad_hook else tc.weight_decay)
+        self.autocast = bool(getattr(tc, "bf16", False)) and env.device.type == "cuda"
         self.engine = None
         if env.distributed:
             import deepspeed
             self.engine, self.opt, _, _ = deepspeed.initialize(model=self.model, optimizer=self.opt, config={
-                "train_batch_size": pc.batch_size, "train_micro_batch_size_per_gpu": pc.batch_size // self.micro,
-                "gradient_accumulation_steps": self.micro // env.world, "gradient_clipping": pc.grad_clip,
+                "train_batch_size": tc.batch_size, "train_micro_batch_size_per_gpu": tc.batch_size // self.micro,
+                "gradient_accumulation_steps": self.micro // env.world, "gradient_clipping": tc.grad_clip,
                 "steps_per_print": 10**9})
-        self.stream = Stream(train_set, pc.batch_size, cfg.seed, 0)
-        self.steps_per_epoch = len(train_set) // pc.batch_size
-        self.total_steps = pc.epochs * self.steps_per_epoch
+        self.stream = Stream(train_set, tc.batch_size, cfg.seed, stream_id)
+        self.steps_per_epoch = len(train_set) // tc.batch_size
+        self.total_steps = tc.epochs * self.steps_per_epoch
         self.step = 0
-        self.train_flops_per_step = pc.batch_size * flops_per_sample(build_model(arch), backward=True)
+        self.train_flops_per_step = tc.batch_size * flops_per_sample(build_model(arch), backward=True)
 
     def my_chunks(self, t: int):
         x, y = self.stream.batch(t)
@@ -172,29 +178,37 @@ class Dense:
         chunks = list(zip(x.chunk(self.micro), y.chunk(self.micro)))
         return chunks[self.env.rank * per:(self.env.rank + 1) * per]
 
+    def forward_loss(self, module, x, y):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            return F.cross_entropy(module(x), y)
+
     def train_step(self, t: int) -> float:
-        pc = self.cfg.pretrain
+        tc = self.tc
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(t, self.total_steps, pc.lr, pc.schedule)
+            g["lr"] = lr_at(t, self.total_steps, tc.lr, tc.schedule)
         losses = []
         if self.engine is None:
             self.opt.zero_grad(set_to_none=True)
         for x, y in self.my_chunks(t):
             x, y = x.to(self.env.device), y.to(self.env.device)
             if self.engine is None:
-                loss = F.cross_entropy(self.model(x), y)
+                loss = self.forward_loss(self.model, x, y)
                 (loss / self.micro).backward()
             else:
-                loss = F.cross_entropy(self.engine(x), y)
+                loss = self.forward_loss(self.engine, x, y)
                 with counting_all_reduce(self.comm):
                     self.engine.backward(loss)
+                    if self.grad_hook and self.engine.is_gradient_accumulation_boundary():
+                        self.grad_hook(self.model)
                     self.engine.step()
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {t}; the last good checkpoint is kept")
             losses.append(loss.item())
         if self.engine is None:
-            if pc.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), pc.grad_clip)
+            if self.grad_hook:
+                self.grad_hook(self.model)
+            if tc.grad_clip > 0:
+                nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
             self.opt.step()
         return sum(losses) / len(losses)
 
@@ -261,27 +275,25 @@ class GPipe(Dense):
             raise UserError(f"pretrain.method=gpipe needs one rank per stage: launched {env.world} ranks, workers={S}")
         import deepspeed
         from deepspeed.pipe import PipelineModule
-        pc = self.cfg = cfg
-        self.env, self.comm, self.engine = env, comm, None
-        self.micro = pc.pretrain.micro_batches or S
-        if pc.pretrain.batch_size % self.micro:
-            raise UserError(f"pretrain.batch_size={pc.pretrain.batch_size} must split into {self.micro} micro-batches")
+        tc = self.tc = cfg.pretrain
+        self.cfg, self.env, self.comm, self.engine, self.grad_hook = cfg, env, comm, None, None
+        self.micro = tc.micro_batches or S
+        if tc.batch_size % self.micro:
+            raise UserError(f"pretrain.batch_size={tc.batch_size} must split into {self.micro} micro-batches")
         self.model = build_model(arch)
         self.model.load_state_dict(init_state)
         pipe = PipelineModule(layers=pipeline_stages(self.model, S), num_stages=S, loss_fn=F.cross_entropy,
                               partition_method="uniform")
-        self.opt = make_sgd(pipe, pc.pretrain.lr, pc.pretrain.momentum, pc.pretrain.weight_decay)
+        self.opt = make_sgd(pipe, tc.lr, tc.momentum, tc.weight_decay)
         self.pipe_engine, self.opt, _, _ = deepspeed.initialize(model=pipe, optimizer=self.opt, config={
-            "train_batch_size": pc.pretrain.batch_size,
-            "train_micro_batch_size_per_gpu": pc.pretrain.batch_size // self.micro,
-            "gradient_accumulation_steps": self.micro, "gradient_clipping": pc.pretrain.grad_clip,
-            "steps_per_print": 10**9})
+            "train_batch_size": tc.batch_size, "train_micro_batch_size_per_gpu": tc.batch_size // self.micro,
+            "gradient_accumulation_steps": self.micro, "gradient_clipping": tc.grad_clip, "steps_per_print": 10**9})
         self._count_pipeline_sends()
-        self.stream = Stream(train_set, pc.pretrain.batch_size, cfg.seed, 0)
-        self.steps_per_epoch = len(train_set) // pc.pretrain.batch_size
-        self.total_steps = pc.pretrain.epochs * self.steps_per_epoch
+        self.stream = Stream(train_set, tc.batch_size, cfg.seed, 0)
+        self.steps_per_epoch = len(train_set) // tc.batch_size
+        self.total_steps = tc.epochs * self.steps_per_epoch
         self.step = 0
-        self.train_flops_per_step = pc.pretrain.batch_size * flops_per_sample(build_model(arch), backward=True)
+        self.train_flops_per_step = tc.batch_size * flops_per_sample(build_model(arch), backward=True)
         self.owned = self._owned_keys(pipe)
 
     def _count_pipeline_sends(self):
@@ -312,9 +324,8 @@ class GPipe(Dense):
     def train_step(self, t: int) -> float:
         if not self.env.distributed:
             return super().train_step(t)
-        pc = self.cfg.pretrain
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(t, self.total_steps, pc.lr, pc.schedule)
+            g["lr"] = lr_at(t, self.total_steps, self.tc.lr, self.tc.schedule)
         x, y = self.stream.batch(t)
         loss = self.pipe_engine.train_batch(data_iter=iter(list(zip(x.chunk(self.micro), y.chunk(self.micro)))))
         if not torch.isfinite(loss):
