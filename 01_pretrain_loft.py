@@ -22,7 +22,7 @@ from common.loft import draw_partition, worker_arch
 from common.distance import EmergenceWatch
 from common.models import build_model, partitioned_blocks, prunable_blocks
 from common.pretrain import METHODS, recal_stream
-from common.runs import prepare_stage_dir, save_config, write_csv
+from common.runs import check_resume_config, prepare_stage_dir, save_config, write_csv
 from common.train import evaluate, recalibrate_bn
 
 
@@ -101,10 +101,7 @@ def save_epoch(state, arch, epoch, cfg, train_set, test_set, env, out, train_flo
 
 def resume(method, path, cfg, comm, watch):
     ck = load_checkpoint(path, required=("model", "arch", "epoch", "method", "rows", "config"))
-    saved, now = dict(ck["config"]), cfg.to_dict()
-    saved["pretrain"] = {**saved["pretrain"], "epochs": now["pretrain"]["epochs"]}  # extending a run is fine
-    if saved != now:
-        raise UserError(f"--resume: {path} was made with a different config; use --force to start over")
+    check_resume_config(ck["config"], cfg.to_dict(), path, section="pretrain")
     method.load_state_dict(ck["method"], weights=ck["model"])
     if watch:
         watch.consecutive = list(ck["consecutive"])

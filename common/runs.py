@@ -45,3 +45,15 @@ def read_csv(path: Path) -> list[dict]:
 
 def save_config(cfg_dict: dict, path: Path):
     write_text_atomic(yaml.safe_dump(cfg_dict, sort_keys=False), path)
+
+
+def check_resume_config(saved: dict, now: dict, path: Path, section: str):
+    """A run resumes only under the config it was made with (its epoch count may grow)."""
+    saved = {**saved, section: {**saved[section], "epochs": now[section]["epochs"]}}
+    if saved != now:
+        diff = sorted(f"{s}.{k}" if isinstance(now.get(s), dict) else s for s in now
+                      for k in (now[s] if isinstance(now[s], dict) else [None])
+                      if (saved.get(s, {}).get(k) if isinstance(now[s], dict) else saved.get(s)) !=
+                      (now[s][k] if isinstance(now[s], dict) else now[s]))
+        raise UserError(f"--resume: {path} was made with a different config ({', '.join(diff)}); "
+                        "use --force to start over")

@@ -1,0 +1,78 @@
+"""Ticket initialisation and locked-weight updates for 04_finetune.py (SPEC 6).
+
+Modes:
+- `finetune`: the ticket's own (pruned, pretrained) weights;
+- `rewind`: the kept weights reset to pretraining epoch k (structured: sliced with the
+  ticket's kept indices; masks: epoch-k weights times the mask, the rest held at 0 — I-LOT);
+- `scratch`: a fresh random init of the ticket's architecture (times the mask, if any);
+- `rise`: masks only; epoch-k weights, and only the winners train: every other weight stays
+  *locked at its epoch-k value* (RISE, Alg. 3, eq. 2).
+One mechanism serves every masked mode: `LockedUpdate` zeroes the (weight-decayed) gradient of
+the non-winners, so with momentum buffers starting at zero they never move, bit for bit, from
+their initial value — 0 for finetune/rewind/scratch, the epoch-k value for rise.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from common.checkpoint import load_checkpoint
+from common.errors import UserError
+from common.models import build_model, prunable_blocks
+from common.prune import slice_blocks
+
+FINETUNE_STREAM = 8_000_001  # data stream id of fine-tuning batches
+
+
+def _full_arch(arch: dict) -> dict:
+    return {k: v for k, v in arch.items() if k != "mids"}
+
+
+def rewind_weights(ticket: dict, epoch: int) -> dict:
+    """The pretraining weights of `epoch`, cut to the ticket's structure (kept filters)."""
+    path = Path(ticket["pretrain_dir"]) / f"epoch_{epoch:03d}.pt"
+    src = load_checkpoint(path, made_by="01_pretrain_loft.py (finetune.rewind_epoch must be a saved epoch)")
+    state = src["model"]
+    if ticket.get("kept"):
+        blocks = prunable_blocks(build_model(_full_arch(ticket["arch"])))
+        state = slice_blocks(state, blocks, ticket["kept"])
+    return state
+
+
+def ticket_weights(ticket: dict, mode: str, rewind_epoch: int, seed: int) -> dict:
+    """Initial weights of the ticket's model for a fine-tuning mode."""
+    mask = ticket.get("mask") or {}
+    if mode == "rise" and not mask:
+        raise UserError("finetune.mode=rise needs a magnitude ticket (prune.kind=magnitude): it locks masked weights")
+    if mode == "finetune":
+        state = {k: v.clone() for k, v in ticket["model"].items()}
+    elif mode in ("rewind", "rise"):
+        state = rewind_weights(ticket, rewind_epoch)
+    elif mode == "scratch":
+        torch.manual_seed(seed + 1)  # not the pretraining init: a new draw of the pruned architecture
+        state = build_model(ticket["arch"]).state_dict()
+    else:
+        raise UserError(f"finetune.mode={mode!r} is not known")
+    if mode != "rise":  # losers start at (and stay at) zero; rise keeps their epoch-k values
+        for name, m in mask.items():
+            state[name] = state[name] * m
+    return state
+
+
+class LockedUpdate:
+    """Gradient hook for masked tickets: weight decay added by hand, then every non-winner's
+    gradient zeroed, so no gradient step, no weight decay and no momentum ever reach it."""
+
+    def __init__(self, mask: dict[str, torch.Tensor], weight_decay: float):
+        self.mask, self.wd = mask, weight_decay
+
+    @torch.no_grad()
+    def __call__(self, model):
+        for name, p in model.named_parameters():
+            if p.grad is None:
+                continue
+            if self.wd:
+                p.grad.add_(p, alpha=self.wd)
+            if name in self.mask:
+                p.grad.mul_(self.mask[name].to(p.grad.device, p.grad.dtype))
