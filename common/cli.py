@@ -6,10 +6,18 @@ import sys
 from common.errors import UserError
 
 
+def _close_progress_bars():
+    """A bar interrupted by the error would otherwise share its terminal line with the message."""
+    from tqdm import tqdm
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def run_stage(main, argv=None) -> int:
     try:
         main(argv)
     except UserError as e:
+        _close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
