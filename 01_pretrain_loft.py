@@ -80,8 +80,10 @@ def main(argv=None):
                 break
         if env.is_main:
             write_comm_json(cfg, arch, len(train_set), comm_total, out)
-    finally:
-        teardown(env)
+    except BaseException:
+        teardown(env, clean=False)  # no barrier: a peer may be gone
+        raise
+    teardown(env)
 
 
 def save_epoch(state, arch, epoch, cfg, train_set, test_set, env, out, train_flops: int) -> float:

@@ -70,8 +70,10 @@ def main(argv=None):
             comm.barrier()
         if env.is_main:
             save_result(ticket, ticket_path, trainer, rows, cfg, out)
-    finally:
-        teardown(env)
+    except BaseException:
+        teardown(env, clean=False)  # no barrier: a peer may be gone
+        raise
+    teardown(env)
 
 
 def save_result(ticket, ticket_path, trainer, rows, cfg, out):

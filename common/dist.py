@@ -64,11 +64,21 @@ def setup_distributed(timeout_s: int = 300, threads_per_rank: int = 0) -> DistEn
     return env
 
 
-def teardown(env: DistEnv):
-    """Barrier, then destroy the group: without it ~1 run in 10 aborted at exit (DEEPSPEED.md)."""
+def teardown(env: DistEnv, clean: bool = True):
+    """Barrier, then destroy the group: without it ~1 run in 10 aborted at exit (DEEPSPEED.md).
+    After an error (`clean=False`) there is no barrier to wait in: the peers may be gone."""
     if env.distributed and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        if clean:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """A collective failed because another rank died, hung past dist.timeout_s or lost its link."""
+    if isinstance(e, getattr(torch.distributed, "DistError", ())):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout"))
 
 
 WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

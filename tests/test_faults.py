@@ -1,0 +1,104 @@
+"""Killed runs resume exactly; a dead peer rank ends the other with a clear message (issue 9)."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import REPO, deepspeed_launcher, free_port, run_cli
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
+def saved_epoch(path):
+    try:
+        return int(torch.load(path, weights_only=True)["epoch"]) if path.exists() else -1
+    except Exception:
+        return -1
+
+
+def kill_after_epoch(cmd, last_pt, epoch, seed, group=False, timeout=300):
+    """Start `cmd`, wait until last.pt has `epoch`, then SIGKILL it at a random moment soon after."""
+    p = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=group)
+    t0 = time.time()
+    while saved_epoch(last_pt) < epoch:
+        assert p.poll() is None, "the run ended before it could be killed"
+        assert time.time() - t0 < timeout
+        time.sleep(0.05)
+    time.sleep(random.Random(seed).uniform(0.0, 1.5))
+    os.killpg(p.pid, signal.SIGKILL) if group else p.kill()
+    p.wait()
+
+
+def same_weights(a, b):
+    x, y = torch.load(a, weights_only=True)["model"], torch.load(b, weights_only=True)["model"]
+    return all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_kill_9_of_01_in_one_process_and_under_two_ranks_then_resume(tiny_config, tmp_path):
+    cfg = tiny_config(pretrain={"epochs": 3})
+    base = ["01_pretrain_loft.py", "--config", str(cfg)]
+    ref = tmp_path / "ref"
+    assert run_cli(base + ["--run-dir", str(ref)]).returncode == 0
+    one = tmp_path / "one"
+    kill_after_epoch([sys.executable] + base + ["--run-dir", str(one)], one / "pretrain/last.pt", 1, seed=1)
+    r = run_cli(base + ["--run-dir", str(one), "--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert same_weights(ref / "pretrain/epoch_003.pt", one / "pretrain/epoch_003.pt")
+    two = tmp_path / "two"
+    kill_after_epoch(deepspeed_launcher(2) + base + ["--run-dir", str(two)], two / "pretrain/last.pt", 1,
+                     seed=2, group=True)
+    r = run_cli(base + ["--run-dir", str(two), "--resume"], deepspeed_launcher(2))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+    assert same_weights(ref / "pretrain/epoch_003.pt", two / "pretrain/epoch_003.pt")
+
+
+def test_kill_9_of_04_then_resume(tiny_config, tmp_path):
+    cfg = tiny_config(pretrain={"epochs": 1}, finetune={"epochs": 3, "batch_size": 32, "lr": 0.05})
+    run = tmp_path / "run"
+    for script in ("01_pretrain_loft.py", "03_prune.py"):
+        assert run_cli([script, "--config", str(cfg), "--run-dir", str(run)]).returncode == 0
+    base = ["04_finetune.py", "--config", str(cfg), "--run-dir", str(run)]
+    assert run_cli(base).returncode == 0
+    ref = tmp_path / "ref.pt"
+    (run / "finetune_l1_p50_finetune/final.pt").rename(ref)
+    out = run / "finetune_l1_p50_finetune"
+    kill_after_epoch([sys.executable] + base + ["--force"], out / "last.pt", 1, seed=3)
+    r = run_cli(base + ["--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert same_weights(ref, out / "final.pt")
+
+
+def test_a_dead_peer_ends_the_other_rank_with_a_clear_message_and_resume_works(tiny_config, tmp_path):
+    cfg = tiny_config(pretrain={"epochs": 3}, dist={"timeout_s": 30, "threads_per_rank": 1})
+    run = tmp_path / "run"
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen([sys.executable, "01_pretrain_loft.py", "--config", str(cfg), "--run-dir",
+                                       str(run)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    t0 = time.time()
+    while saved_epoch(run / "pretrain/last.pt") < 1:
+        assert time.time() - t0 < 300 and procs[0].poll() is None
+        time.sleep(0.05)
+    time.sleep(0.3)
+    procs[1].kill()
+    t_kill = time.time()
+    _, err = procs[0].communicate(timeout=120)
+    assert time.time() - t_kill < 30 + 15  # within dist.timeout_s (and in practice at once)
+    assert procs[0].returncode == 3, err[-2000:]
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "rank 0" in lines[0] and "--resume" in lines[0]
+    assert "Traceback" not in err
+    assert saved_epoch(run / "pretrain/last.pt") >= 1  # the last checkpoint is intact
+    r = run_cli(["01_pretrain_loft.py", "--config", str(cfg), "--run-dir", str(run), "--resume"],
+                deepspeed_launcher(2))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
+    assert saved_epoch(run / "pretrain/last.pt") == 3
