@@ -28,17 +28,21 @@ def opt(default, *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False
 
 @dataclass
 class ModelCfg:
-    arch: str = opt("preresnet18", choices=["resnet18", "resnet34", "preresnet18", "preresnet34"])  # CIFAR ResNet family
+    arch: str = opt("preresnet18", choices=[  # common/models.py ARCH_NAMES; *_in: ImageNet stems
+        "resnet18", "resnet34", "preresnet18", "preresnet34", "resnet20", "resnet32", "resnet56", "preresnet18_in",
+        "wrn16_4", "wrn16_8", "wrn22_8", "wrn28_10", "wrn34_10", "wrn40_4", "resnet18_in", "resnet34_in",
+        "mobilenetv3_small"])
     width: float = opt(1.0, lo=0.0, hi=16.0, lo_open=True)  # channel multiplier: 1.0 = the paper's widths
 
 
 @dataclass
 class DataCfg:
-    dataset: str = opt("cifar10", choices=["cifar10"])   # dataset name
-    root: str = opt("data")                             # folder holding cifar-10-batches-py/ (downloaded if absent)
+    dataset: str = opt("cifar10", choices=["cifar10", "cifar100", "imagenet"])   # dataset name
+    root: str = opt("data")                             # has cifar-10-batches-py/, cifar-100-python/ (fetched) or imagenet/
     train_subset: int = opt(0, lo=0)                    # 0 = all 50,000; else a class-balanced subset of this size
     test_subset: int = opt(0, lo=0)                     # 0 = all 10,000; else a class-balanced subset
     eval_batch_size: int = opt(500, lo=1)               # batch size for evaluation and BN recalibration
+    loader_workers: int = opt(4, lo=0)                  # ImageNet: image-decoding processes per stream (0: in process)
 
 
 @dataclass

@@ -1,13 +1,28 @@
-"""CIFAR-10 as uint8 tensors, batch-wise augmentation, and deterministic per-worker streams.
+"""Datasets and deterministic per-worker streams of batches.
+
+CIFAR-10 and CIFAR-100 are held as uint8 tensors and augmented batch-wise (random crop with
+4-pixel padding + flip), each normalised with its own published per-channel statistics
+(`ImageSet.mean/std`). ImageNet is an ImageFolder tree decoded on demand by a multi-worker
+torch DataLoader with the standard 224 pipeline (train: RandomResizedCrop(224) + flip; eval:
+Resize(256) + CenterCrop(224)); `Stream` and `eval_batches` serve both kinds through the same
+interface.
 
 Every batch is a pure function of (seed, stream id, step): the permutation of a pass and the
-augmentation of a batch come from generators seeded by those numbers. So one process running
-S workers in turn, S ranks running one each, and a run resumed at any round all draw exactly
-the same images.
+augmentation of a batch (for ImageNet: of every image, from a per-image seed drawn from the
+step's generator, whichever loader process decodes it) come from generators seeded by those
+numbers. So one process running S workers in turn, S ranks running one each, and a run
+resumed at any round all draw exactly the same images.
+
+Where the data live (`data.root`): ROOT/cifar-10-batches-py/, ROOT/cifar-100-python/ (both
+downloaded through torchvision when absent), ROOT/imagenet/{train,val}/<class>/*.JPEG or
+ROOT/{train,val}/<class>/* (never downloaded; val/ sorted into class folders).
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import pickle
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,61 +32,251 @@ import torch
 from common.errors import UserError
 
 CIFAR10_DIR = "cifar-10-batches-py"
-# Published per-channel statistics of the CIFAR-10 training set (0..255 scale).
+CIFAR100_DIR = "cifar-100-python"
+IMAGENET_DIR = "imagenet"
+# Published per-channel statistics of the training sets (0..255 scale).
 CIFAR10_MEAN = (125.307, 122.950, 113.865)
 CIFAR10_STD = (62.993, 62.089, 66.705)
-NUM_CLASSES = {"cifar10": 10}
+CIFAR100_MEAN = (129.304, 124.070, 112.434)
+CIFAR100_STD = (68.170, 65.392, 70.418)
+IMAGENET_MEAN = (123.675, 116.280, 103.530)   # torchvision's (0.485, 0.456, 0.406) x 255
+IMAGENET_STD = (58.395, 57.120, 57.375)       # (0.229, 0.224, 0.225) x 255
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
+TRAIN_SIZE = {"cifar10": 50_000, "cifar100": 50_000, "imagenet": 1_281_167}   # full training sets
+IMAGENET_CROP, IMAGENET_RESIZE = 224, 256
+
+
+def input_shape(dataset: str) -> tuple[int, int, int]:
+    """C x H x W of one model input (for FLOPs, activation sizes, dry runs)."""
+    side = IMAGENET_CROP if dataset == "imagenet" else 32
+    return (3, side, side)
 
 
 @dataclass
 class ImageSet:
     images: torch.Tensor  # uint8, N x 3 x 32 x 32
     labels: torch.Tensor  # int64, N
+    mean: tuple = CIFAR10_MEAN  # per-channel statistics `normalize` uses for this set
+    std: tuple = CIFAR10_STD
 
     def __len__(self):
         return len(self.labels)
 
     def subset(self, idx: torch.Tensor) -> "ImageSet":
-        return ImageSet(self.images[idx], self.labels[idx])
+        return ImageSet(self.images[idx], self.labels[idx], self.mean, self.std)
 
 
-def _download(root: Path):
+# ----------------------------------------------------------------------- CIFAR
+_CIFAR = {  # dataset → (folder, torchvision class name, train files, test files, label key, mean, std)
+    "cifar10": (CIFAR10_DIR, "CIFAR10", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels",
+                CIFAR10_MEAN, CIFAR10_STD),
+    "cifar100": (CIFAR100_DIR, "CIFAR100", ["train"], ["test"], b"fine_labels", CIFAR100_MEAN, CIFAR100_STD),
+}
+
+
+def _download(root: Path, dataset: str = "cifar10"):
+    folder, tv_class = _CIFAR[dataset][:2]
     try:
         import torchvision
-        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+        getattr(torchvision.datasets, tv_class)(str(root), train=True, download=True)
     except Exception as e:  # no network, disk full, ...: the user must point at a copy
-        raise UserError(f"data.root={root}: no {CIFAR10_DIR}/ there and the download failed "
+        raise UserError(f"data.root={root}: no {folder}/ there and the download failed "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        f"point data.root at a folder holding {CIFAR10_DIR}/ "
+                        f"point data.root at a folder holding {folder}/ "
                         f"(e.g. --set data.root=../shared/data)") from None
 
 
-def cifar10_dir(root: str | Path, download: bool = True) -> Path:
+def cifar_dir(root: str | Path, dataset: str, download: bool = True) -> Path:
     root = Path(root)
-    folder = root / CIFAR10_DIR
+    folder = root / _CIFAR[dataset][0]
     if not folder.is_dir():
         if not download:
-            raise UserError(f"data.root={root}: no {CIFAR10_DIR}/ folder there")
-        _download(root)
+            raise UserError(f"data.root={root}: no {_CIFAR[dataset][0]}/ folder there")
+        _download(root, dataset)
     return folder
 
 
-def _read_batch(path: Path) -> tuple[np.ndarray, list]:
+def cifar10_dir(root: str | Path, download: bool = True) -> Path:
+    return cifar_dir(root, "cifar10", download)
+
+
+def _read_batch(path: Path, label_key: bytes = b"labels") -> tuple[np.ndarray, list]:
     try:
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="bytes")  # the dataset's own pickle format (trusted data files)
-        return d[b"data"], d[b"labels"]
+        return d[b"data"], d[label_key]
     except (OSError, pickle.UnpicklingError, KeyError, EOFError) as e:
-        raise UserError(f"{path}: not a readable CIFAR-10 batch ({type(e).__name__})") from None
+        raise UserError(f"{path}: not a readable CIFAR batch ({type(e).__name__})") from None
+
+
+def load_cifar(root: str | Path, dataset: str, train: bool, download: bool = True) -> ImageSet:
+    """CIFAR-10 or CIFAR-100 (its 100 fine labels) from the python-pickle release."""
+    _, _, train_files, test_files, label_key, mean, std = _CIFAR[dataset]
+    folder = cifar_dir(root, dataset, download)
+    parts = [_read_batch(folder / n, label_key) for n in (train_files if train else test_files)]
+    data = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)
+    labels = np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts])
+    return ImageSet(torch.from_numpy(data), torch.from_numpy(labels), mean, std)
 
 
 def load_cifar10(root: str | Path, train: bool, download: bool = True) -> ImageSet:
-    folder = cifar10_dir(root, download)
-    names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-    parts = [_read_batch(folder / n) for n in names]
-    data = np.concatenate([p[0] for p in parts]).reshape(-1, 3, 32, 32)
-    labels = np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts])
-    return ImageSet(torch.from_numpy(data), torch.from_numpy(labels))
+    return load_cifar(root, "cifar10", train, download)
+
+
+def load_cifar100(root: str | Path, train: bool, download: bool = True) -> ImageSet:
+    return load_cifar(root, "cifar100", train, download)
+
+
+# -------------------------------------------------------------------- ImageNet
+@dataclass
+class FolderSet:
+    """One split of an ImageFolder tree (ImageNet): file paths and labels, images decoded on demand."""
+    paths: list           # image files
+    labels: torch.Tensor  # int64, N (class folders in sorted order, as torchvision's ImageFolder)
+    classes: list         # class folder names
+    loader_workers: int = 4              # DataLoader processes decoding images (0 = this process)
+    crop: int = IMAGENET_CROP            # side of the model input
+    resize: int = IMAGENET_RESIZE        # eval: shorter side resized to this, then centre crop
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, idx: torch.Tensor) -> "FolderSet":
+        return dataclasses.replace(self, paths=[self.paths[i] for i in idx.tolist()], labels=self.labels[idx])
+
+
+def imagenet_dir(root: str | Path) -> Path:
+    """ROOT/imagenet or ROOT itself, whichever holds train/ and val/. ImageNet is never downloaded."""
+    root = Path(root)
+    for cand in (root / IMAGENET_DIR, root):
+        if (cand / "train").is_dir() and (cand / "val").is_dir():
+            return cand
+    raise UserError(f"data.root={root}: no ImageNet there. It cannot be downloaded automatically: get "
+                    f"ILSVRC2012 from image-net.org and lay it out as {root / IMAGENET_DIR}/train/<wnid>/*.JPEG "
+                    f"and {root / IMAGENET_DIR}/val/<wnid>/*.JPEG (val sorted into class folders), or point "
+                    "data.root at a folder holding train/ and val/")
+
+
+def load_imagenet(root: str | Path, train: bool, loader_workers: int = 4) -> FolderSet:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    def class_folders(folder):
+        try:
+            return find_classes(folder)
+        except FileNotFoundError:
+            return [], {}
+
+    base = imagenet_dir(root)
+    split = base / ("train" if train else "val")
+    classes, class_to_idx = class_folders(base / "train")
+    if not classes:
+        raise UserError(f"{base / 'train'}: no class folders; expected train/<wnid>/*.JPEG")
+    if not train and class_folders(split)[0] != classes:
+        raise UserError(f"{split}: its class folders differ from {base / 'train'}'s (the ILSVRC2012 val/ "
+                        "comes flat: sort it into one folder per class, as train/)")
+    try:
+        samples = make_dataset(split, class_to_idx, IMG_EXTENSIONS, allow_empty=not train)
+    except FileNotFoundError as e:  # a training class without images
+        raise UserError(f"{split}: {str(e).splitlines()[0]}") from None
+    if len(classes) > NUM_CLASSES["imagenet"]:
+        raise UserError(f"{base / 'train'}: {len(classes)} class folders, more than ImageNet's 1000")
+    if not samples:
+        raise UserError(f"{split}: no images (extensions {', '.join(IMG_EXTENSIONS)})")
+    return FolderSet([p for p, _ in samples], torch.tensor([c for _, c in samples], dtype=torch.int64),
+                     classes, loader_workers)
+
+
+def resized_crop_params(width: int, height: int, gen: torch.Generator, scale=(0.08, 1.0),
+                        ratio=(3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params (top, left, h, w), drawing from `gen`."""
+    area, log_ratio = height * width, (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        u = torch.rand(2, generator=gen, dtype=torch.float64).tolist()
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=gen))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=gen))
+            return top, left, h, w
+    in_ratio = width / height  # fallback: the central crop of the admissible aspect ratio
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def decode(path: str, crop: int, resize: int, gen: torch.Generator | None) -> torch.Tensor:
+    """One image as uint8 3 x crop x crop: train pipeline if `gen` is given, else eval pipeline."""
+    from PIL import Image, UnidentifiedImageError
+    import torchvision.transforms.functional as TF
+    try:
+        with Image.open(path) as f:
+            img = f.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"{path}: not a readable image ({type(e).__name__})") from None
+    if gen is None:
+        img = TF.center_crop(TF.resize(img, resize), crop)
+    else:
+        top, left, h, w = resized_crop_params(img.width, img.height, gen)
+        img = TF.resized_crop(img, top, left, h, w, [crop, crop])
+        if torch.rand(1, generator=gen).item() < 0.5:
+            img = TF.hflip(img)
+    return TF.pil_to_tensor(img)
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """Items: index (eval pipeline) or (index, per-image seed) (train pipeline)."""
+
+    def __init__(self, data: FolderSet):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, item):
+        i, seed = item if isinstance(item, tuple) else (item, None)
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        return decode(self.data.paths[i], self.data.crop, self.data.resize, gen), self.data.labels[i]
+
+
+class _StepBatches:
+    """The batch sampler of a Stream over a FolderSet: the items of steps t0, t0+1, ... (endless)."""
+
+    def __init__(self, stream: "Stream", t0: int):
+        # A weak reference: no cycle stream → loader → sampler → stream, so a dropped stream stops
+        # its loader processes at once (a cycle left them to the garbage collector: seconds of joins).
+        self.stream, self.t0 = weakref.proxy(stream), t0
+
+    def __iter__(self):
+        t = self.t0
+        while True:
+            yield self.stream.folder_items(t)
+            t += 1
+
+
+class _Loader:
+    """A DataLoader iterator over a FolderSet. On an error it lets go of the iterator at once (its
+    processes stop now, not when a traceback is collected) and an error raised inside a loader
+    process becomes one UserError line."""
+
+    def __init__(self, data: FolderSet, **kw):
+        self.it = iter(torch.utils.data.DataLoader(_Decoded(data), num_workers=data.loader_workers, **kw))
+
+    def next(self):
+        try:
+            return next(self.it)
+        except UserError as e:
+            message = str(e).strip().splitlines()[-1].removeprefix("common.errors.UserError: ")
+        except BaseException:
+            self.it = None
+            raise
+        self.it = None
+        raise UserError(message)  # outside the except block: no traceback chained to the iterator
 
 
 def balanced_subset(labels: torch.Tensor, n: int) -> torch.Tensor:
@@ -88,10 +293,14 @@ def balanced_subset(labels: torch.Tensor, n: int) -> torch.Tensor:
     return torch.sort(torch.cat(picks)).values
 
 
-def load_dataset(cfg_data, train: bool) -> ImageSet:
-    if cfg_data.dataset != "cifar10":
+def load_dataset(cfg_data, train: bool) -> ImageSet | FolderSet:
+    """The configured split (class-balanced subset if asked): an ImageSet (CIFAR) or FolderSet (ImageNet)."""
+    if cfg_data.dataset in _CIFAR:
+        ds = load_cifar(cfg_data.root, cfg_data.dataset, train)
+    elif cfg_data.dataset == "imagenet":
+        ds = load_imagenet(cfg_data.root, train, getattr(cfg_data, "loader_workers", 4))
+    else:
         raise UserError(f"data.dataset={cfg_data.dataset!r} is not supported")
-    ds = load_cifar10(cfg_data.root, train)
     n = cfg_data.train_subset if train else cfg_data.test_subset
     if n:
         if n > len(ds):
@@ -101,9 +310,10 @@ def load_dataset(cfg_data, train: bool) -> ImageSet:
 
 
 # ------------------------------------------------------------------ transforms
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+def normalize(images: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
+    """uint8 N x 3 x H x W → float, per-channel (x - mean) / std (0..255 statistics; CIFAR-10's by default)."""
+    mean = torch.tensor(mean).view(1, 3, 1, 1)
+    std = torch.tensor(std).view(1, 3, 1, 1)
     return (images.float() - mean) / std
 
 
@@ -130,15 +340,19 @@ class Stream:
 
     Pass p uses permutation randperm(seed, stream, p); a pass has len // batch steps (the last
     partial batch is dropped). `batch(t)` is the t-th batch of the stream, reproducible anywhere.
+    Over a FolderSet (ImageNet) the images are decoded by a DataLoader that prefetches steps
+    t+1, t+2, ... while step t trains; asking for another step than the next restarts it there.
     """
 
-    def __init__(self, data: ImageSet, batch_size: int, seed: int, stream_id: int, train_aug: bool = True):
+    def __init__(self, data: ImageSet | FolderSet, batch_size: int, seed: int, stream_id: int,
+                 train_aug: bool = True):
         if batch_size > len(data):
             raise UserError(f"batch size {batch_size} exceeds the {len(data)} training images")
         self.data, self.batch_size, self.seed, self.stream_id = data, batch_size, seed, stream_id
         self.train_aug = train_aug
         self.steps_per_pass = len(data) // batch_size
         self._perm_pass, self._perm = -1, None
+        self._loader, self._next_t = None, None  # FolderSet: the DataLoader iterator and its next step
 
     def indices(self, t: int) -> torch.Tensor:
         p, i = divmod(t, self.steps_per_pass)
@@ -148,13 +362,38 @@ class Stream:
         return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
 
     def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.data, FolderSet):
+            return self._folder_batch(t)
         idx = self.indices(t)
         images = self.data.images[idx]
         if self.train_aug:
             images = augment(images, _gen(self.seed, self.stream_id, t, 1))
-        return normalize(images), self.data.labels[idx]
+        return normalize(images, self.data.mean, self.data.std), self.data.labels[idx]
+
+    def folder_items(self, t: int) -> list:
+        """Step t's DataLoader items: image indices, with per-image augmentation seeds if augmenting."""
+        idx = self.indices(t).tolist()
+        if not self.train_aug:
+            return idx
+        seeds = torch.randint(0, 2**62, (len(idx),), generator=_gen(self.seed, self.stream_id, t, 1)).tolist()
+        return list(zip(idx, seeds))
+
+    def _folder_batch(self, t: int):
+        if self._loader is None or self._loader.it is None or t != self._next_t:
+            self._loader = None  # shut the old loader processes down before starting new ones
+            self._loader = _Loader(self.data, batch_sampler=_StepBatches(self, t))
+        images, labels = self._loader.next()
+        self._next_t = t + 1
+        return normalize(images, self.data.mean, self.data.std), labels
 
 
-def eval_batches(data: ImageSet, batch_size: int):
+def eval_batches(data: ImageSet | FolderSet, batch_size: int):
+    """The whole set in order, in batches of `batch_size`, normalised (ImageNet: eval pipeline)."""
+    if isinstance(data, FolderSet):
+        loader = _Loader(data, batch_size=batch_size, shuffle=False)
+        for _ in range(math.ceil(len(data) / batch_size)):
+            images, labels = loader.next()
+            yield normalize(images, data.mean, data.std), labels
+        return
     for i in range(0, len(data), batch_size):
-        yield normalize(data.images[i:i + batch_size]), data.labels[i:i + batch_size]
+        yield normalize(data.images[i:i + batch_size], data.mean, data.std), data.labels[i:i + batch_size]

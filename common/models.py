@@ -1,24 +1,45 @@
-"""CIFAR ResNets and the generic description of their residual blocks.
+"""The model zoo (SPEC 1) and the generic description of its residual blocks.
 
-Every model here exposes `layer1 .. layerN` (stages of residual blocks, as torchvision does)
-and `layer_list()`: the modules whose sequential application is the forward pass
-([stem conv, stem norm, block_1 .. block_n, head], the list GPipe cuts, SPEC section 3).
+Architectures (`build_model({"name": ..., "num_classes": ..., "width": ...})`; `ARCH_NAMES`
+lists the names the config offers):
+- CIFAR (32x32 input, 3x3 stem, no max-pool): `resnet18`, `resnet34` (BasicBlock, 64-128-256-512),
+  `preresnet18`, `preresnet34` (pre-activation blocks), `resnet20/32/56` (3 stages 16-32-64,
+  n = (d-2)/6 BasicBlocks each, He et al. 2015 option-A shortcuts: parameter-free, stride-2
+  subsampling plus zero channels, as in the RISE paper's reference code), and `wrn{d}_{k}`, the
+  WideResNet WRN-d-k (3 stages 16k-32k-64k of n = (d-4)/6 pre-activation wide blocks, stem 16).
+- ImageNet (224x224 input, 7x7 stride-2 stem + max-pool): `resnet18_in`, `resnet34_in`
+  (torchvision's ResNet class, its modules, state-dict keys and init), `preresnet18_in`
+  (pre-activation BasicBlocks, 64-128-256-512, the LoFT paper's "PreResNet-18 ImageNet").
+- `mobilenetv3_small`: torchvision's MobileNetV3-small, for the unstructured-pruning path.
+`width` multiplies every channel count (stem included) of every model; torchvision's models
+are rebuilt narrower by the same code that builds them at width 1.0.
+
+Every model exposes `layer_list()`: the modules whose sequential application is the forward
+pass ([stem conv, stem norm, block_1 .. block_n, head], the list GPipe cuts, SPEC section 3);
+each model's forward *is* that sequential application, so hooks on the list fire in training.
 
 A residual block is described by `BlockRef`: its name, its inner width `mid` (conv1's
-filters = conv2's input channels) and the BN that normalises those channels. LoFT's
-partition, 03's pruning and 02's filter distance all walk `BlockRef`s; nothing below names
-a layer of a particular network by hand. `build_model(arch)` rebuilds a model, narrowed to
-the per-block mid widths in `arch["mids"]`, which is how both a LoFT subnetwork and a
-pruned ticket become real, physically smaller modules.
+filters = conv2's input channels) and the BN that normalises those channels (the block's
+`MID_BN` attribute, or `MID_BN_OF[type(block)]` for blocks defined elsewhere, e.g.
+torchvision's). LoFT's partition, 03's pruning and 02's filter distance all walk `BlockRef`s
+of `layer1 .. layerN`; nothing below names a layer of a particular network by hand.
+`build_model(arch)` rebuilds a model narrowed to the per-block mid widths in `arch["mids"]`,
+which is how both a LoFT subnetwork and a pruned ticket become real, smaller modules.
+A model without such stages (MobileNetV3: its expanded channels run through a depthwise conv
+and a squeeze-excitation that mixes them, so removing some is not the masked full network)
+is not partitionable: `block_refs` raises a `UserError` saying so.
 """
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.models as tvm
+from torchvision.models.mobilenetv3 import _mobilenet_v3_conf  # what mobilenet_v3_small() itself calls
 
 from common.errors import UserError
 
@@ -37,12 +58,36 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+            self.shortcut = self.projection(in_ch, out_ch, stride)
+
+    @staticmethod
+    def projection(in_ch: int, out_ch: int, stride: int) -> nn.Module:
+        """Option B: 1x1 conv + BN."""
+        return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut: subsample by `stride`, zero-pad the new channels (half before, half after)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int):
+        super().__init__()
+        self.stride, self.before, self.after = stride, (out_ch - in_ch) // 2, out_ch - in_ch - (out_ch - in_ch) // 2
+
+    def forward(self, x):
+        return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.before, self.after))
+
+
+class BasicBlockA(BasicBlock):
+    """BasicBlock with the parameter-free option-A shortcut (the small CIFAR ResNets)."""
+
+    @staticmethod
+    def projection(in_ch: int, out_ch: int, stride: int) -> nn.Module:
+        return PadShortcut(in_ch, out_ch, stride)
 
 
 class PreActBlock(nn.Module):
@@ -68,6 +113,29 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
+class WideBlock(PreActBlock):
+    """WRN's wide basic block: a PreActBlock with dropout between the two convs (0 = none)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, mid: int | None = None, dropout: float = 0.0):
+        super().__init__(in_ch, out_ch, stride, mid)
+        self.dropout = dropout
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = F.relu(self.bn2(self.conv1(out)))
+        out = F.dropout(out, self.dropout, self.training) if self.dropout > 0 else out
+        return self.conv2(out) + shortcut
+
+
+# Blocks defined outside this module: type → attribute name of the BN on the mid channels.
+MID_BN_OF: dict[type, str] = {tvm.resnet.BasicBlock: "bn1"}
+
+
+def mid_bn_name(block: nn.Module) -> str | None:
+    return getattr(block, "MID_BN", None) or MID_BN_OF.get(type(block))
+
+
 class Head(nn.Module):
     """[optional final BN-ReLU] → global average pool → linear classifier."""
 
@@ -82,21 +150,30 @@ class Head(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-class CifarResNet(nn.Module):
-    """3x3 stem (no max-pool), stages of residual blocks, head. `widths` already scaled."""
+# --------------------------------------------------------------------- networks
+class ResNet(nn.Module):
+    """Stem, stages of residual blocks (stage i > 1 starts with stride 2), head. Widths already scaled.
 
-    def __init__(self, block, num_blocks, widths, num_classes: int, preact: bool):
+    CIFAR stem: 3x3 conv, stride 1, then BN-ReLU (post-activation) or nothing (pre-activation
+    nets normalise inside each block; the stem-norm slot is an identity so that the layer list
+    has the same shape for every model). ImageNet stem: 7x7 stride-2 conv, BN-ReLU, 3x3 max-pool."""
+
+    def __init__(self, block, num_blocks, widths, num_classes: int, preact: bool,
+                 stem_width: int | None = None, imagenet_stem: bool = False, **block_kw):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        # Pre-activation nets normalise inside each block; their stem-norm slot is an identity
-        # so that the layer list (and GPipe's cut points) has the same shape for every model.
-        self.bn1 = nn.Identity() if preact else nn.Sequential(nn.BatchNorm2d(widths[0]), nn.ReLU())
-        in_ch = widths[0]
+        stem = stem_width or widths[0]
+        if imagenet_stem:
+            self.conv1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False)
+            self.bn1 = nn.Sequential(nn.BatchNorm2d(stem), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+        else:
+            self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
+            self.bn1 = nn.Identity() if preact else nn.Sequential(nn.BatchNorm2d(stem), nn.ReLU())
+        in_ch = stem
         for i, (n, w) in enumerate(zip(num_blocks, widths)):
             stride = 1 if i == 0 else 2
             blocks = []
             for j in range(n):
-                blocks.append(block(in_ch, w, stride if j == 0 else 1))
+                blocks.append(block(in_ch, w, stride if j == 0 else 1, **block_kw))
                 in_ch = w
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         self.head = Head(in_ch, num_classes, final_bn=preact)
@@ -110,25 +187,132 @@ class CifarResNet(nn.Module):
         return x
 
 
+CifarResNet = ResNet  # the name it had before the ImageNet stem
+
+
+class TorchvisionResNet(tvm.ResNet):
+    """torchvision's ImageNet ResNet with BasicBlocks: the same class, modules, state-dict keys and
+    initialisation (at width 1.0, bit for bit what `torchvision.models.resnet18(num_classes=...)`
+    builds from the same seed; a test checks it), built with every channel count times `width`.
+
+    Layer list: [conv1, (bn1, relu, maxpool), blocks..., (avgpool, flatten, fc)]; the two groups
+    are kept as (unregistered) Sequentials so the forward runs through the very same objects."""
+
+    def __init__(self, layers: list[int], num_classes: int, width: float = 1.0):
+        nn.Module.__init__(self)  # torchvision's ResNet.__init__ with the stage widths scaled
+        block, w = tvm.resnet.BasicBlock, _scaled([64, 128, 256, 512], width)
+        self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
+        self.inplanes = w[0]
+        self.conv1 = nn.Conv2d(3, w[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(w[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        for i, (n, c) in enumerate(zip(layers, w)):
+            setattr(self, f"layer{i + 1}", self._make_layer(block, c, n, stride=1 if i == 0 else 2))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(w[3] * block.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def layer_list(self) -> list[nn.Module]:
+        if "_groups" not in self.__dict__:  # a plain attribute: not a submodule, keys unchanged
+            self._groups = (nn.Sequential(self.bn1, self.relu, self.maxpool),
+                            nn.Sequential(self.avgpool, nn.Flatten(1), self.fc))
+        return [self.conv1, self._groups[0], *[b for s in residual_stages(self) for b in s], self._groups[1]]
+
+    def forward(self, x):
+        for layer in self.layer_list():
+            x = layer(x)
+        return x
+
+
+class MobileNetV3Small(tvm.MobileNetV3):
+    """torchvision's MobileNetV3-small (`mobilenet_v3_small(num_classes=...)`: same class, modules,
+    keys and init), channel counts scaled by torchvision's own `width_mult`. Not partitionable.
+
+    Layer list: [stem conv, (stem BN, hardswish), inverted-residual blocks..., (last 1x1 conv
+    block, avgpool, flatten, classifier)]."""
+
+    NOT_PARTITIONABLE = ("its inverted-residual blocks have no conv1/conv2 pair: the expanded channels "
+                         "pass a depthwise conv and a squeeze-excitation that mixes them")
+
+    def __init__(self, num_classes: int, width: float = 1.0):
+        setting, last_channel = _mobilenet_v3_conf("mobilenet_v3_small", width_mult=width)
+        super().__init__(setting, last_channel, num_classes=num_classes)
+
+    def layer_list(self) -> list[nn.Module]:
+        if "_groups" not in self.__dict__:
+            stem, f = self.features[0], self.features
+            self._groups = (nn.Sequential(*list(stem)[1:]),
+                            nn.Sequential(f[len(f) - 1], self.avgpool, nn.Flatten(1), self.classifier))
+        f = self.features
+        return [f[0][0], self._groups[0], *[f[i] for i in range(1, len(f) - 1)], self._groups[1]]
+
+    def forward(self, x):
+        for layer in self.layer_list():
+            x = layer(x)
+        return x
+
+
+# ---------------------------------------------------------------------- registry
 def _scaled(widths, width: float) -> list[int]:
     return [max(1, int(round(w * width))) for w in widths]
 
 
-CIFAR_ARCHS = {
-    # name: (block, blocks per stage, stage widths at width=1.0)
-    "resnet18": (BasicBlock, [2, 2, 2, 2], [64, 128, 256, 512]),
-    "resnet34": (BasicBlock, [3, 4, 6, 3], [64, 128, 256, 512]),
-    "preresnet18": (PreActBlock, [2, 2, 2, 2], [64, 128, 256, 512]),
-    "preresnet34": (PreActBlock, [3, 4, 6, 3], [64, 128, 256, 512]),
+@dataclass(frozen=True)
+class ResNetSpec:
+    block: type
+    num_blocks: tuple
+    widths: tuple             # stage widths at width=1.0
+    stem: int | None = None   # stem width at width=1.0 (default: the first stage's)
+    imagenet_stem: bool = False
+
+
+_C4, _C3 = (64, 128, 256, 512), (16, 32, 64)
+RESNETS = {
+    "resnet18": ResNetSpec(BasicBlock, (2, 2, 2, 2), _C4),
+    "resnet34": ResNetSpec(BasicBlock, (3, 4, 6, 3), _C4),
+    "preresnet18": ResNetSpec(PreActBlock, (2, 2, 2, 2), _C4),
+    "preresnet34": ResNetSpec(PreActBlock, (3, 4, 6, 3), _C4),
+    "resnet20": ResNetSpec(BasicBlockA, (3, 3, 3), _C3),
+    "resnet32": ResNetSpec(BasicBlockA, (5, 5, 5), _C3),
+    "resnet56": ResNetSpec(BasicBlockA, (9, 9, 9), _C3),
+    "preresnet18_in": ResNetSpec(PreActBlock, (2, 2, 2, 2), _C4, imagenet_stem=True),
 }
+TORCHVISION_RESNETS = {"resnet18_in": [2, 2, 2, 2], "resnet34_in": [3, 4, 6, 3]}
+WRN_NAME = re.compile(r"wrn(\d+)_(\d+)")  # wrn{depth}_{widen factor}: WRN-d-k, d = 6n + 4
+WRNS = ["wrn16_4", "wrn16_8", "wrn22_8", "wrn28_10", "wrn34_10", "wrn40_4"]
+ARCH_NAMES = [*RESNETS, *WRNS, *TORCHVISION_RESNETS, "mobilenetv3_small"]  # the config's choices
 
 
-def _build_full(name: str, num_classes: int, width: float) -> nn.Module:
-    if name not in CIFAR_ARCHS:
-        raise UserError(f"model.arch: unknown architecture {name!r} (choose from {', '.join(sorted(CIFAR_ARCHS))})")
-    block, num_blocks, widths = CIFAR_ARCHS[name]
-    return CifarResNet(block, num_blocks, _scaled(widths, width), num_classes,
-                       preact=block is PreActBlock)
+def _wrn(name: str, num_classes: int, width: float, dropout: float) -> nn.Module:
+    m = WRN_NAME.fullmatch(name)
+    d, k = int(m.group(1)), int(m.group(2))
+    if (d - 4) % 6 or d < 10 or k < 1:
+        raise UserError(f"model.arch={name}: WRN depth must be 6n+4 (10, 16, 22, 28, 34, 40, ...) and k >= 1")
+    n = (d - 4) // 6
+    widths = _scaled([16 * k, 32 * k, 64 * k], width)
+    return ResNet(WideBlock, [n] * 3, widths, num_classes, preact=True,
+                  stem_width=_scaled([16], width)[0], dropout=dropout)
+
+
+def _build_full(name: str, num_classes: int, width: float, dropout: float = 0.0) -> nn.Module:
+    if name in RESNETS:
+        s = RESNETS[name]
+        return ResNet(s.block, s.num_blocks, _scaled(s.widths, width), num_classes,
+                      preact=issubclass(s.block, PreActBlock),
+                      stem_width=_scaled([s.stem], width)[0] if s.stem else None, imagenet_stem=s.imagenet_stem)
+    if WRN_NAME.fullmatch(name):
+        return _wrn(name, num_classes, width, dropout)
+    if name in TORCHVISION_RESNETS:
+        return TorchvisionResNet(TORCHVISION_RESNETS[name], num_classes, width)
+    if name == "mobilenetv3_small":
+        return MobileNetV3Small(num_classes, width)
+    raise UserError(f"model.arch: unknown architecture {name!r} (choose from {', '.join(ARCH_NAMES)})")
 
 
 # --------------------------------------------------------------- block description
@@ -158,15 +342,31 @@ def residual_stages(model: nn.Module) -> list[nn.Sequential]:
 
 
 def block_refs(model: nn.Module) -> list[BlockRef]:
+    """Every residual block of `layer1..layerN`; a UserError if the model is not partitionable."""
+    stages = residual_stages(model)
+    reason = getattr(model, "NOT_PARTITIONABLE", None) or (None if stages else "it has no layer1..layerN stages")
+    if reason:
+        raise UserError(f"{type(model).__name__} is not partitionable ({reason}); LoFT and structured "
+                        "pruning need conv1/conv2 residual blocks: use pretrain.method=dense, localsgd or "
+                        "gpipe and prune.kind=magnitude")
     refs = []
-    for s, stage in enumerate(residual_stages(model), start=1):
+    for s, stage in enumerate(stages, start=1):
         for j, block in enumerate(stage):
-            mid_bn = getattr(block, "MID_BN", None)
+            mid_bn = mid_bn_name(block)
             if mid_bn is None:
                 raise UserError(f"{type(block).__name__} in layer{s} is not partitionable: "
                                 "it has no conv1/conv2 pair around a mid BN")
             refs.append(BlockRef(f"layer{s}.{j}", s, j, block.conv1.out_channels, mid_bn))
     return refs
+
+
+def is_partitionable(model: nn.Module) -> bool:
+    """Whether `block_refs` (hence LoFT, structured pruning, filter distance) works on `model`."""
+    try:
+        block_refs(model)
+    except UserError:
+        return False
+    return True
 
 
 def prunable_blocks(model: nn.Module) -> list[BlockRef]:
@@ -185,19 +385,25 @@ def _narrow_conv(conv: nn.Conv2d, out_ch=None, in_ch=None) -> nn.Conv2d:
                      conv.stride, conv.padding, conv.dilation, conv.groups, conv.bias is not None)
 
 
+def _narrow_bn(bn: nn.BatchNorm2d, width: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(width, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+
+
 def set_mid_widths(model: nn.Module, mids: dict[str, int]) -> nn.Module:
     """Replace conv1 / mid BN / conv2 of the named blocks by modules `mids[name]` wide (in place)."""
     for name, width in mids.items():
         block = model.get_submodule(name)
+        mid_bn = mid_bn_name(block)
         block.conv1 = _narrow_conv(block.conv1, out_ch=width)
-        setattr(block, block.MID_BN, nn.BatchNorm2d(width))
+        setattr(block, mid_bn, _narrow_bn(getattr(block, mid_bn), width))
         block.conv2 = _narrow_conv(block.conv2, in_ch=width)
     return model
 
 
 def build_model(arch: dict) -> nn.Module:
-    """Rebuild a model from its description: {name, num_classes, width, mids?}."""
-    model = _build_full(arch["name"], int(arch["num_classes"]), float(arch["width"]))
+    """Rebuild a model from its description: {name, num_classes, width, mids?, dropout? (WRN only)}."""
+    model = _build_full(arch["name"], int(arch["num_classes"]), float(arch["width"]),
+                        float(arch.get("dropout", 0.0)))
     return set_mid_widths(model, dict(arch.get("mids") or {}))
 
 

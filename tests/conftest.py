@@ -1,6 +1,7 @@
 """Shared fixtures: the real CIFAR-10 in ../shared/data, tiny configs, stage runners."""
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import socket
@@ -28,7 +29,7 @@ TINY = {
 
 
 def _merge(a, b):
-    out = dict(a)
+    out = copy.deepcopy(a)
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
