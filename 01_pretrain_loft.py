@@ -15,12 +15,12 @@ from common.checkpoint import load_checkpoint, save_atomic, write_text_atomic
 from common.cli import run_stage
 from common.config import load_config, run_dir_of, stage_parser
 from common.costs import analytic_bytes, flops_per_sample, split_params
-from common.data import NUM_CLASSES, load_dataset
+from common.data import NUM_CLASSES, TRAIN_SIZE, input_shape, load_dataset
 from common.errors import UserError
 from common.dist import Comm, setup_distributed, teardown
 from common.loft import draw_partition, worker_arch
 from common.distance import EmergenceWatch
-from common.models import build_model, partitioned_blocks, prunable_blocks
+from common.models import build_model, is_partitionable, partitioned_blocks, prunable_blocks
 from common.pretrain import METHODS, recal_stream
 from common.runs import check_resume_config, prepare_stage_dir, save_config, write_csv
 from common.train import evaluate, recalibrate_bn
@@ -114,44 +114,51 @@ def resume(method, path, cfg, comm, watch):
     return int(ck["epoch"]) + 1, list(ck["rows"])
 
 
+def loft_blocks(model, cfg) -> list:
+    """The blocks LoFT would split; none for a model that is not partitionable (e.g. MobileNetV3)."""
+    return partitioned_blocks(model, cfg.pretrain.partition_stage1) if is_partitionable(model) else []
+
+
 def dry_run_report(cfg, arch) -> dict:
-    pc = cfg.pretrain
+    pc, shape = cfg.pretrain, input_shape(cfg.data.dataset)
     model = build_model(arch)
-    blocks = partitioned_blocks(model, pc.partition_stage1)
+    blocks = loft_blocks(model, cfg)
     shared, part = split_params(model, blocks)
-    n_train = cfg.data.train_subset or 50_000
+    n_train = cfg.data.train_subset or TRAIN_SIZE[cfg.data.dataset]
     sub = build_model(worker_arch(arch, draw_partition(blocks, pc.workers, cfg.seed, 0), 0))
     return {
         "arch": arch, "workers": pc.workers,
         "params_total": shared + part, "params_partitioned": part,
         "partitioned_fraction": round(part / (shared + part), 5),
         "params_per_worker": sum(p.numel() for p in sub.parameters()),
-        "flops_per_sample_dense": flops_per_sample(model), "flops_per_sample_subnet": flops_per_sample(sub),
+        "flops_per_sample_dense": flops_per_sample(model, shape), "flops_per_sample_subnet": flops_per_sample(sub, shape),
         "analytic_bytes": analytic_bytes(model, blocks, pc.workers, pc.epochs, n_train, pc.batch_size,
-                                         pc.local_iters),
+                                         pc.local_iters, shape),
     }
 
 
 def comm_table(cfg, arch) -> str:
     """The paper's Table 1 cost columns for this config: G = 1e9 bytes, ratio to LoFT-S."""
-    pc, model = cfg.pretrain, build_model(arch)
-    blocks = partitioned_blocks(model, pc.partition_stage1)
-    n_train = cfg.data.train_subset or 50_000
+    pc, model, shape = cfg.pretrain, build_model(arch), input_shape(cfg.data.dataset)
+    blocks = loft_blocks(model, cfg)
+    n_train = cfg.data.train_subset or TRAIN_SIZE[cfg.data.dataset]
     lines = [f"{arch['name']} (width {arch['width']}), {pc.epochs} epochs, {n_train} images, batch {pc.batch_size}, "
              f"K={pc.local_iters}, fp32", "", "| method | comm. cost | ratio to LoFT |", "|---|---:|---:|"]
     for S in (2, 4):
-        b = analytic_bytes(model, blocks, S, pc.epochs, n_train, pc.batch_size, pc.local_iters)
+        b = analytic_bytes(model, blocks, S, pc.epochs, n_train, pc.batch_size, pc.local_iters, shape)
         for name, key in (("GPipe", "gpipe_fwd"), ("GPipe fwd+bwd", "gpipe_fwd_bwd"), ("Local SGD", "localsgd"),
                           ("LoFT", "loft")):
-            lines.append(f"| {name}-{S} | {b[key] / 1e9:.2f}G | {b[key] / b['loft']:.2f}x |")
+            if b[key] is not None:
+                ratio = f"{b[key] / b['loft']:.2f}x" if b["loft"] else "—"
+                lines.append(f"| {name}-{S} | {b[key] / 1e9:.2f}G | {ratio} |")
     return "\n".join(lines)
 
 
 def write_comm_json(cfg, arch, n_train, measured_total, out):
     pc = cfg.pretrain
     model = build_model(arch)
-    blocks = partitioned_blocks(model, pc.partition_stage1)
-    analytic = analytic_bytes(model, blocks, pc.workers, pc.epochs, n_train, pc.batch_size, pc.local_iters)
+    analytic = analytic_bytes(model, loft_blocks(model, cfg), pc.workers, pc.epochs, n_train, pc.batch_size,
+                              pc.local_iters, input_shape(cfg.data.dataset))
     report = {
         "method": pc.method, "workers": pc.workers, "wire_dtype": cfg.comm.wire_dtype,
         "measured_payload_bytes": measured_total,

@@ -18,6 +18,7 @@ from common.checkpoint import load_checkpoint, save_atomic
 from common.cli import run_stage
 from common.config import load_config, run_dir_of, stage_parser
 from common.costs import flops_per_sample
+from common.data import input_shape
 from common.errors import UserError
 from common.models import build_model
 from common.prune import (check_tag, default_tag, format_table, format_totals, nonzero_params, prune_filters,
@@ -94,7 +95,7 @@ def load_source(path: Path, cfg, made_by: str) -> dict:
 
 def make_ticket(src: dict, src_path: Path, model, pruned, cfg) -> dict:
     """The ticket dict (plain values and tensors only; loads with weights_only=True)."""
-    pc, old_mask = cfg.prune, src.get("mask")
+    pc, old_mask, shape = cfg.prune, src.get("mask"), input_shape(cfg.data.dataset)
     ticket = {
         "model": {k: v.detach().clone() for k, v in pruned.model.state_dict().items()},
         "arch": pruned.arch, "epoch": int(src["epoch"]),
@@ -104,15 +105,15 @@ def make_ticket(src: dict, src_path: Path, model, pruned, cfg) -> dict:
         "pretrain_dir": str(src["pretrain_dir"]) if "pretrain_dir" in src else str(src_path.parent),
         "train_flops": src.get("train_flops", 0),
         "params_before": nonzero_params(model, old_mask), "params_after": nonzero_params(pruned.model, pruned.mask),
-        "flops_before": flops_per_sample(model), "flops_after": flops_per_sample(pruned.model),
+        "flops_before": flops_per_sample(model, shape), "flops_after": flops_per_sample(pruned.model, shape),
         "config": cfg.to_dict(),
     }
     if pc.kind == "l1":
         ticket["kept"] = pruned.kept
     else:
         ticket["mask"] = pruned.mask
-        ticket["flops_before_sparse"] = sparse_flops(model, old_mask) if old_mask else ticket["flops_before"]
-        ticket["flops_after_sparse"] = sparse_flops(pruned.model, pruned.mask)
+        ticket["flops_before_sparse"] = sparse_flops(model, old_mask, shape) if old_mask else ticket["flops_before"]
+        ticket["flops_after_sparse"] = sparse_flops(pruned.model, pruned.mask, shape)
         if "kept" in src:  # a structurally pruned lineage: keep its channel indices for rewinding
             ticket["kept"] = src["kept"]
     return ticket

@@ -11,15 +11,17 @@ FP32 = 4
 
 
 def flops_per_sample(model: nn.Module, input_shape=(3, 32, 32), backward: bool = False) -> int:
-    """Forward (or forward+backward) FLOPs of one sample, as FlopCounterMode counts them."""
+    """Forward (or forward+backward) FLOPs of one sample, as FlopCounterMode counts them.
+    Counted on a batch of 2 and halved (FLOPs are linear in the batch): train-mode BN refuses a
+    single value per channel, which a batch of 1 gives at a 1x1 feature map."""
     model = model.eval() if not backward else model.train()
-    x = torch.zeros(1, *input_shape)
+    x = torch.zeros(2, *input_shape)
     with FlopCounterMode(display=False) as counter:
         out = model(x)
         if backward:
             out.sum().backward()
     model.zero_grad(set_to_none=True)
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()) // 2
 
 
 def split_params(model: nn.Module, blocks: list[BlockRef]) -> tuple[int, int]:
@@ -71,7 +73,7 @@ def analytic_bytes(model: nn.Module, blocks: list[BlockRef], workers: int, epoch
     gpipe_fwd = epochs * n_train * sum(cut_activation_numels(model, workers, input_shape)) * FP32
     return {
         "rounds": rounds,
-        "loft": rounds * 2 * (workers * shared + part) * FP32,
+        "loft": rounds * 2 * (workers * shared + part) * FP32 if blocks else None,  # None: not partitionable
         "localsgd": rounds * 2 * workers * full * FP32,
         "gpipe_fwd": gpipe_fwd,            # the paper's convention: forward activations once
         "gpipe_fwd_bwd": 2 * gpipe_fwd,    # real traffic: activations forward + gradients back

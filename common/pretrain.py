@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.costs import epoch_end_round, flops_per_sample, pipeline_cuts
-from common.data import Stream
+from common.data import Stream, input_shape
 from common.dist import Comm, DistEnv, workers_of_rank
 from common.errors import UserError
 from common.loft import SlicePlan, aggregate, draw_partition, extract, worker_arch
@@ -63,7 +63,8 @@ class Loft:
         self.round = 0
         part = draw_partition(self.blocks, self.S, cfg.seed, 0)  # sizes per worker are the same every round
         self.train_flops_per_step = pc.batch_size * sum(
-            flops_per_sample(build_model(worker_arch(arch, part, w)), backward=True) for w in range(self.S))
+            flops_per_sample(build_model(worker_arch(arch, part, w)), input_shape(cfg.data.dataset), backward=True)
+            for w in range(self.S))
 
     def split_blocks(self, model):
         blocks = partitioned_blocks(model, self.cfg.pretrain.partition_stage1)
@@ -170,7 +171,8 @@ class Dense:
         self.steps_per_epoch = len(train_set) // tc.batch_size
         self.total_steps = tc.epochs * self.steps_per_epoch
         self.step = 0
-        self.train_flops_per_step = tc.batch_size * flops_per_sample(build_model(arch), backward=True)
+        self.train_flops_per_step = tc.batch_size * flops_per_sample(build_model(arch), input_shape(cfg.data.dataset),
+                                                                     backward=True)
 
     def my_chunks(self, t: int):
         x, y = self.stream.batch(t)
@@ -293,7 +295,8 @@ class GPipe(Dense):
         self.steps_per_epoch = len(train_set) // tc.batch_size
         self.total_steps = tc.epochs * self.steps_per_epoch
         self.step = 0
-        self.train_flops_per_step = tc.batch_size * flops_per_sample(build_model(arch), backward=True)
+        self.train_flops_per_step = tc.batch_size * flops_per_sample(build_model(arch), input_shape(cfg.data.dataset),
+                                                                     backward=True)
         self.owned = self._owned_keys(pipe)
 
     def _count_pipeline_sends(self):
