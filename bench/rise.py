@@ -1,0 +1,99 @@
+"""The RISE paper's comparison at CPU scale: I-LOT (losers held at 0) vs RISE (losers locked at
+their epoch-k values), keep R = 10 % and 50 %, accuracy vs training FLOPs.
+
+    python bench/rise.py                          # yaml/rise_bench_c10.yaml (ResNet-20), 2 seeds
+    python bench/rise.py --smoke --out /tmp/rise  # tiny sizes, one seed (the suite runs it)
+
+Per seed: 01 (dense pretraining, the epoch-k checkpoint is the rewind point) → 03 (global
+magnitude mask from the final epoch) → 04 with finetune.mode=rewind (I-LOT) and =rise, for each R.
+Writes OUT/rise.md (final accuracy mean ± std, training FLOPs) and OUT/rise.png (test accuracy
+after each ticket-training epoch against the cumulative training FLOPs of the whole lineage).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+from lib import REPO, machine, mean_std, pretrain, prune_and_finetune, read_json, stage
+
+KEEP = (0.1, 0.5)
+MODES = {"rewind": "I-LOT (losers at 0)", "rise": "RISE (losers at epoch k)"}
+SMOKE = {"data.train_subset": 640, "data.test_subset": 200, "data.eval_batch_size": 200, "pretrain.epochs": 2,
+         "pretrain.batch_size": 32, "pretrain.bn_recal_batches": 2, "finetune.epochs": 1,
+         "finetune.batch_size": 32, "dist.threads_per_rank": 1}
+
+
+def curve(out_dir: Path, result: dict) -> tuple[list[float], list[float]]:
+    """(cumulative training FLOPs, test accuracy) after each ticket-training epoch."""
+    rows = list(csv.DictReader(open(out_dir / "metrics.csv")))
+    before, ft = result["train_flops_parts"]["before_this_stage"], result["train_flops_parts"]["finetune"]
+    return ([before + ft * (i + 1) / len(rows) for i in range(len(rows))], [float(r["test_acc"]) for r in rows])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=str(REPO / "yaml/rise_bench_c10.yaml"))
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--out", default=str(REPO / "bench/results"))
+    p.add_argument("--runs", default=None)
+    args = p.parse_args(argv)
+    extra = SMOKE if args.smoke else {}
+    seeds = [int(s) for s in args.seeds.split(",")][: 1 if args.smoke else None]
+    runs = Path(args.runs or REPO / ("runs/bench_rise_smoke" if args.smoke else "runs/bench_rise"))
+    cfg = stage("common.config").load_config(args.config, [f"{k}={v}" for k, v in extra.items()])
+    rows, curves = [], {}
+    for seed in seeds:
+        run_dir = runs / f"seed{seed}"
+        sets = {**extra, "seed": seed, "pretrain.method": "dense"}
+        pretrain(args.config, run_dir, sets, cfg.pretrain.epochs)
+        for keep in KEEP:
+            tag = f"mag_r{round(100 * keep)}"
+            for mode in MODES:
+                res = prune_and_finetune(args.config, run_dir, {**sets, "prune.kind": "magnitude",
+                                                                "prune.ratio": round(1 - keep, 6),
+                                                                "finetune.mode": mode}, tag)
+                rows.append({"seed": seed, "keep": keep, "mode": mode, "acc": res["final_test_acc"],
+                             "train_flops": res["train_flops"]})
+                curves.setdefault((keep, mode), []).append(curve(run_dir / f"finetune_{tag}_{mode}", res))
+    lines = [f"Config {Path(args.config).name}{' (smoke sizes)' if args.smoke else ''}: {cfg.model.arch}, rewind "
+             f"epoch k = {cfg.finetune.rewind_epoch}, seeds {seeds}; {machine()}.", "",
+             "| keep R | I-LOT acc. (%) | RISE acc. (%) | RISE − I-LOT (pt) | training FLOPs of the lineage |",
+             "|---:|---:|---:|---:|---:|"]
+    for keep in KEEP:
+        acc = {m: [r["acc"] for r in rows if r["keep"] == keep and r["mode"] == m] for m in MODES}
+        diff = sum(acc["rise"]) / len(acc["rise"]) - sum(acc["rewind"]) / len(acc["rewind"])
+        flops = next(r["train_flops"] for r in rows if r["keep"] == keep)
+        lines.append(f"| {int(keep * 100)} % | {mean_std(acc['rewind'])} | {mean_std(acc['rise'])} | {diff:+.2f} | "
+                     f"{flops / 1e12:.2f} TFLOP |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rise.md").write_text("\n".join(lines) + "\n")
+    (out / "rise.json").write_text(json.dumps(rows, indent=1))
+    plot(curves, out / "rise.png")
+    print("\n".join(lines))
+
+
+def plot(curves: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (keep, mode), runs in sorted(curves.items()):
+        xs, ys = runs[0][0], [sum(r[1][i] for r in runs) / len(runs) for i in range(len(runs[0][1]))]
+        ax.plot([x / 1e12 for x in xs], ys, marker="o", ls="-" if mode == "rise" else "--",
+                label=f"R = {int(keep * 100)} %, {MODES[mode]}")
+    ax.set_xlabel("training FLOPs of the lineage (TFLOP: pretraining + ticket training)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("ticket training: I-LOT vs RISE (mean over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The benchmarks' smoke forms run the real pipelines end to end and produce their tables."""
+import importlib.util
+import json
+
+from conftest import REPO
+
+
+def bench(name):
+    import sys
+    sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_table1_and_fig4_smoke(tmp_path):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    bench("table1").main(["--smoke", "--out", str(out), "--runs", str(runs)])
+    md = (out / "table1.md").read_text()
+    for method in ("dense", "localsgd-2", "localsgd-4", "loft-2", "loft-4", "loft-4-bf16", "gpipe-4"):
+        assert f"| {method}" in md
+    rows = json.loads((out / "table1.json").read_text())
+    assert len(rows) == 6 * 2 and all(0 <= r["acc"] <= 100 for r in rows)
+    by = {r["method"]: r for r in rows}
+    assert by["loft-4"]["measured"] < by["localsgd-4"]["measured"]       # LoFT sends less than Local SGD
+    assert by["loft-4-bf16"]["measured"] < 0.51 * by["loft-4"]["measured"]
+    assert (out / "table1.png").stat().st_size > 0
+    bench("fig4").main(["--smoke", "--out", str(out), "--runs", str(runs)])
+    assert (out / "fig4.png").exists() and "| loft-4 |" in (out / "fig4.md").read_text()
+
+
+def test_rise_smoke(tmp_path):
+    bench("rise").main(["--smoke", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")])
+    md = (tmp_path / "rise.md").read_text()
+    assert "| 10 % |" in md and "| 50 % |" in md and (tmp_path / "rise.png").exists()
+
+
+def test_perf_prints_ratios(tmp_path):
+    bench("perf").main(["--out", str(tmp_path), "--repeats", "1", "--batch", "16", "--threads", "1"])
+    text = (tmp_path / "perf.md").read_text()
+    assert "| 2 |" in text and "| 4 |" in text and "data loader alone" in text
