@@ -38,9 +38,12 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=str(REPO / "bench/results"))
+    p.add_argument("--threads", type=int, default=0, help="torch threads per stage run (dist.threads_per_rank)")
     p.add_argument("--runs", default=None)
     args = p.parse_args(argv)
     extra = SMOKE if args.smoke else {}
+    if args.threads:
+        extra = {**extra, "dist.threads_per_rank": args.threads}
     seeds = [int(s) for s in args.seeds.split(",")][: 1 if args.smoke else None]
     runs = Path(args.runs or REPO / ("runs/bench_rise_smoke" if args.smoke else "runs/bench_rise"))
     cfg = stage("common.config").load_config(args.config, [f"{k}={v}" for k, v in extra.items()])

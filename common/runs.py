@@ -48,8 +48,9 @@ def save_config(cfg_dict: dict, path: Path):
 
 
 def check_resume_config(saved: dict, now: dict, path: Path, section: str):
-    """A run resumes only under the config it was made with (its epoch count may grow)."""
-    saved = {**saved, section: {**saved[section], "epochs": now[section]["epochs"]}}
+    """A run resumes only under the config it was made with (its epoch count may grow; the
+    `dist` section — timeouts, threads — is about the machine, not the experiment)."""
+    saved = {**saved, section: {**saved[section], "epochs": now[section]["epochs"]}, "dist": now["dist"]}
     if saved != now:
         diff = sorted(f"{s}.{k}" if isinstance(now.get(s), dict) else s for s in now
                       for k in (now[s] if isinstance(now[s], dict) else [None])
