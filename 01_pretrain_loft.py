@@ -16,7 +16,6 @@ from common.cli import run_stage
 from common.config import load_config, run_dir_of, stage_parser
 from common.costs import analytic_bytes, flops_per_sample, split_params
 from common.data import NUM_CLASSES, TRAIN_SIZE, input_shape, load_dataset
-from common.errors import UserError
 from common.dist import Comm, setup_distributed, teardown
 from common.loft import draw_partition, worker_arch
 from common.distance import EmergenceWatch

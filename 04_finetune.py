@@ -13,7 +13,6 @@ prune again: iterative pruning), result.json (accuracy, size, training FLOPs of 
 import json
 from pathlib import Path
 
-import torch
 
 from common.checkpoint import load_checkpoint, save_atomic, write_text_atomic
 from common.cli import run_stage

@@ -5,6 +5,7 @@ overrides, exactly as a user would from the shell, and read the files the stages
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import statistics
@@ -66,3 +67,26 @@ def machine() -> str:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"commit {commit or '?'}")
+
+
+def bench_args(doc: str, name: str, config: str, smoke_sets: dict, argv=None):
+    """The options every accuracy benchmark takes → (args, extra --set overrides, seeds, runs, out)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--config", default=str(REPO / config))
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, one seed: checks the pipeline in minutes")
+    p.add_argument("--out", default=str(REPO / "bench/results"))
+    p.add_argument("--runs", default=None, help=f"where the runs go (default: runs/bench_{name}[_smoke])")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per stage run (dist.threads_per_rank)")
+    p.add_argument("--data-root", default=None)
+    args = p.parse_args(argv)
+    extra = dict(smoke_sets) if args.smoke else {}
+    if args.threads:
+        extra["dist.threads_per_rank"] = args.threads
+    if args.data_root:
+        extra["data.root"] = args.data_root
+    seeds = [int(s) for s in args.seeds.split(",")][: 1 if args.smoke else None]
+    runs = Path(args.runs or REPO / f"runs/bench_{name}{'_smoke' if args.smoke else ''}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return args, extra, seeds, runs, out

@@ -11,12 +11,11 @@ after each ticket-training epoch against the cumulative training FLOPs of the wh
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
 
-from lib import REPO, machine, mean_std, pretrain, prune_and_finetune, read_json, stage
+from lib import bench_args, machine, mean_std, pretrain, prune_and_finetune, stage
 
 KEEP = (0.1, 0.5)
 MODES = {"rewind": "I-LOT (losers at 0)", "rise": "RISE (losers at epoch k)"}
@@ -33,19 +32,7 @@ def curve(out_dir: Path, result: dict) -> tuple[list[float], list[float]]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(REPO / "yaml/rise_bench_c10.yaml"))
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--out", default=str(REPO / "bench/results"))
-    p.add_argument("--threads", type=int, default=0, help="torch threads per stage run (dist.threads_per_rank)")
-    p.add_argument("--runs", default=None)
-    args = p.parse_args(argv)
-    extra = SMOKE if args.smoke else {}
-    if args.threads:
-        extra = {**extra, "dist.threads_per_rank": args.threads}
-    seeds = [int(s) for s in args.seeds.split(",")][: 1 if args.smoke else None]
-    runs = Path(args.runs or REPO / ("runs/bench_rise_smoke" if args.smoke else "runs/bench_rise"))
+    args, extra, seeds, runs, out = bench_args(__doc__, "rise", "yaml/rise_bench_c10.yaml", SMOKE, argv)
     cfg = stage("common.config").load_config(args.config, [f"{k}={v}" for k, v in extra.items()])
     rows, curves = [], {}
     for seed in seeds:
@@ -71,8 +58,6 @@ def main(argv=None):
         flops = next(r["train_flops"] for r in rows if r["keep"] == keep)
         lines.append(f"| {int(keep * 100)} % | {mean_std(acc['rewind'])} | {mean_std(acc['rise'])} | {diff:+.2f} | "
                      f"{flops / 1e12:.2f} TFLOP |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "rise.md").write_text("\n".join(lines) + "\n")
     (out / "rise.json").write_text(json.dumps(rows, indent=1))
     plot(curves, out / "rise.png")

@@ -13,11 +13,10 @@ resumed when the script is run again.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from lib import REPO, machine, mean_std, pretrain, prune_and_finetune, read_json, stage
+from lib import REPO, bench_args, machine, mean_std, pretrain, prune_and_finetune, read_json, stage
 
 METHODS = {  # name → pretraining overrides
     "dense": {"pretrain.method": "dense"},
@@ -33,12 +32,12 @@ SMOKE = {"data.train_subset": 640, "data.test_subset": 200, "data.eval_batch_siz
          "finetune.epochs": 1, "finetune.batch_size": 32, "dist.threads_per_rank": 1}
 
 
-def run_all(config: Path, runs: Path, seeds: list[int], extra: dict, data_root: str | None) -> list[dict]:
+def run_all(config: Path, runs: Path, seeds: list[int], extra: dict) -> list[dict]:
     rows = []
     epochs = int(extra.get("pretrain.epochs") or stage("common.config").load_config(config).pretrain.epochs)
     for seed in seeds:
         for method, sets in METHODS.items():
-            sets = {**sets, **extra, "seed": seed, **({"data.root": data_root} if data_root else {})}
+            sets = {**sets, **extra, "seed": seed}
             run_dir = runs / f"seed{seed}" / method
             pretrain(config, run_dir, sets, epochs)
             comm = read_json(run_dir / "pretrain/comm.json")
@@ -103,23 +102,8 @@ def plot(rows: list[dict], path: Path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=str(REPO / "yaml/bench_c10.yaml"))
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, one seed: checks the pipeline in minutes")
-    p.add_argument("--out", default=str(REPO / "bench/results"))
-    p.add_argument("--threads", type=int, default=0, help="torch threads per stage run (dist.threads_per_rank)")
-    p.add_argument("--runs", default=None, help="where the runs go (default: runs/bench_table1[_smoke])")
-    p.add_argument("--data-root", default=None)
-    args = p.parse_args(argv)
-    extra = SMOKE if args.smoke else {}
-    if args.threads:
-        extra = {**extra, "dist.threads_per_rank": args.threads}
-    seeds = [int(s) for s in args.seeds.split(",")][: 1 if args.smoke else None]
-    runs = Path(args.runs or REPO / ("runs/bench_table1_smoke" if args.smoke else "runs/bench_table1"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = run_all(Path(args.config), runs, seeds, extra, args.data_root)
+    args, extra, seeds, runs, out = bench_args(__doc__, "table1", "yaml/bench_c10.yaml", SMOKE, argv)
+    rows = run_all(Path(args.config), runs, seeds, extra)
     note = (f"Config {Path(args.config).name}{' (smoke sizes)' if args.smoke else ''}, seeds {seeds}, "
             f"fine-tune mode `finetune`; {machine()}.")
     md = table(rows, note)

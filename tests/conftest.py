@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +34,28 @@ def _merge(a, b):
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convs: one intra-op thread is ~100x faster than two fighting over a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomised(arch, seed=0):
+    """A model with random BN affine parameters and running statistics, so BN slicing matters."""
+    from common.models import build_model
+    torch.manual_seed(seed)
+    model = build_model(arch)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
 
 
 @pytest.fixture(scope="session", autouse=True)

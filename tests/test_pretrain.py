@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, deepspeed_launcher, run_cli, stage
+from conftest import deepspeed_launcher, run_cli, stage
 
 pretrain = stage("01_pretrain_loft")
 

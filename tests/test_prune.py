@@ -15,22 +15,12 @@ from common.data import load_cifar10, normalize
 from common.errors import UserError
 from common.models import build_model, count_params, prunable_blocks
 from common.prune import magnitude_mask, maskable_weights, prune_filters, prune_magnitude
-from conftest import DATA, run_cli, stage
+from conftest import DATA, randomised, run_cli, stage
 
 prune = stage("03_prune")
 TINY_ARCH = {"name": "preresnet18", "num_classes": 10, "width": 0.125}
 
 
-def randomised(arch, seed=0):
-    """A model with random BN affine parameters and running statistics, so BN slicing matters."""
-    torch.manual_seed(seed)
-    model = build_model(arch)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
 
 
 def expected_keep(channels, ratio):

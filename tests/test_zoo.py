@@ -18,7 +18,7 @@ from common.loft import SlicePlan, aggregate, draw_partition, extract, worker_ar
 from common.models import (ARCH_NAMES, PadShortcut, block_refs, build_model, count_params, is_partitionable,
                            partitioned_blocks, prunable_blocks)
 from common.prune import maskable_weights, prune_filters, prune_magnitude
-from conftest import DATA, REPO
+from conftest import DATA, REPO, randomised
 
 IMAGENET_STEM = {"resnet18_in", "resnet34_in", "preresnet18_in"}
 NOT_PARTITIONABLE = {"mobilenetv3_small"}
@@ -32,25 +32,8 @@ def small_arch(name: str, num_classes: int = 10) -> dict:
     return {"name": name, "num_classes": num_classes, "width": width}
 
 
-def randomised(arch, seed=0):
-    """A model with random BN affine parameters and running statistics, so BN slicing matters."""
-    torch.manual_seed(seed)
-    model = build_model(arch)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            with torch.no_grad():
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convs: one intra-op thread is ~100x faster than two fighting over a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
