@@ -1,6 +1,8 @@
 """Hessian eigenvalue density of one-shot tickets W^k·M (RISE paper, Fig. 2), on CPU.
 
-    python bench/hessian.py --run-dir runs/hessian_quick --epochs 0,1,6 --keep 0.1,0.25,0.5,1.0
+    OMP_NUM_THREADS=1 python bench/hessian.py --run-dir runs/hessian_quick --epochs 0,1,6 \
+        --keep 0.1,0.25,0.5,1.0 --images 128 --lanczos-steps 30 --power-iters 10 --hutchinson-probes 5
+                                                  # docs/img/hessian_density.png: ~10 min on 1 core
     python bench/hessian.py --run-dir runs/NAME --epochs 0,5,10 --images 512 --lanczos-steps 60 --probes 2
 
 For every rewind epoch k and kept fraction R: M keeps the fraction R of the conv/linear weights of
@@ -11,13 +13,16 @@ cross-entropy over a fixed class-balanced set of training images (eval-mode BN: 
 function), restricted to the ticket's trainable coordinates (`--space kept`, default: kept
 conv/linear weights, BN and biases; pruned weights held at zero, the space a rewound one-shot
 ticket is trained in) or over all parameters (`--space all`). Estimated by Hessian-vector
-products (double backward): its eigenvalue density by stochastic Lanczos quadrature, its top
-eigenvalue by power iteration and its trace by Hutchinson (common/hessian.py).
+products (double backward): its eigenvalue density by stochastic Lanczos quadrature, its
+dominant eigenvalue by power iteration (largest |λ|, signed, as PyHessian; `top_ritz_value` is
+Lanczos' largest λ) and its trace by Hutchinson (common/hessian.py).
 
 Data: CIFAR from the run's saved config (runs/NAME/pretrain/config.yaml, data.root) or
---data-root. Writes RUN/hessian/hessian.json (per (k, R): top eigenvalue, trace, spectral mass
-at |λ| < 1e-3, Ritz values and weights) and RUN/hessian/hessian_density.png (one log-scale
-density panel per R, one row per k).
+--data-root. Writes into --out (default RUN/hessian/): hessian.json (per (k, R): top eigenvalue,
+trace, spectral mass at |λ| < 1e-3, Ritz values and weights) and hessian_density.png (one
+log-scale density panel per R, one row per k). On a shared 2-core CPU, run it with
+OMP_NUM_THREADS=1: the double backward of a small net gains nothing from a second thread that
+other jobs are using (measured: 4.8 s per HVP with 1 thread, 23 s with 2, on a busy machine).
 """
 from __future__ import annotations
 
@@ -34,15 +39,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from common.checkpoint import load_checkpoint, write_text_atomic  # noqa: E402
-from common.cli import run_stage  # noqa: E402
-from common.config import load_config  # noqa: E402
-from common.data import balanced_subset, load_cifar, normalize  # noqa: E402
-from common.errors import UserError  # noqa: E402
-from common.hessian import (broadened_density, density_grid, hutchinson_trace, hvp_operator, keep_vector,  # noqa: E402
+from common.checkpoint import load_checkpoint, write_text_atomic
+from common.cli import run_stage
+from common.config import load_config
+from common.data import balanced_subset, load_cifar, normalize
+from common.errors import UserError
+from common.hessian import (broadened_density, density_grid, hutchinson_trace, hvp_operator, keep_vector,
                             mass_near_zero, mean_loss, power_iteration, slq, spectral_moment, trainable)
-from common.models import build_model  # noqa: E402
-from common.prune import magnitude_mask, maskable_weights  # noqa: E402
+from common.models import build_model
+from common.prune import magnitude_mask, maskable_weights
 
 NEAR_ZERO = 1e-3   # |λ| below this counts as "flat" (hessian.json: mass_near_zero)
 
@@ -62,6 +67,7 @@ def main(argv=None):
                    help="kept: Hessian over the ticket's unpruned coordinates; all: over every parameter")
     p.add_argument("--seed", type=int, default=0, help="seed of the probes (the same for every (k, R))")
     p.add_argument("--data-root", default=None, help="default: data.root of the run's config")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/hessian)")
     args = p.parse_args(argv)
     run, epochs, keeps = Path(args.run_dir), parse_list(args.epochs, int), parse_list(args.keep, float)
     if any(not 0 < r <= 1 for r in keeps):
@@ -86,13 +92,15 @@ def main(argv=None):
         for r in keeps:
             res = analyse(arch, state, masks[r], batches, args)
             results.append({"epoch": k, "keep": r, **res})
-            print(f"k={k:<3} R={r:<5} loss {res['loss']:.4f}  top {res['top_eigenvalue']:.4g}  "
+            print(f"k={k:<3} R={r:<5} loss {res['loss']:.4f}  dominant {res['top_eigenvalue']:.4g}  "
+                  f"λ in [{res['bottom_ritz_value']:.3g}, {res['top_ritz_value']:.4g}]  "
                   f"trace {res['trace']:.4g}  mass|λ|<{NEAR_ZERO:g} {res['mass_near_zero']:.3f}  "
                   f"({res['seconds']:.0f} s)")
 
-    out = run / "hessian"
-    report = {"run_dir": str(run), "arch": arch, "mask_epoch": int(final["epoch"]), "mask": "global magnitude, conv/linear weights",
-              "space": args.space, "images": args.images, "lanczos_steps": args.lanczos_steps, "probes": args.probes,
+    out = Path(args.out) if args.out else run / "hessian"
+    report = {"run_dir": str(run), "arch": arch, "mask_epoch": int(final["epoch"]),
+              "mask": "global magnitude, conv/linear weights", "space": args.space, "images": args.images,
+              "lanczos_steps": args.lanczos_steps, "probes": args.probes,
               "power_iters": args.power_iters, "hutchinson_probes": args.hutchinson_probes, "seed": args.seed,
               "near_zero": NEAR_ZERO, "results": results}
     write_text_atomic(json.dumps(report, indent=1), out / "hessian.json")
@@ -108,7 +116,8 @@ def parse_list(text: str, typ) -> list:
 
 
 def last_epoch(folder: Path, made_by: str) -> Path:
-    epochs = sorted(int(m.group(1)) for f in folder.glob("epoch_*.pt") if (m := re.fullmatch(r"epoch_(\d+)\.pt", f.name)))
+    epochs = sorted(int(m.group(1)) for f in folder.glob("epoch_*.pt")
+                    if (m := re.fullmatch(r"epoch_(\d+)\.pt", f.name)))
     if not epochs:
         raise UserError(f"{folder}: no pretraining checkpoints epoch_EEE.pt (run: {made_by})")
     return folder / f"epoch_{epochs[-1]:03d}.pt"
@@ -142,12 +151,16 @@ def analyse(arch: dict, state: dict, mask: dict, batches, args) -> dict:
     near = mass_near_zero(runs, NEAR_ZERO)
     return {
         "params": n, "dim": dim, "loss": mean_loss(model, batches),
-        "top_eigenvalue": top, "power_iterations": iters, "top_ritz_value": max(float(t.max()) for t, _ in runs),
+        # power iteration finds the dominant (largest |λ|) eigenvalue, signed, as PyHessian's
+        # `eigenvalues()`; Lanczos' extreme Ritz values are the largest and smallest λ
+        "top_eigenvalue": top, "power_iterations": iters, "power_converged": iters < args.power_iters,
+        "top_ritz_value": max(float(t.max()) for t, _ in runs),
+        "bottom_ritz_value": min(float(t.min()) for t, _ in runs),
         "trace": trace, "trace_stderr": trace_err, "mean_eigenvalue": trace / dim,
         "slq_mean": spectral_moment(runs, 1), "slq_second_moment": spectral_moment(runs, 2),
         "mass_near_zero": near,
         # the same at wider radii: the bulk of tiny eigenvalues is one or two Ritz nodes, so
-        # whether it falls inside 1e-3 depends on where that node lands (see the README)
+        # whether it falls inside 1e-3 depends on where that node lands
         "mass_within": {f"{eps:g}": mass_near_zero(runs, eps) for eps in (1e-3, 1e-2, 1e-1)},
         # as if the pruned coordinates were counted too (each an exact zero eigenvalue, as with
         # masks applied in the forward pass, e.g. torch.nn.utils.prune's weight_orig * mask)
@@ -173,8 +186,9 @@ def plot(results: list[dict], epochs: list[int], keeps: list[float], path: Path,
         ax = axes[i][j]
         ax.semilogy(grid.numpy(), dens.clamp_min(1e-300).numpy(), lw=0.8)
         ax.set_ylim(1e-9 * float(dens.max()), 5 * float(dens.max()))
-        ax.text(0.97, 0.95, f"λmax {res['top_eigenvalue']:.3g}\ntr {res['trace']:.3g}\n"
-                f"|λ|<1e-3: {100 * res['mass_near_zero']:.0f}%", transform=ax.transAxes,
+        within = res["mass_within"]
+        ax.text(0.97, 0.95, f"λmax {res['top_ritz_value']:.3g}\ntr {res['trace']:.3g}\n|λ|<1e-3: "
+                f"{100 * within['0.001']:.0f}%\n|λ|<1e-2: {100 * within['0.01']:.0f}%", transform=ax.transAxes,
                 ha="right", va="top", fontsize=7)
         ax.tick_params(labelsize=7)
         if i == 0:
