@@ -49,16 +49,30 @@ def worker_arch(arch: dict, part: dict, worker: int) -> dict:
     return narrowed_arch(arch, {name: len(sets[worker]) for name, sets in part.items()})
 
 
-def extract(state: dict, plan: SlicePlan, part: dict, worker: int) -> dict:
-    """Worker's subnetwork state: partitioned entries sliced to its channels, the rest copied."""
+def select_channels(state: dict, plan: SlicePlan, channels: dict[str, torch.Tensor]) -> dict:
+    """A copy of `state` with every planned entry cut to `channels[block]` (the others copied).
+    The one slicing routine: LoFT's subnetworks and 03/04's structured tickets both use it."""
     sub = {}
     for k, v in state.items():
-        if k in plan.entries:
+        if k in plan.entries and plan.entries[k][0] in channels:
             block, dim = plan.entries[k]
-            sub[k] = v.index_select(dim, part[block][worker])
+            sub[k] = v.index_select(dim, channels[block])
         else:
             sub[k] = v.clone()
     return sub
+
+
+def extract(state: dict, plan: SlicePlan, part: dict, worker: int) -> dict:
+    """Worker's subnetwork state: partitioned entries sliced to its channels, the rest copied."""
+    return select_channels(state, plan, {block: sets[worker] for block, sets in part.items()})
+
+
+def slice_shape(state: dict, plan: SlicePlan, part: dict, key: str, worker: int) -> list[int]:
+    """Shape of `worker`'s slice of the partitioned entry `key`."""
+    block, dim = plan.entries[key]
+    shape = list(state[key].shape)
+    shape[dim] = len(part[block][worker])
+    return shape
 
 
 # ------------------------------------------------------------------- aggregate
@@ -80,23 +94,17 @@ def aggregate(state: dict, plan: SlicePlan, part: dict, results: dict[int, dict]
     shared_f = [k for k in shared if state[k].is_floating_point()]
     shared_i = [k for k in shared if not state[k].is_floating_point()]
 
-    def slice_numel(w):
-        return sum(results_shape_numel(state, plan, part, k, w) for k in part_keys)
-
+    shapes = {w: [slice_shape(state, plan, part, k, w) for k in part_keys] for w in range(workers)}
+    sizes = {w: sum(torch.Size(sh).numel() for sh in shapes[w]) for w in range(workers)}
     payloads = {w: _flat([results[w][k] for k in part_keys]) for w in sorted(results)}
-    gathered = comm.gather_workers(payloads, {w: slice_numel(w) for w in range(workers)})
-    new = {}
-    for k in part_keys:
-        new[k] = state[k].clone()
+    gathered = comm.gather_workers(payloads, sizes)
+    new = {k: state[k].clone() for k in part_keys}
     for w, flat in gathered.items():
         offset = 0
-        for k in part_keys:
+        for k, shape in zip(part_keys, shapes[w]):
             block, dim = plan.entries[k]
-            idx = part[block][w]
-            shape = list(state[k].shape)
-            shape[dim] = len(idx)
-            n = int(torch.Size(shape).numel())
-            new[k].index_copy_(dim, idx, flat[offset:offset + n].view(shape).to(state[k].dtype))
+            n = torch.Size(shape).numel()
+            new[k].index_copy_(dim, part[block][w], flat[offset:offset + n].view(shape).to(state[k].dtype))
             offset += n
 
     for keys in (shared_f, shared_i):
@@ -110,9 +118,3 @@ def aggregate(state: dict, plan: SlicePlan, part: dict, results: dict[int, dict]
             new[k] = mean[offset:offset + n].view(state[k].shape).to(state[k].dtype)
             offset += n
     return {k: new[k] for k in state}  # keep the state dict's key order
-
-
-def results_shape_numel(state, plan, part, key, worker) -> int:
-    block, dim = plan.entries[key]
-    t = state[key]
-    return t.numel() // t.shape[dim] * len(part[block][worker])

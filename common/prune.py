@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common.costs import flops_per_sample
 from common.errors import UserError
+from common.loft import SlicePlan, select_channels
 from common.models import BlockRef, build_model, count_params, narrowed_arch, prunable_blocks
 
 
@@ -65,15 +66,7 @@ def top_filters(norms: torch.Tensor, keep: int) -> torch.Tensor:
 
 def slice_blocks(state: dict, blocks: list[BlockRef], kept: dict[str, torch.Tensor]) -> dict:
     """A copy of `state` with every block's mid-channel entries reduced to `kept[block]`."""
-    plan = {k: (b.name, d) for b in blocks if b.name in kept for k, d in b.slice_dims(state).items()}
-    out = {}
-    for k, v in state.items():
-        if k in plan:
-            name, dim = plan[k]
-            out[k] = v.index_select(dim, kept[name]).clone()
-        else:
-            out[k] = v.clone()
-    return out
+    return select_channels(state, SlicePlan.of(blocks, state), kept)
 
 
 @dataclass
