@@ -167,6 +167,10 @@ class Dense:
                 "train_batch_size": tc.batch_size, "train_micro_batch_size_per_gpu": tc.batch_size // self.micro,
                 "gradient_accumulation_steps": self.micro // env.world, "gradient_clipping": tc.grad_clip,
                 "steps_per_print": 10**9})
+        self._init_schedule(cfg, tc, arch, train_set, stream_id)
+
+    def _init_schedule(self, cfg, tc, arch, train_set, stream_id: int):
+        """The batch stream, step counters and training FLOPs of a full-model trainer."""
         self.stream = Stream(train_set, tc.batch_size, cfg.seed, stream_id)
         self.steps_per_epoch = len(train_set) // tc.batch_size
         self.total_steps = tc.epochs * self.steps_per_epoch
@@ -291,12 +295,7 @@ class GPipe(Dense):
             "train_batch_size": tc.batch_size, "train_micro_batch_size_per_gpu": tc.batch_size // self.micro,
             "gradient_accumulation_steps": self.micro, "gradient_clipping": tc.grad_clip, "steps_per_print": 10**9})
         self._count_pipeline_sends()
-        self.stream = Stream(train_set, tc.batch_size, cfg.seed, 0)
-        self.steps_per_epoch = len(train_set) // tc.batch_size
-        self.total_steps = tc.epochs * self.steps_per_epoch
-        self.step = 0
-        self.train_flops_per_step = tc.batch_size * flops_per_sample(build_model(arch), input_shape(cfg.data.dataset),
-                                                                     backward=True)
+        self._init_schedule(cfg, tc, arch, train_set, stream_id=0)
         self.owned = self._owned_keys(pipe)
 
     def _count_pipeline_sends(self):
