@@ -52,9 +52,13 @@ def check_resume_config(saved: dict, now: dict, path: Path, section: str):
     `dist` section — timeouts, threads — is about the machine, not the experiment)."""
     saved = {**saved, section: {**saved[section], "epochs": now[section]["epochs"]}, "dist": now["dist"]}
     if saved != now:
-        diff = sorted(f"{s}.{k}" if isinstance(now.get(s), dict) else s for s in now
-                      for k in (now[s] if isinstance(now[s], dict) else [None])
-                      if (saved.get(s, {}).get(k) if isinstance(now[s], dict) else saved.get(s)) !=
-                      (now[s][k] if isinstance(now[s], dict) else now[s]))
-        raise UserError(f"--resume: {path} was made with a different config ({', '.join(diff)}); "
+        diff = [f"{sec}.{k}" if isinstance(now[sec], dict) else sec
+                for sec in now for k in (now[sec] if isinstance(now[sec], dict) else [None])
+                if _value(saved, sec, k) != _value(now, sec, k)]
+        raise UserError(f"--resume: {path} was made with a different config ({', '.join(sorted(diff))}); "
                         "use --force to start over")
+
+
+def _value(cfg: dict, section: str, key):
+    node = cfg.get(section)
+    return node.get(key) if isinstance(node, dict) else node
