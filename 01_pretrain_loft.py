@@ -15,8 +15,8 @@ from common.checkpoint import load_checkpoint, save_atomic, write_text_atomic
 from common.cli import run_stage
 from common.config import load_config, run_dir_of, stage_parser
 from common.costs import analytic_bytes, flops_per_sample, split_params
-from common.data import NUM_CLASSES, TRAIN_SIZE, input_shape, load_dataset
-from common.dist import Comm, setup_distributed, teardown
+from common.data import NUM_CLASSES, TRAIN_SIZE, input_shape, load_dataset, on_device
+from common.dist import Comm, setup_from_config, teardown
 from common.loft import draw_partition, worker_arch
 from common.distance import EmergenceWatch
 from common.models import build_model, is_partitionable, partitioned_blocks, prunable_blocks
@@ -38,10 +38,11 @@ def main(argv=None):
         print(comm_table(cfg, arch) if args.table else json.dumps(dry_run_report(cfg, arch), indent=1))
         return
     out = run_dir_of(args, cfg) / "pretrain"
-    env = setup_distributed(cfg.dist.timeout_s, cfg.dist.threads_per_rank)
+    env = setup_from_config(cfg.dist)
     try:
         resuming = prepare_stage_dir(out, args.resume, args.force, env.is_main)
-        train_set, test_set = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
+        train_set, test_set = on_device(load_dataset(cfg.data, train=True), env), on_device(
+            load_dataset(cfg.data, train=False), env)
         torch.manual_seed(cfg.seed)
         init = build_model(arch).state_dict()
         comm = Comm(env, cfg.comm.wire_dtype)
@@ -58,7 +59,7 @@ def main(argv=None):
             save_epoch(init, arch, 0, cfg, train_set, test_set, env, out, train_flops=0)
         for epoch in range(start, cfg.pretrain.epochs + 1):
             loss = method.train_epoch(epoch)
-            state = method.global_state()  # a collective for gpipe: every rank calls it
+            state = {k: v.detach().cpu() for k, v in method.global_state().items()}  # a collective for gpipe
             comm_total = int(comm.sum_metric(torch.tensor([comm.bytes_sent], dtype=torch.float64)).item())
             train_flops = method.steps_done * method.train_flops_per_step
             emerged = watch.update(state) if watch else None  # same weights on every rank: same decision
@@ -89,7 +90,7 @@ def save_epoch(state, arch, epoch, cfg, train_set, test_set, env, out, train_flo
     """BN-recalibrate a copy of the global model, test it, save it. LoFT needs this (statistics
     from narrow subnetworks don't describe the full net); the other methods get it too, so
     every method's checkpoints are made alike (and data-parallel ranks agree on them)."""
-    model = build_model(arch)
+    model = build_model(arch).to(env.device)
     model.load_state_dict(state)
     if epoch > 0:
         recalibrate_bn(model, recal_stream(train_set, cfg), cfg.pretrain.bn_recal_batches, env.device)

@@ -17,8 +17,8 @@ from pathlib import Path
 from common.checkpoint import load_checkpoint, save_atomic, write_text_atomic
 from common.cli import run_stage
 from common.config import load_config, run_dir_of, stage_parser
-from common.data import load_dataset
-from common.dist import Comm, setup_distributed, teardown
+from common.data import load_dataset, on_device
+from common.dist import Comm, setup_from_config, teardown
 from common.finetune import FINETUNE_STREAM, LockedUpdate, ticket_weights
 from common.pretrain import Dense
 from common.prune import default_tag
@@ -40,10 +40,11 @@ def main(argv=None):
                              made_by=f"python 03_prune.py --config {args.config}")
     out = run / f"finetune_{ticket_path.parent.name.removeprefix('prune_')}_{fc.mode}"
     weights = ticket_weights(ticket, fc.mode, fc.rewind_epoch, cfg.seed)
-    env = setup_distributed(cfg.dist.timeout_s, cfg.dist.threads_per_rank)
+    env = setup_from_config(cfg.dist)
     try:
         resuming = prepare_stage_dir(out, args.resume, args.force, env.is_main)
-        train_set, test_set = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
+        train_set, test_set = on_device(load_dataset(cfg.data, train=True), env), on_device(
+            load_dataset(cfg.data, train=False), env)
         hook = LockedUpdate(ticket["mask"], fc.weight_decay) if ticket.get("mask") else None
         comm = Comm(env)
         trainer = Dense(cfg, ticket["arch"], weights, train_set, env, comm, tcfg=fc,
@@ -63,7 +64,7 @@ def main(argv=None):
                 acc, _ = evaluate(trainer.model, test_set, cfg.data.eval_batch_size, env.device)
                 rows.append({"epoch": epoch, "train_loss": round(loss, 5), "test_acc": round(acc, 3)})
                 write_csv(rows, out / "metrics.csv")
-                save_atomic({"model": trainer.global_state(), "arch": ticket["arch"], "epoch": epoch, "rows": rows,
+                save_atomic({"model": {k: v.cpu() for k, v in trainer.global_state().items()}, "arch": ticket["arch"], "epoch": epoch, "rows": rows,
                              "method": trainer.state_dict(), "config": cfg.to_dict()}, out / "last.pt")
                 print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%")
             comm.barrier()
@@ -80,7 +81,7 @@ def save_result(ticket, ticket_path, trainer, rows, cfg, out):
     finetune_flops = trainer.steps_done * trainer.train_flops_per_step
     train_flops = int(ticket.get("train_flops", 0)) + finetune_flops
     final = {k: v for k, v in ticket.items() if k not in ("model", "config")}
-    final.update({"model": trainer.global_state(), "epoch": cfg.finetune.epochs, "train_flops": train_flops,
+    final.update({"model": {k: v.cpu() for k, v in trainer.global_state().items()}, "epoch": cfg.finetune.epochs, "train_flops": train_flops,
                   "test_acc": rows[-1]["test_acc"], "finetune_mode": cfg.finetune.mode,
                   "ticket": str(ticket_path), "config": cfg.to_dict()})
     save_atomic(final, out / "final.pt")

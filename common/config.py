@@ -62,6 +62,8 @@ class PretrainCfg:
     grad_clip: float = opt(0.0, lo=0.0)     # max grad norm; 0 = off (DeepSpeed's default of 1.0 is never implied)
     micro_batches: int = opt(0, lo=0)       # dense/gpipe: chunks of a batch (grad accumulation / pipeline micro-batches); 0 = ranks (dense) or S (gpipe)
     stop_on_emergence: bool = opt(False)    # stop once the ticket has emerged (distance.emergence_* rule)
+    bf16: bool = opt(False)                 # bf16 autocast of forward/backward on CUDA (ignored on CPU); weights stay fp32
+    channels_last: bool = opt(False)        # NHWC memory format for models and batches (faster convolutions on CUDA)
 
 
 @dataclass
@@ -89,6 +91,7 @@ class FinetuneCfg:
     schedule: str = opt("step", choices=["step", "cosine", "constant"])  # step: ÷10 at 50 % and 75 %
     grad_clip: float = opt(0.0, lo=0.0)
     bf16: bool = opt(False)                        # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = opt(False)               # NHWC memory format (faster convolutions on CUDA)
 
 
 @dataclass
@@ -100,6 +103,8 @@ class CommCfg:
 class DistCfg:
     timeout_s: int = opt(300, lo=1)          # collective timeout before a rank gives up
     threads_per_rank: int = opt(0, lo=0)     # torch threads per rank; 0 = cores // local ranks
+    device: str = opt("auto", choices=["auto", "cpu", "cuda"])  # auto: cuda:LOCAL_RANK when a GPU is visible, else cpu
+    deterministic: bool = opt(False)         # CUDA: deterministic kernels, so resumed = uninterrupted bit for bit (slower); the CPU always is
 
 
 @dataclass

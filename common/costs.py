@@ -15,7 +15,7 @@ def flops_per_sample(model: nn.Module, input_shape=(3, 32, 32), backward: bool =
     Counted on a batch of 2 and halved (FLOPs are linear in the batch): train-mode BN refuses a
     single value per channel, which a batch of 1 gives at a 1x1 feature map."""
     model = model.eval() if not backward else model.train()
-    x = torch.zeros(2, *input_shape)
+    x = torch.zeros(2, *input_shape, device=next(model.parameters()).device)
     with FlopCounterMode(display=False) as counter:
         out = model(x)
         if backward:

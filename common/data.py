@@ -20,6 +20,7 @@ ROOT/{train,val}/<class>/* (never downloaded; val/ sorted into class folders).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import pickle
 import weakref
@@ -63,7 +64,12 @@ class ImageSet:
         return len(self.labels)
 
     def subset(self, idx: torch.Tensor) -> "ImageSet":
+        idx = idx.to(self.labels.device)
         return ImageSet(self.images[idx], self.labels[idx], self.mean, self.std)
+
+    def to(self, device) -> "ImageSet":
+        """The set on `device` (moved once: batches are then cut and augmented there)."""
+        return ImageSet(self.images.to(device), self.labels.to(device), self.mean, self.std)
 
 
 # ----------------------------------------------------------------------- CIFAR
@@ -293,6 +299,12 @@ def balanced_subset(labels: torch.Tensor, n: int) -> torch.Tensor:
     return torch.sort(torch.cat(picks)).values
 
 
+def on_device(data: ImageSet | FolderSet, env) -> ImageSet | FolderSet:
+    """A CIFAR set moved once to the rank's device (batches are then cut and augmented there);
+    an ImageNet folder stays on disk (its loader copies each batch over)."""
+    return data.to(env.device) if isinstance(data, ImageSet) else data
+
+
 def load_dataset(cfg_data, train: bool) -> ImageSet | FolderSet:
     """The configured split (class-balanced subset if asked): an ImageSet (CIFAR) or FolderSet (ImageNet)."""
     if cfg_data.dataset in _CIFAR:
@@ -311,23 +323,45 @@ def load_dataset(cfg_data, train: bool) -> ImageSet | FolderSet:
 
 # ------------------------------------------------------------------ transforms
 def normalize(images: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
-    """uint8 N x 3 x H x W → float, per-channel (x - mean) / std (0..255 statistics; CIFAR-10's by default)."""
-    mean = torch.tensor(mean).view(1, 3, 1, 1)
-    std = torch.tensor(std).view(1, 3, 1, 1)
+    """uint8 N x 3 x H x W → float, per-channel (x - mean) / std (0..255 statistics; CIFAR-10's by default).
+    Runs where `images` are; a subtraction and a true division, so CPU and CUDA agree bit for bit."""
+    mean, std = _channel_stats(tuple(mean), tuple(std), images.device)
     return (images.float() - mean) / std
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) as 1 x 3 x 1 x 1 tensors on `device`, copied there once (not every batch)."""
+    return tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device) for v in (mean, std))
+
+
+def draw_augment(n: int, gen: torch.Generator, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random part of crop-with-padding + flip for n images: (row offsets, column offsets, flips),
+    drawn on the CPU from `gen` in this order, so a batch is the same wherever it is applied."""
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    return dy, dx, flip
+
+
+def apply_augment(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
+                  pad: int = 4) -> torch.Tensor:
+    """Crop each zero-padded image at (dy, dx) and flip it where `flip`: pure indexing (exact on any
+    device); the draws must be on the images' device."""
+    n, c, h, w = images.shape
+    dev = images.device
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None].expand(n, c, h, w)
+    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :].expand(n, c, h, w)
+    crops = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
+                   rows, cols]
+    return torch.where(flip[:, None, None, None], crops.flip(3), crops)
 
 
 def augment(images: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
     """Random crop with `pad`-pixel zero padding + horizontal flip, on a uint8 batch."""
-    n, c, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, c, h, w)
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, c, h, w)
-    crops = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
-    flip = torch.rand(n, generator=gen) < 0.5
-    return torch.where(flip[:, None, None, None], crops.flip(3), crops)
+    draws = draw_augment(len(images), gen, pad)
+    return apply_augment(images, *(d.to(images.device) for d in draws), pad=pad)
 
 
 def _gen(*keys: int) -> torch.Generator:
@@ -340,35 +374,58 @@ class Stream:
 
     Pass p uses permutation randperm(seed, stream, p); a pass has len // batch steps (the last
     partial batch is dropped). `batch(t)` is the t-th batch of the stream, reproducible anywhere.
+    Over an ImageSet the batch is cut, augmented and normalised where the images are (the
+    training device): the permutation and every step's crop offsets and flips of a pass are
+    drawn on the CPU when the pass starts and copied over once, so no step waits on the host.
     Over a FolderSet (ImageNet) the images are decoded by a DataLoader that prefetches steps
-    t+1, t+2, ... while step t trains; asking for another step than the next restarts it there.
+    t+1, t+2, ... while step t trains (pinned memory, non-blocking copies to `device`); asking
+    for another step than the next restarts it there.
     """
 
     def __init__(self, data: ImageSet | FolderSet, batch_size: int, seed: int, stream_id: int,
-                 train_aug: bool = True):
+                 train_aug: bool = True, device=None):
         if batch_size > len(data):
             raise UserError(f"batch size {batch_size} exceeds the {len(data)} training images")
         self.data, self.batch_size, self.seed, self.stream_id = data, batch_size, seed, stream_id
         self.train_aug = train_aug
+        self.device = torch.device(device) if device is not None else (
+            data.images.device if isinstance(data, ImageSet) else torch.device("cpu"))
         self.steps_per_pass = len(data) // batch_size
-        self._perm_pass, self._perm = -1, None
+        self._pass, self._perm, self._draws = -1, None, None  # the current pass's plan (on self.device)
         self._loader, self._next_t = None, None  # FolderSet: the DataLoader iterator and its next step
 
+    def _plan(self, p: int):
+        """Permutation and augmentation draws of pass p, on the device (made once per pass)."""
+        if p == self._pass:
+            return
+        perm = torch.randperm(len(self.data), generator=_gen(self.seed, self.stream_id, p))
+        self._perm_cpu, self._perm = perm, perm.to(self.device)
+        self._draws = None
+        if self.train_aug and isinstance(self.data, ImageSet):
+            first = p * self.steps_per_pass
+            per_step = [draw_augment(self.batch_size, _gen(self.seed, self.stream_id, t, 1))
+                        for t in range(first, first + self.steps_per_pass)]
+            self._draws = [torch.stack(d).to(self.device) for d in zip(*per_step)]  # 3 x steps x batch
+        self._pass = p
+
     def indices(self, t: int) -> torch.Tensor:
+        """Indices (on the CPU) of step t's images."""
         p, i = divmod(t, self.steps_per_pass)
-        if p != self._perm_pass:
-            self._perm = torch.randperm(len(self.data), generator=_gen(self.seed, self.stream_id, p))
-            self._perm_pass = p
-        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        self._plan(p)
+        return self._perm_cpu[i * self.batch_size:(i + 1) * self.batch_size]
 
     def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step t's (normalised images, labels), on the device."""
         if isinstance(self.data, FolderSet):
             return self._folder_batch(t)
-        idx = self.indices(t)
-        images = self.data.images[idx]
+        p, i = divmod(t, self.steps_per_pass)
+        self._plan(p)
+        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        images = self.data.images.index_select(0, idx)
         if self.train_aug:
-            images = augment(images, _gen(self.seed, self.stream_id, t, 1))
-        return normalize(images, self.data.mean, self.data.std), self.data.labels[idx]
+            dy, dx, flip = (d[i] for d in self._draws)
+            images = apply_augment(images, dy, dx, flip)
+        return normalize(images, self.data.mean, self.data.std), self.data.labels.index_select(0, idx)
 
     def folder_items(self, t: int) -> list:
         """Step t's DataLoader items: image indices, with per-image augmentation seeds if augmenting."""
@@ -381,19 +438,26 @@ class Stream:
     def _folder_batch(self, t: int):
         if self._loader is None or self._loader.it is None or t != self._next_t:
             self._loader = None  # shut the old loader processes down before starting new ones
-            self._loader = _Loader(self.data, batch_sampler=_StepBatches(self, t))
+            self._loader = _Loader(self.data, batch_sampler=_StepBatches(self, t),
+                                   pin_memory=self.device.type == "cuda")
         images, labels = self._loader.next()
         self._next_t = t + 1
-        return normalize(images, self.data.mean, self.data.std), labels
+        images = images.to(self.device, non_blocking=True)
+        return normalize(images, self.data.mean, self.data.std), labels.to(self.device, non_blocking=True)
 
 
-def eval_batches(data: ImageSet | FolderSet, batch_size: int):
-    """The whole set in order, in batches of `batch_size`, normalised (ImageNet: eval pipeline)."""
+def eval_batches(data: ImageSet | FolderSet, batch_size: int, device=None):
+    """The whole set in order, in batches of `batch_size`, normalised, on `device` (default: where
+    an ImageSet is; ImageNet: eval pipeline, decoded by loader processes)."""
     if isinstance(data, FolderSet):
-        loader = _Loader(data, batch_size=batch_size, shuffle=False)
+        device = torch.device(device or "cpu")
+        loader = _Loader(data, batch_size=batch_size, shuffle=False, pin_memory=device.type == "cuda")
         for _ in range(math.ceil(len(data) / batch_size)):
             images, labels = loader.next()
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             yield normalize(images, data.mean, data.std), labels
         return
+    device = torch.device(device) if device is not None else data.images.device
     for i in range(0, len(data), batch_size):
-        yield normalize(data.images[i:i + batch_size], data.mean, data.std), data.labels[i:i + batch_size]
+        images, labels = data.images[i:i + batch_size].to(device), data.labels[i:i + batch_size].to(device)
+        yield normalize(images, data.mean, data.std), labels

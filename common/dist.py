@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -41,27 +42,64 @@ def _skip_shm_op_build():
     ds_torch.build_shm_op = lambda: None
 
 
-def setup_distributed(timeout_s: int = 300, threads_per_rank: int = 0) -> DistEnv:
+def pick_device(kind: str, local_rank: int, local_world: int) -> torch.device:
+    """dist.device → this rank's device. A host with fewer GPUs than ranks is refused (one line on
+    each rank) rather than left to fail on `cuda:N` deep inside the first CUDA call."""
+    cuda = torch.cuda.is_available()
+    if kind == "cpu" or (kind == "auto" and not cuda):
+        return torch.device("cpu")
+    if not cuda:
+        raise UserError("dist.device=cuda: no CUDA GPU is visible here (use --set dist.device=cpu)")
+    gpus = torch.cuda.device_count()
+    if local_world > gpus:
+        raise UserError(f"{local_world} ranks on this host but {gpus} CUDA GPU(s): run plain `python` (one "
+                        "process trains the S workers in turn on one GPU) or add --set dist.device=cpu "
+                        "(gloo ranks on the CPU)")
+    return torch.device(f"cuda:{local_rank}")
+
+
+def configure_kernels(device: torch.device, deterministic: bool):
+    """cuDNN autotuning for speed, or deterministic kernels (dist.deterministic) for runs that
+    repeat bit for bit on CUDA. CPU kernels here are deterministic already: nothing to set."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS's first use
+        # warn_only: the models' global average pool (output 1x1) has no flagged-deterministic CUDA
+        # backward, but each input element receives exactly one addition there, so it is exact.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        warnings.filterwarnings("ignore", message="adaptive_avg_pool2d_backward_cuda does not have a deterministic")
+
+
+def setup_distributed(timeout_s: int = 300, threads_per_rank: int = 0, device: str = "auto",
+                      deterministic: bool = False) -> DistEnv:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", str(world))))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    dev = pick_device(device, local_rank, local_world)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    configure_kernels(dev, deterministic)
     # Ranks on one host share its cores: without this each would start cores-many threads.
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // max(1, local_world))
     torch.set_num_threads(threads)
-    env = DistEnv(rank, world, local_rank, local_world, device)
+    env = DistEnv(rank, world, local_rank, local_world, dev)
     if env.distributed:
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+        os.environ["DS_ACCELERATOR"] = dev.type  # deepspeed picks its accelerator at import
         import deepspeed
-        if not cuda:
+        if dev.type == "cpu":
             _skip_shm_op_build()
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+        deepspeed.init_distributed(dist_backend="nccl" if dev.type == "cuda" else "gloo", auto_mpi_discovery=False,
                                    timeout=timedelta(seconds=timeout_s))
     return env
+
+
+def setup_from_config(dist_cfg) -> DistEnv:
+    """setup_distributed with the config's dist section."""
+    return setup_distributed(dist_cfg.timeout_s, dist_cfg.threads_per_rank, dist_cfg.device, dist_cfg.deterministic)
 
 
 def teardown(env: DistEnv, clean: bool = True):
@@ -120,10 +158,10 @@ class Comm:
         buf = torch.nn.functional.pad(local, (0, width - len(local))).to(self.env.device)
         self._count(buf)
         out = [torch.empty_like(buf) for _ in range(self.env.world)]
-        dcomm.all_gather(out, buf)  # NCCL needs device tensors; the global model stays on the host
+        dcomm.all_gather(out, buf)
         gathered = {}
         for ws, flat in zip(owners, out):
-            flat, offset = flat.cpu().to(dtype), 0
+            flat, offset = flat.to(local.device, dtype), 0
             for w in ws:
                 gathered[w] = flat[offset:offset + sizes[w]]
                 offset += sizes[w]

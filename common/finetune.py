@@ -75,4 +75,6 @@ class LockedUpdate:
             if self.wd:
                 p.grad.add_(p, alpha=self.wd)
             if name in self.mask:
-                p.grad.mul_(self.mask[name].to(p.grad.device, p.grad.dtype))
+                if self.mask[name].device != p.grad.device or self.mask[name].dtype != p.grad.dtype:
+                    self.mask[name] = self.mask[name].to(p.grad.device, p.grad.dtype)  # once, not every step
+                p.grad.mul_(self.mask[name])

@@ -1,9 +1,10 @@
 """One LoFT round — partition, train locally, aggregate (SPEC section 2) — written once over
 the model's list of partitioned blocks (`common.models.partitioned_blocks`).
 
-The global model is a state dict in host memory. A worker's subnetwork is a real narrow
-module: `build_model(worker_arch(...))` with the worker's channel counts, loaded with
-`extract(...)`. Output scaling: none. A subnetwork computes exactly the full network with
+The global model is a state dict on the training device. A worker's subnetwork is a real
+narrow module, `build_model(worker_arch(...))` with the worker's channel counts, built once
+(a worker's channel counts are the same every round); each round `extract(..., out=...)`
+copies its slices into it in place. Output scaling: none. A subnetwork computes exactly the full network with
 the other workers' mid channels removed (equivalently: conv2's input columns outside the
 worker's sets zeroed), so no factor S is applied anywhere.
 """
@@ -49,22 +50,32 @@ def worker_arch(arch: dict, part: dict, worker: int) -> dict:
     return narrowed_arch(arch, {name: len(sets[worker]) for name, sets in part.items()})
 
 
-def select_channels(state: dict, plan: SlicePlan, channels: dict[str, torch.Tensor]) -> dict:
-    """A copy of `state` with every planned entry cut to `channels[block]` (the others copied).
+def select_channels(state: dict, plan: SlicePlan, channels: dict[str, torch.Tensor], out: dict | None = None) -> dict:
+    """`state` with every planned entry cut to `channels[block]` (the others whole): a new dict of
+    copies, or written in place into the tensors of `out` (a persistent module's state dict).
     The one slicing routine: LoFT's subnetworks and 03/04's structured tickets both use it."""
-    sub = {}
+    sub = {} if out is None else out
     for k, v in state.items():
-        if k in plan.entries and plan.entries[k][0] in channels:
+        sliced = k in plan.entries and plan.entries[k][0] in channels
+        if sliced:
             block, dim = plan.entries[k]
-            sub[k] = v.index_select(dim, channels[block])
+            v = v.index_select(dim, channels[block])
+        if out is None:
+            sub[k] = v if sliced else v.clone()
         else:
-            sub[k] = v.clone()
+            out[k].copy_(v)
     return sub
 
 
-def extract(state: dict, plan: SlicePlan, part: dict, worker: int) -> dict:
-    """Worker's subnetwork state: partitioned entries sliced to its channels, the rest copied."""
-    return select_channels(state, plan, {block: sets[worker] for block, sets in part.items()})
+def extract(state: dict, plan: SlicePlan, part: dict, worker: int, out: dict | None = None) -> dict:
+    """Worker's subnetwork state: partitioned entries sliced to its channels, the rest copied
+    (into `out`'s tensors in place, if given)."""
+    return select_channels(state, plan, {block: sets[worker] for block, sets in part.items()}, out)
+
+
+def partition_to(part: dict, device) -> dict:
+    """The partition's index sets on `device` (where the global state lives)."""
+    return {name: [s.to(device) for s in sets] for name, sets in part.items()}
 
 
 def slice_shape(state: dict, plan: SlicePlan, part: dict, key: str, worker: int) -> list[int]:
@@ -77,7 +88,7 @@ def slice_shape(state: dict, plan: SlicePlan, part: dict, key: str, worker: int)
 
 # ------------------------------------------------------------------- aggregate
 def _flat(tensors) -> torch.Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(0)
+    return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(0)  # reshape: logical order, any layout
 
 
 def aggregate(state: dict, plan: SlicePlan, part: dict, results: dict[int, dict], comm, workers: int) -> dict:

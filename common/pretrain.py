@@ -27,11 +27,12 @@ from common.costs import epoch_end_round, flops_per_sample, pipeline_cuts
 from common.data import Stream, input_shape
 from common.dist import Comm, DistEnv, workers_of_rank
 from common.errors import UserError
-from common.loft import SlicePlan, aggregate, draw_partition, extract, worker_arch
+from common.loft import SlicePlan, aggregate, draw_partition, extract, partition_to, worker_arch
 from common.models import build_model, partitioned_blocks
-from common.train import lr_at, make_sgd, train_steps, NonFiniteLoss
+from common.train import SGDStep, check_finite, lr_at, make_sgd
 
 RECAL_STREAM = 9_000_001  # data stream id of the fixed BN-recalibration batches
+CHECK_EVERY = 100          # dense steps between finiteness checks (each one host sync)
 
 
 def recal_stream(train_set, cfg) -> Stream:
@@ -42,7 +43,37 @@ def _progress(it, epoch, env, unit):
     return tqdm(it, desc=f"epoch {epoch} {unit}", disable=not env.is_main, leave=False)
 
 
+def _to(state: dict | None, device) -> dict | None:
+    """A copy of `state` on `device` (a copy even where it already is: the caller's dict stays untouched)."""
+    return None if state is None else {k: v.to(device, copy=True) for k, v in state.items()}
+
+
+def _cpu(state: dict | None) -> dict | None:
+    return None if state is None else {k: v.detach().cpu() for k, v in state.items()}
+
+
 # ----------------------------------------------------------------- LoFT / LocalSGD
+class Worker:
+    """One LoFT / Local SGD worker: its subnetwork module, optimizer and batch stream, built once
+    (a worker's partition sizes are the same every round); each round copies its slices of the
+    global state into the module in place and starts from a fresh optimizer state (or the
+    carried momentum)."""
+
+    def __init__(self, arch: dict, tcfg, device, total_steps: int, stream: Stream):
+        self.sgd, self.stream = SGDStep(build_model(arch), tcfg, device, total_steps), stream
+        self.module_state = self.sgd.model.state_dict()  # views of the live parameters and buffers
+
+    @torch.no_grad()
+    def load(self, state: dict, plan: SlicePlan, part: dict, worker: int, momentum: dict | None):
+        extract(state, plan, part, worker, out=self.module_state)
+        self.sgd.reset_optimizer(None if momentum is None else extract(momentum, plan, part, worker))
+
+    def train(self, steps: range) -> torch.Tensor:
+        """K local steps; the sum of their losses (a device scalar)."""
+        self.sgd.model.train()
+        return torch.stack([self.sgd(t, [self.stream.batch(t)]) for t in steps]).sum()
+
+
 class Loft:
     def __init__(self, cfg, arch: dict, init_state: dict, train_set, env: DistEnv, comm: Comm):
         self.cfg, self.arch, self.env, self.comm = cfg, arch, env, comm
@@ -51,20 +82,23 @@ class Loft:
         model = build_model(arch)
         self.blocks = self.split_blocks(model)
         self.my_workers = workers_of_rank(self.S, env)
-        self.streams = {w: Stream(train_set, pc.batch_size, cfg.seed, w) for w in self.my_workers}
         self.steps_per_epoch = len(train_set) // pc.batch_size
         if self.K > self.steps_per_epoch:
             raise UserError(f"pretrain.local_iters={self.K} exceeds the {self.steps_per_epoch} steps of an epoch")
         self.total_steps = pc.epochs * self.steps_per_epoch
-        self.state = {k: v.clone() for k, v in init_state.items()}
+        self.state = _to(init_state, env.device)
         self.plan = SlicePlan.of(self.blocks, self.state)
         self.momentum = ({k: torch.zeros_like(v) for k, v in model.named_parameters()}
                          if pc.carry_momentum else None)
+        self.momentum = _to(self.momentum, env.device)
         self.round = 0
         part = draw_partition(self.blocks, self.S, cfg.seed, 0)  # sizes per worker are the same every round
         self.train_flops_per_step = pc.batch_size * sum(
             flops_per_sample(build_model(worker_arch(arch, part, w)), input_shape(cfg.data.dataset), backward=True)
             for w in range(self.S))
+        self.workers = {w: Worker(worker_arch(arch, part, w), pc, env.device, self.total_steps,
+                                  Stream(train_set, pc.batch_size, cfg.seed, w, device=env.device))
+                        for w in self.my_workers}
 
     def split_blocks(self, model):
         blocks = partitioned_blocks(model, self.cfg.pretrain.partition_stage1)
@@ -75,29 +109,32 @@ class Loft:
             raise UserError(f"pretrain.workers={self.S} exceeds the narrowest partitioned block ({narrowest} channels)")
         return blocks
 
-    def run_round(self, r: int) -> float:
-        """Partition, train this rank's workers for K steps each, aggregate. Returns mean loss."""
-        part = draw_partition(self.blocks, self.S, self.cfg.seed, r)
+    def run_round(self, r: int) -> torch.Tensor:
+        """Partition, train this rank's workers for K steps each, aggregate. Returns the losses'
+        sum over this rank's workers and steps (a device scalar)."""
+        part = partition_to(draw_partition(self.blocks, self.S, self.cfg.seed, r), self.env.device)
         steps = range(r * self.K, (r + 1) * self.K)
-        results, moms, losses = {}, {}, []
-        for w in self.my_workers:
-            sub = build_model(worker_arch(self.arch, part, w))
-            sub.load_state_dict(extract(self.state, self.plan, part, w))
-            mom = extract(self.momentum, self.plan, part, w) if self.momentum is not None else None
-            loss, moms[w] = train_steps(sub, self.streams[w], steps, self.total_steps, self.cfg.pretrain,
-                                        self.env.device, mom, where=f"round {r} worker {w}")
-            results[w] = {k: v.detach().cpu() for k, v in sub.state_dict().items()}
-            losses.append(loss)
-        self.state = aggregate(self.state, self.plan, part, results, self.comm, self.S)
+        losses = []
+        for w, worker in self.workers.items():
+            worker.load(self.state, self.plan, part, w, self.momentum)
+            losses.append(worker.train(steps))
+        results = {w: worker.module_state for w, worker in self.workers.items()}
+        new_state = aggregate(self.state, self.plan, part, results, self.comm, self.S)
         if self.momentum is not None:
+            moms = {w: worker.sgd.momentum(fallback=extract(self.momentum, self.plan, part, w))
+                    for w, worker in self.workers.items()}
             self.momentum = aggregate(self.momentum, self.plan, part, moms, self.comm, self.S)
-        self.round = r + 1
-        return sum(losses) / len(losses)
+        check_finite(torch.stack(losses), f"round {r} (steps {steps.start}-{steps.stop - 1})",
+                     self.comm if self.env.distributed else None)
+        self.state, self.round = new_state, r + 1
+        return torch.stack(losses).sum()
 
     def train_epoch(self, epoch: int) -> float:
         first, last = self.round, epoch_end_round(epoch, self.steps_per_epoch, self.K)
         losses = [self.run_round(r) for r in _progress(range(first, last), epoch, self.env, "rounds")]
-        loss = self.comm.sum_metric(torch.tensor([sum(losses), float(len(losses))], dtype=torch.float64))
+        total = torch.stack(losses).sum().double().cpu() if losses else torch.zeros((), dtype=torch.float64)
+        count = float(len(losses) * self.K * len(self.workers))
+        loss = self.comm.sum_metric(torch.stack([total, torch.tensor(count, dtype=torch.float64)]))
         return float(loss[0] / loss[1]) if loss[1] else float("nan")
 
     def global_state(self) -> dict:
@@ -108,10 +145,11 @@ class Loft:
         return self.round * self.K
 
     def state_dict(self) -> dict:
-        return {"round": self.round, "momentum": self.momentum}
+        return {"round": self.round, "momentum": _cpu(self.momentum)}
 
     def load_state_dict(self, d: dict, weights: dict):
-        self.state, self.round, self.momentum = dict(weights), int(d["round"]), d["momentum"]
+        self.state, self.round = _to(weights, self.env.device), int(d["round"])
+        self.momentum = _to(d["momentum"], self.env.device)
 
 
 class LocalSGD(Loft):
@@ -144,8 +182,7 @@ class Dense:
     in one process, the chunks shared out among ranks under the launcher).
 
     Also the trainer of 04: `tcfg` is the training section (cfg.pretrain or cfg.finetune),
-    `grad_hook(model)` edits the summed gradients before each update (masks, locked weights:
-    it then owns weight decay, so the optimizer gets none), bf16 autocast on CUDA if asked."""
+    `grad_hook(model)` edits the summed gradients before each update (masks, locked weights)."""
 
     def __init__(self, cfg, arch, init_state, train_set, env: DistEnv, comm: Comm, default_micro: int | None = None,
                  tcfg=None, stream_id: int = 0, grad_hook=None):
@@ -155,11 +192,11 @@ class Dense:
         if tc.batch_size % self.micro or self.micro % env.world:
             raise UserError(f"batch_size={tc.batch_size} must split into {self.micro} micro-batches, "
                             f"a multiple of the {env.world} ranks")
-        self.model = build_model(arch)
-        self.model.load_state_dict(init_state)
-        self.model.to(env.device)
-        self.opt = make_sgd(self.model, tc.lr, tc.momentum, 0.0 if grad_hook else tc.weight_decay)
-        self.autocast = bool(getattr(tc, "bf16", False)) and env.device.type == "cuda"
+        model = build_model(arch)
+        model.load_state_dict(init_state)
+        self._init_schedule(cfg, tc, arch, train_set, stream_id)
+        self.sgd = SGDStep(model, tc, env.device, self.total_steps, grad_hook)
+        self.model, self.opt = self.sgd.model, self.sgd.opt
         self.engine = None
         if env.distributed:
             import deepspeed
@@ -167,11 +204,10 @@ class Dense:
                 "train_batch_size": tc.batch_size, "train_micro_batch_size_per_gpu": tc.batch_size // self.micro,
                 "gradient_accumulation_steps": self.micro // env.world, "gradient_clipping": tc.grad_clip,
                 "steps_per_print": 10**9})
-        self._init_schedule(cfg, tc, arch, train_set, stream_id)
 
     def _init_schedule(self, cfg, tc, arch, train_set, stream_id: int):
         """The batch stream, step counters and training FLOPs of a full-model trainer."""
-        self.stream = Stream(train_set, tc.batch_size, cfg.seed, stream_id)
+        self.stream = Stream(train_set, tc.batch_size, cfg.seed, stream_id, device=self.env.device)
         self.steps_per_epoch = len(train_set) // tc.batch_size
         self.total_steps = tc.epochs * self.steps_per_epoch
         self.step = 0
@@ -184,50 +220,40 @@ class Dense:
         chunks = list(zip(x.chunk(self.micro), y.chunk(self.micro)))
         return chunks[self.env.rank * per:(self.env.rank + 1) * per]
 
-    def forward_loss(self, module, x, y):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            return F.cross_entropy(module(x), y)
-
-    def train_step(self, t: int) -> float:
-        tc = self.tc
+    def train_step(self, t: int) -> torch.Tensor:
+        """Step t; its mean loss over this rank's chunks (a device scalar)."""
+        if self.engine is None:
+            return self.sgd(t, self.my_chunks(t))
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(t, self.total_steps, tc.lr, tc.schedule)
+            g["lr"] = self.sgd.lr(t)
         losses = []
-        if self.engine is None:
-            self.opt.zero_grad(set_to_none=True)
         for x, y in self.my_chunks(t):
-            x, y = x.to(self.env.device), y.to(self.env.device)
-            if self.engine is None:
-                loss = self.forward_loss(self.model, x, y)
-                (loss / self.micro).backward()
-            else:
-                loss = self.forward_loss(self.engine, x, y)
-                with counting_all_reduce(self.comm):
-                    self.engine.backward(loss)
-                    if self.grad_hook and self.engine.is_gradient_accumulation_boundary():
-                        self.grad_hook(self.model)
-                    self.engine.step()
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {t}; the last good checkpoint is kept")
-            losses.append(loss.item())
-        if self.engine is None:
-            if self.grad_hook:
-                self.grad_hook(self.model)
-            if tc.grad_clip > 0:
-                nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-            self.opt.step()
-        return sum(losses) / len(losses)
+            loss = self.sgd.forward_loss(self.engine, x, y)
+            with counting_all_reduce(self.comm):
+                self.engine.backward(loss)
+                if self.grad_hook and self.engine.is_gradient_accumulation_boundary():
+                    self.grad_hook(self.model)
+                self.engine.step()
+            losses.append(loss.detach())
+        return torch.stack(losses).mean()
 
     def train_epoch(self, epoch: int) -> float:
         self.model.train()
-        losses = [self.train_step(t) for t in
-                  _progress(range(self.step, epoch * self.steps_per_epoch), epoch, self.env, "steps")]
+        steps = range(self.step, epoch * self.steps_per_epoch)
+        comm = self.comm if self.env.distributed else None
+        losses, checked = [], 0
+        for t in _progress(steps, epoch, self.env, "steps"):
+            losses.append(self.train_step(t))
+            if len(losses) - checked == CHECK_EVERY or t == steps.stop - 1:
+                check_finite(torch.stack(losses[checked:]), f"steps {steps.start + checked}-{t}", comm)
+                checked = len(losses)
         self.step = epoch * self.steps_per_epoch
-        loss = self.comm.sum_metric(torch.tensor([sum(losses), float(len(losses))], dtype=torch.float64))
+        total = torch.stack(losses).sum().double().cpu() if losses else torch.zeros((), dtype=torch.float64)
+        loss = self.comm.sum_metric(torch.stack([total, torch.tensor(float(len(losses)), dtype=torch.float64)]))
         return float(loss[0] / loss[1])
 
     def global_state(self) -> dict:
-        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     @property
     def steps_done(self) -> int:
@@ -330,9 +356,7 @@ class GPipe(Dense):
             g["lr"] = lr_at(t, self.total_steps, self.tc.lr, self.tc.schedule)
         x, y = self.stream.batch(t)
         loss = self.pipe_engine.train_batch(data_iter=iter(list(zip(x.chunk(self.micro), y.chunk(self.micro)))))
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {t}; the last good checkpoint is kept")
-        return loss.item()  # every stage gets the same (broadcast) loss
+        return loss.detach().reshape(())  # every stage gets the same (broadcast) loss
 
     def global_state(self) -> dict:
         """Collective: each stage contributes the tensors it owns; every rank gets the full model."""

@@ -1,4 +1,12 @@
-"""Training primitives shared by every stage: lr schedule, SGD steps, evaluation, BN recalibration."""
+"""The one training step every stage uses, its lr schedule, evaluation and BN recalibration.
+
+`SGDStep` is the single place where a model is trained: LoFT and Local SGD workers, dense
+(one process, micro-batches by gradient accumulation), one-process GPipe and 04's tickets all
+call it. It holds the lr schedule, the loss (`criterion`), the gradient hook, clipping, bf16
+autocast and channels_last. It never synchronises with the host: the loss comes back as a
+device tensor; callers sum those and check finiteness once per round or log interval
+(`check_finite`), so a GPU runs a whole round's K steps without waiting for the CPU.
+"""
 from __future__ import annotations
 
 import math
@@ -13,6 +21,11 @@ from common.errors import UserError
 
 class NonFiniteLoss(UserError):
     pass
+
+
+def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The training loss of every method and stage."""
+    return F.cross_entropy(logits, labels)
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, schedule: str) -> float:
@@ -31,44 +44,69 @@ def make_sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) 
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
-def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-             lr: float, grad_clip: float = 0.0, where: str = "") -> float:
-    """One forward/backward/update; returns the loss. Stops on a non-finite loss."""
-    for g in opt.param_groups:
-        g["lr"] = lr
-    loss = F.cross_entropy(model(x), y)
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at {where}; the last good checkpoint is kept")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    opt.step()
-    return loss.item()
+class SGDStep:
+    """One SGD update of `model` on a batch given as chunks (gradient accumulation over them).
+
+    `tcfg` is a training section (cfg.pretrain or cfg.finetune): lr, momentum, weight_decay,
+    schedule, grad_clip, bf16, channels_last. `grad_hook(model)` edits the summed gradients
+    before the update (masks, locked weights); it then owns weight decay, so the optimizer gets
+    none. bf16 autocast applies on CUDA only (on the CPU it is ignored)."""
+
+    def __init__(self, model: nn.Module, tcfg, device, total_steps: int, grad_hook=None):
+        self.tc, self.total_steps, self.grad_hook = tcfg, total_steps, grad_hook
+        device = torch.device(device)
+        self.channels_last = bool(getattr(tcfg, "channels_last", False))
+        self.model = model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self.autocast = bool(getattr(tcfg, "bf16", False)) and device.type == "cuda"
+        self.opt = make_sgd(self.model, tcfg.lr, tcfg.momentum, 0.0 if grad_hook else tcfg.weight_decay)
+
+    def lr(self, t: int) -> float:
+        return lr_at(t, self.total_steps, self.tc.lr, self.tc.schedule)
+
+    def forward_loss(self, module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return criterion(module(x), y)
+
+    def __call__(self, t: int, chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Update for global step t; returns the batch's mean loss (a detached device scalar)."""
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr(t)
+        self.opt.zero_grad(set_to_none=True)
+        total = None
+        for x, y in chunks:
+            loss = self.forward_loss(self.model, x, y)
+            (loss / len(chunks)).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        if self.grad_hook:
+            self.grad_hook(self.model)
+        if self.tc.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+        self.opt.step()
+        return total / len(chunks)
+
+    def reset_optimizer(self, momentum: dict | None = None):
+        """A fresh optimizer state (LoFT's default every round), or the given momentum buffers (by name)."""
+        self.opt.state.clear()
+        if momentum is not None:
+            for k, p in self.model.named_parameters():
+                self.opt.state[p]["momentum_buffer"] = momentum[k].to(p.device, p.dtype).clone()
+
+    def momentum(self, fallback: dict) -> dict:
+        """The momentum buffers by parameter name (`fallback` for a parameter never updated)."""
+        return {k: self.opt.state[p]["momentum_buffer"].detach() if "momentum_buffer" in self.opt.state.get(p, {})
+                else fallback[k] for k, p in self.model.named_parameters()}
 
 
-def train_steps(model: nn.Module, stream: Stream, steps: range, total_steps: int, tcfg, device,
-                momentum_state: dict | None = None, where: str = "") -> tuple[float, dict | None]:
-    """SGD on `stream`'s batches `steps` with a fresh optimizer (or given momentum buffers).
-
-    Returns the mean loss and, if momentum buffers were given, the updated ones (by param name)."""
-    model.to(device).train()
-    opt = make_sgd(model, tcfg.lr, tcfg.momentum, tcfg.weight_decay)
-    named = dict(model.named_parameters())
-    if momentum_state is not None:
-        for k, p in named.items():
-            opt.state[p]["momentum_buffer"] = momentum_state[k].to(device).clone()
-    losses = []
-    for t in steps:
-        x, y = stream.batch(t)
-        losses.append(sgd_step(model, opt, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                               lr_at(t, total_steps, tcfg.lr, tcfg.schedule), tcfg.grad_clip,
-                               where=f"{where} step {t}"))
-    new_momentum = None
-    if momentum_state is not None:
-        new_momentum = {k: opt.state[p]["momentum_buffer"].detach().cpu() if p in opt.state
-                        else momentum_state[k] for k, p in named.items()}
-    return sum(losses) / max(1, len(losses)), new_momentum
+def check_finite(losses: torch.Tensor, where: str, comm=None):
+    """One host sync: stop with one line if any loss in `losses` is not finite. With `comm`, the
+    verdict is agreed by all ranks (a bookkeeping all-reduce), so every rank stops together."""
+    bad = (~torch.isfinite(losses.detach().float())).sum().to(torch.float64).reshape(1)
+    if comm is not None:
+        bad = comm.sum_metric(bad)
+    if bad.item():
+        raise NonFiniteLoss(f"non-finite loss at {where}; the last good checkpoint is kept")
 
 
 @torch.no_grad()
@@ -92,13 +130,15 @@ def recalibrate_bn(model: nn.Module, stream: Stream, num_batches: int, device) -
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, batch_size: int, device) -> tuple[float, float]:
-    """(top-1 accuracy in %, mean loss) on an ImageSet."""
+    """(top-1 accuracy in %, mean loss) on an ImageSet; counts add up on the device, one sync at the end."""
+    device = torch.device(device)
     model.to(device).eval()
-    correct, loss, n = 0, 0.0, 0
-    for x, y in eval_batches(data, batch_size):
-        x, y = x.to(device), y.to(device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    n = 0
+    for x, y in eval_batches(data, batch_size, device):
         out = model(x)
-        loss += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
+        loss += F.cross_entropy(out.float(), y, reduction="sum").double()
+        correct += (out.argmax(1) == y).sum()
         n += len(y)
-    return 100.0 * correct / max(1, n), loss / max(1, n)
+    return 100.0 * correct.item() / max(1, n), loss.item() / max(1, n)
