@@ -65,7 +65,7 @@ class LockedUpdate:
     gradient zeroed, so no gradient step, no weight decay and no momentum ever reach it."""
 
     def __init__(self, mask: dict[str, torch.Tensor], weight_decay: float):
-        self.mask, self.wd = mask, weight_decay
+        self.mask, self.wd = dict(mask), weight_decay  # own dict: device copies replace entries here only
 
     @torch.no_grad()
     def __call__(self, model):
