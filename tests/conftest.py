@@ -18,15 +18,18 @@ DATA = Path(os.environ.get("LOFT_DATA", REPO.parent / "shared" / "data")).resolv
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-# A narrow PreActResNet-18 on 640 real CIFAR-10 images: one epoch is 20 steps of 32.
+# A narrow PreActResNet-18 on 640 real CIFAR-10 images: one epoch is 20 steps of 32. On a CUDA
+# machine it trains on the GPU with deterministic kernels, so resumed = uninterrupted there too;
+# tests that compare one process with several ranks pin CPU_RANKS (gloo ranks on any machine).
 TINY = {
     "seed": 0,
     "model": {"arch": "preresnet18", "width": 0.125},
     "data": {"root": str(DATA), "train_subset": 640, "test_subset": 200, "eval_batch_size": 200},
     "pretrain": {"method": "loft", "workers": 2, "local_iters": 5, "epochs": 2, "batch_size": 32,
                  "lr": 0.05, "bn_recal_batches": 2},
-    "dist": {"threads_per_rank": 1},
+    "dist": {"threads_per_rank": 1, "deterministic": True},
 }
+CPU_RANKS = {"threads_per_rank": 1, "device": "cpu"}
 
 
 def _merge(a, b):

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import deepspeed_launcher, run_cli
+from conftest import CPU_RANKS, deepspeed_launcher, run_cli
 from common.config import load_config
 from common.costs import analytic_bytes, cut_activation_numels
 from common.models import build_model, partitioned_blocks
@@ -20,7 +20,7 @@ def max_diff(a, b):
 
 
 def one_and_two_ranks(tiny_config, tmp_path, **pretrain):
-    cfg = tiny_config(pretrain={"epochs": 1, **pretrain})
+    cfg = tiny_config(pretrain={"epochs": 1, **pretrain}, dist=CPU_RANKS)
     one, two = tmp_path / "one", tmp_path / "two"
     r1 = run_cli(["01_pretrain_loft.py", "--config", str(cfg), "--run-dir", str(one)])
     assert r1.returncode == 0, r1.stderr[-2000:]
@@ -49,7 +49,7 @@ def test_localsgd_one_process_equals_two_ranks(tiny_config, tmp_path):
 
 
 def test_gpipe_pipeline_engine_trains_and_counts_the_cut_traffic(tiny_config, tmp_path):
-    cfg = tiny_config(pretrain={"method": "gpipe", "epochs": 2, "lr": 0.05})
+    cfg = tiny_config(pretrain={"method": "gpipe", "epochs": 2, "lr": 0.05}, dist=CPU_RANKS)
     run = tmp_path / "pipe"
     r = run_cli(["01_pretrain_loft.py", "--config", str(cfg), "--run-dir", str(run)], deepspeed_launcher(2))
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]

@@ -2,7 +2,7 @@
 import importlib.util
 import json
 
-from conftest import REPO
+from conftest import DATA, REPO
 
 
 def bench(name):
@@ -16,7 +16,7 @@ def bench(name):
 
 def test_table1_and_fig4_smoke(tmp_path):
     out, runs = tmp_path / "out", tmp_path / "runs"
-    bench("table1").main(["--smoke", "--out", str(out), "--runs", str(runs)])
+    bench("table1").main(["--smoke", "--out", str(out), "--runs", str(runs), "--data-root", str(DATA)])
     md = (out / "table1.md").read_text()
     for method in ("dense", "localsgd-2", "localsgd-4", "loft-2", "loft-4", "loft-4-bf16", "gpipe-4"):
         assert f"| {method}" in md
@@ -26,17 +26,24 @@ def test_table1_and_fig4_smoke(tmp_path):
     assert by["loft-4"]["measured"] < by["localsgd-4"]["measured"]       # LoFT sends less than Local SGD
     assert by["loft-4-bf16"]["measured"] < 0.51 * by["loft-4"]["measured"]
     assert (out / "table1.png").stat().st_size > 0
-    bench("fig4").main(["--smoke", "--out", str(out), "--runs", str(runs)])
+    bench("fig4").main(["--smoke", "--out", str(out), "--runs", str(runs), "--data-root", str(DATA)])
     assert (out / "fig4.png").exists() and "| loft-4 |" in (out / "fig4.md").read_text()
 
 
 def test_rise_smoke(tmp_path):
-    bench("rise").main(["--smoke", "--out", str(tmp_path), "--runs", str(tmp_path / "runs")])
+    bench("rise").main(["--smoke", "--out", str(tmp_path), "--runs", str(tmp_path / "runs"), "--data-root", str(DATA)])
     md = (tmp_path / "rise.md").read_text()
     assert "| 10 % |" in md and "| 50 % |" in md and (tmp_path / "rise.png").exists()
 
 
 def test_perf_prints_ratios(tmp_path):
-    bench("perf").main(["--out", str(tmp_path), "--repeats", "1", "--batch", "16", "--threads", "1"])
+    bench("perf").main(["--out", str(tmp_path), "--repeats", "1", "--batch", "16", "--threads", "1",
+                        "--data-root", str(DATA)])
     text = (tmp_path / "perf.md").read_text()
-    assert "| 2 |" in text and "| 4 |" in text and "data loader alone" in text
+    for row in ("| fp32 | dense |", "| fp32 | LoFT-2 worker", "| bf16+channels_last | LoFT-4 worker", "| 4 |"):
+        assert row in text, row
+    res = json.loads((tmp_path / "perf.json").read_text())
+    for m in res["precisions"].values():
+        assert m["loft4_mem"] < m["loft2_mem"] < m["dense_mem"]       # narrower workers hold less
+        assert 0 < m["loft4_flop_share"] < m["loft2_flop_share"] < 1
+        assert m["dense_epoch_s"] > 0 and m["loft4_epoch_s"] > 0

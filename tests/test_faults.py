@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from conftest import REPO, deepspeed_launcher, free_port, run_cli
+from conftest import CPU_RANKS, REPO, deepspeed_launcher, free_port, run_cli
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
 
@@ -40,7 +40,7 @@ def same_weights(a, b):
 
 
 def test_kill_9_of_01_in_one_process_and_under_two_ranks_then_resume(tiny_config, tmp_path):
-    cfg = tiny_config(pretrain={"epochs": 3})
+    cfg = tiny_config(pretrain={"epochs": 3}, dist=CPU_RANKS)
     base = ["01_pretrain_loft.py", "--config", str(cfg)]
     ref = tmp_path / "ref"
     assert run_cli(base + ["--run-dir", str(ref)]).returncode == 0
@@ -74,7 +74,7 @@ def test_kill_9_of_04_then_resume(tiny_config, tmp_path):
 
 
 def test_a_dead_peer_ends_the_other_rank_with_a_clear_message_and_resume_works(tiny_config, tmp_path):
-    cfg = tiny_config(pretrain={"epochs": 3}, dist={"timeout_s": 30, "threads_per_rank": 1})
+    cfg = tiny_config(pretrain={"epochs": 3}, dist={**CPU_RANKS, "timeout_s": 30})
     run = tmp_path / "run"
     port = str(free_port())
     procs = []

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import deepspeed_launcher, run_cli, stage
+from conftest import CPU_RANKS, deepspeed_launcher, run_cli, stage
 
 pretrain = stage("01_pretrain_loft")
 
@@ -18,7 +18,7 @@ def max_diff(a, b):
 
 
 def test_one_process_and_two_deepspeed_ranks_give_the_same_weights_and_bytes(tiny_config, tmp_path):
-    cfg = tiny_config(pretrain={"epochs": 1})
+    cfg = tiny_config(pretrain={"epochs": 1}, dist=CPU_RANKS)
     one, two = tmp_path / "one", tmp_path / "two"
     r1 = run_cli(["01_pretrain_loft.py", "--config", str(cfg), "--run-dir", str(one)])
     assert r1.returncode == 0, r1.stderr[-2000:]

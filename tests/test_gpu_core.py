@@ -1,0 +1,201 @@
+"""The GPU-first training core: batches made on the device, persistent LoFT workers, the one
+SGD step, non-finite losses, device selection and (on CUDA) deterministic resume."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import DATA, TINY, run_cli, stage
+from common.config import load_config
+from common.data import Stream, _gen, load_cifar10, normalize
+from common.dist import Comm, DistEnv, setup_distributed
+from common.errors import UserError
+from common.loft import SlicePlan, aggregate, draw_partition, extract, worker_arch
+from common.models import build_model
+from common.pretrain import Loft
+from common.train import SGDStep, lr_at, make_sgd
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def cifar():
+    return load_cifar10(DATA, train=True, download=False).subset(torch.arange(1000))
+
+
+def reference_batch(data, batch, seed, stream_id, t):
+    """Step t's batch computed image by image on the CPU, from the documented recipe: the pass's
+    permutation, then per image a crop of the 4-pixel zero-padded image and a flip."""
+    steps = len(data) // batch
+    p, i = divmod(t, steps)
+    idx = torch.randperm(len(data), generator=_gen(seed, stream_id, p))[i * batch:(i + 1) * batch]
+    gen = _gen(seed, stream_id, t, 1)
+    dy = torch.randint(0, 9, (batch,), generator=gen)
+    dx = torch.randint(0, 9, (batch,), generator=gen)
+    flip = torch.rand(batch, generator=gen) < 0.5
+    out = []
+    for n, j in enumerate(idx.tolist()):
+        img = F.pad(data.images[j], (4, 4, 4, 4))[:, dy[n]:dy[n] + 32, dx[n]:dx[n] + 32]
+        out.append(img.flip(2) if flip[n] else img)
+    return normalize(torch.stack(out), data.mean, data.std), data.labels[idx]
+
+
+def test_stream_batch_is_the_documented_augmentation(cifar):
+    s = Stream(cifar, 50, 3, 1)
+    for t in (0, 7, 19, 20, 45):  # across pass boundaries (20 steps a pass)
+        x, y = s.batch(t)
+        ex, ey = reference_batch(cifar, 50, 3, 1, t)
+        assert torch.equal(x, ex) and torch.equal(y, ey), t
+
+
+@cuda
+def test_a_batch_drawn_on_cuda_equals_the_cpu_batch_bit_for_bit(cifar):
+    cpu, gpu = Stream(cifar, 50, 3, 1), Stream(cifar.to("cuda"), 50, 3, 1)
+    for t in (0, 7, 21):
+        (xc, yc), (xg, yg) = cpu.batch(t), gpu.batch(t)
+        assert xg.device.type == "cuda"
+        assert torch.equal(xc, xg.cpu()) and torch.equal(yc, yg.cpu())
+
+
+def rebuild_round(state, cfg, arch, blocks, train_set, r, momentum=None):
+    """The previous implementation of a round: a new subnetwork module and optimizer per worker
+    and round, loaded by load_state_dict, trained by a plain loop; then the real aggregate."""
+    pc = cfg.pretrain
+    plan, part = SlicePlan.of(blocks, state), draw_partition(blocks, pc.workers, cfg.seed, r)
+    total = pc.epochs * (len(train_set) // pc.batch_size)
+    comm, results, moms = Comm(DistEnv()), {}, {}
+    for w in range(pc.workers):
+        sub = build_model(worker_arch(arch, part, w))
+        sub.load_state_dict(extract(state, plan, part, w))
+        opt = make_sgd(sub, pc.lr, pc.momentum, pc.weight_decay)
+        named = dict(sub.named_parameters())
+        if momentum is not None:
+            mom = extract(momentum, plan, part, w)
+            for k, p in named.items():
+                opt.state[p]["momentum_buffer"] = mom[k].clone()
+        stream = Stream(train_set, pc.batch_size, cfg.seed, w)
+        sub.train()
+        for t in range(r * pc.local_iters, (r + 1) * pc.local_iters):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(t, total, pc.lr, pc.schedule)
+            x, y = stream.batch(t)
+            loss = F.cross_entropy(sub(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        results[w] = sub.state_dict()
+        if momentum is not None:
+            moms[w] = {k: opt.state[p]["momentum_buffer"] for k, p in named.items()}
+    new = aggregate(state, plan, part, results, comm, pc.workers)
+    if momentum is not None:
+        momentum = aggregate(momentum, plan, part, moms, comm, pc.workers)
+    return new, momentum, comm.bytes_sent
+
+
+@pytest.mark.parametrize("carry_momentum", [False, True])
+def test_persistent_workers_give_the_rebuild_paths_weights_and_bytes(cifar, carry_momentum, tmp_path):
+    import yaml
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "pretrain": {**TINY["pretrain"], "workers": 4,
+                                                          "carry_momentum": carry_momentum}}))
+    cfg = load_config(path)
+    arch = {"name": "preresnet18", "num_classes": 10, "width": 0.125}
+    torch.manual_seed(0)
+    init = build_model(arch).state_dict()
+    comm = Comm(DistEnv())
+    loft = Loft(cfg, arch, init, cifar, DistEnv(), comm)
+    state, momentum, ref_bytes = dict(init), loft.momentum, 0
+    for r in range(3):  # several rounds: the persistent modules are reused with new partitions
+        loft.run_round(r)
+        state, momentum, b = rebuild_round(state, cfg, arch, loft.blocks, cifar, r, momentum)
+        ref_bytes += b
+    for k in state:
+        torch.testing.assert_close(loft.state[k], state[k], rtol=0, atol=1e-6, msg=k)
+    if carry_momentum:
+        for k in momentum:
+            torch.testing.assert_close(loft.momentum[k], momentum[k], rtol=0, atol=1e-6, msg=k)
+    assert comm.bytes_sent == ref_bytes > 0
+
+
+def test_a_nan_loss_stops_with_one_line_naming_the_round(tiny_config, tmp_path):
+    cfg = tiny_config(pretrain={"epochs": 2, "lr": 9.0, "weight_decay": 0.9})
+    r = run_cli(["01_pretrain_loft.py", "--config", str(cfg), "--run-dir", str(tmp_path / "r")])
+    errors = [line for line in re.split(r"[\r\n]", r.stderr) if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr
+    assert re.search(r"non-finite loss at round \d+ \(steps \d+-\d+\)", errors[0]), errors[0]
+
+
+def test_channels_last_step_equals_the_default_layout(cifar):
+    cfg = load_config(None, ["pretrain.lr=0.05"])
+    x, y = Stream(cifar, 32, 0, 0).batch(0)
+    torch.manual_seed(0)
+    a = build_model({"name": "preresnet18", "num_classes": 10, "width": 0.125})
+    b = build_model({"name": "preresnet18", "num_classes": 10, "width": 0.125})
+    b.load_state_dict(a.state_dict())
+    cfg_cl = load_config(None, ["pretrain.lr=0.05", "pretrain.channels_last=true"])
+    step_a, step_b = SGDStep(a, cfg.pretrain, "cpu", 10), SGDStep(b, cfg_cl.pretrain, "cpu", 10)
+    la, lb = step_a(0, [(x, y)]), step_b(0, [(x, y)])  # one update: only summation order differs
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
+    assert b.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def fake_gpus(monkeypatch, count):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_more_ranks_than_gpus_is_one_line_naming_the_counts_and_the_ways_out(monkeypatch, tiny_config, tmp_path,
+                                                                             capsys):
+    fake_gpus(monkeypatch, 1)
+    with pytest.raises(UserError, match=r"2 ranks on this host but 1 CUDA GPU") as e:
+        setup_distributed(device="auto")
+    assert "plain `python`" in str(e.value) and "dist.device=cpu" in str(e.value)
+    from common.cli import run_stage
+    run = tmp_path / "r"
+    with pytest.raises(SystemExit) as code:
+        run_stage(stage("01_pretrain_loft").main, ["--config", str(tiny_config()), "--run-dir", str(run)])
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and err.count("\n") == 1 and err.startswith("error: 2 ranks on this host")
+    assert not run.exists()  # refused before anything was written
+
+
+def test_device_cpu_is_chosen_even_with_gpus_visible(monkeypatch):
+    fake_gpus(monkeypatch, 1)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    from common.dist import pick_device
+    assert pick_device("cpu", 1, 2) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="dist.device=cuda: no CUDA GPU"):
+        pick_device("cuda", 0, 1)
+
+
+@cuda
+def test_on_cuda_with_deterministic_kernels_resumed_equals_uninterrupted(tiny_config, tmp_path, monkeypatch):
+    pretrain = stage("01_pretrain_loft")
+    cfg = tiny_config(pretrain={"epochs": 3, "bf16": True, "channels_last": True},
+                      dist={"device": "cuda", "deterministic": True})
+    for name in ("a", "b"):
+        pretrain.main(["--config", str(cfg), "--run-dir", str(tmp_path / name)])
+    import common.pretrain as P
+    real = P.Loft.train_epoch
+
+    def dies_in_epoch_3(self, epoch):
+        if epoch == 3:
+            self.run_round(self.round)
+            raise KeyboardInterrupt
+        return real(self, epoch)
+
+    monkeypatch.setattr(P.Loft, "train_epoch", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(["--config", str(cfg), "--run-dir", str(tmp_path / "c")])
+    monkeypatch.setattr(P.Loft, "train_epoch", real)
+    pretrain.main(["--config", str(cfg), "--run-dir", str(tmp_path / "c"), "--resume"])
+    final = [torch.load(tmp_path / n / "pretrain/epoch_003.pt", weights_only=True)["model"] for n in "abc"]
+    for k in final[0]:
+        assert torch.equal(final[0][k], final[1][k]), f"two runs differ at {k}"
+        assert torch.equal(final[0][k], final[2][k]), f"resumed differs at {k}"
