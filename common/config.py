@@ -64,6 +64,7 @@ class PretrainCfg:
     stop_on_emergence: bool = opt(False)    # stop once the ticket has emerged (distance.emergence_* rule)
     bf16: bool = opt(False)                 # bf16 autocast of forward/backward on CUDA (ignored on CPU); weights stay fp32
     channels_last: bool = opt(False)        # NHWC memory format for models and batches (faster convolutions on CUDA)
+    fused_workers: bool = opt(False)        # loft/localsgd: a device's workers train as one grouped module (common/fused.py); fast on GPUs
 
 
 @dataclass
@@ -184,6 +185,9 @@ def cross_check(cfg: Config):
     """Constraints between keys."""
     if cfg.pretrain.method == "loft" and cfg.pretrain.workers < 2:
         raise UserError("config key pretrain.workers: LoFT needs at least 2 workers")
+    if cfg.pretrain.fused_workers and cfg.pretrain.grad_clip > 0:
+        raise UserError("config key pretrain.fused_workers: not with pretrain.grad_clip > 0 (one norm would "
+                        "clip all fused workers together)")
 
 
 def parse_set(items: list[str]) -> dict:

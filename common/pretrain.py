@@ -27,6 +27,7 @@ from common.costs import epoch_end_round, flops_per_sample, pipeline_cuts
 from common.data import Stream, input_shape
 from common.dist import Comm, DistEnv, workers_of_rank
 from common.errors import UserError
+from common.fused import fuse, fused_criterion, worker_views
 from common.loft import SlicePlan, aggregate, draw_partition, extract, partition_to, worker_arch
 from common.models import build_model, partitioned_blocks
 from common.train import SGDStep, check_finite, lr_at, make_sgd
@@ -74,6 +75,72 @@ class Worker:
         return torch.stack([self.sgd(t, [self.stream.batch(t)]) for t in steps]).sum()
 
 
+class FusedWorkers:
+    """This rank's LoFT / Local SGD workers as one fused module (common.fused): one forward,
+    backward and update per step for all of them. Same interface as a dict of `Worker`s."""
+
+    def __init__(self, arch_of: dict[int, dict], tcfg, device, total_steps: int, streams: dict[int, Stream]):
+        self.ids = sorted(arch_of)
+        sub = build_model(arch_of[self.ids[0]])
+        n = len(self.ids)
+        self.sgd = SGDStep(fuse(sub, n), tcfg, device, total_steps, loss_fn=fused_criterion(n))
+        self.streams = streams
+        shapes = {k: v.shape for k, v in sub.state_dict().items()}
+        self.views = dict(zip(self.ids, worker_views(self.sgd.model.state_dict(), shapes, n)))
+
+    @property
+    def module_states(self) -> dict[int, dict]:
+        return self.views
+
+    @torch.no_grad()
+    def load(self, state: dict, plan: SlicePlan, part: dict, momentum: dict | None):
+        for w in self.ids:
+            extract(state, plan, part, w, out=self.views[w])
+        fused_momentum = None
+        if momentum is not None:  # each worker's momentum slices, placed like its weights
+            fused_momentum = {k: torch.empty_like(p) for k, p in self.sgd.model.named_parameters()}
+            for w, views in zip(self.ids, self._views(fused_momentum)):
+                extract(momentum, plan, part, w, out=views)
+        self.sgd.reset_optimizer(fused_momentum)
+
+    def _views(self, fused: dict) -> list[dict]:
+        return worker_views(fused, {k: self.views[self.ids[0]][k].shape for k in fused}, len(self.ids))
+
+    def train(self, steps: range) -> torch.Tensor:
+        """K fused steps; the sum of all workers' losses over them."""
+        self.sgd.model.train()
+        losses = []
+        for t in steps:
+            xs, ys = zip(*(self.streams[w].batch(t) for w in self.ids))
+            losses.append(self.sgd(t, [(torch.cat(xs, 1), torch.stack(ys, 1))]))
+        return torch.stack(losses).sum()
+
+    def momenta(self, fallback: dict[int, dict]) -> dict[int, dict]:
+        # every fused parameter holds a buffer: `load` set them all (`fallback` is never needed)
+        return dict(zip(self.ids, self._views(self.sgd.momentum(fallback={}))))
+
+
+class SequentialWorkers:
+    """This rank's workers one after another, each a persistent `Worker`."""
+
+    def __init__(self, arch_of: dict[int, dict], tcfg, device, total_steps: int, streams: dict[int, Stream]):
+        self.workers = {w: Worker(a, tcfg, device, total_steps, streams[w]) for w, a in arch_of.items()}
+
+    @property
+    def module_states(self) -> dict[int, dict]:
+        return {w: worker.module_state for w, worker in self.workers.items()}
+
+    def load(self, state: dict, plan: SlicePlan, part: dict, momentum: dict | None):
+        for w, worker in self.workers.items():
+            worker.load(state, plan, part, w, momentum)
+
+    def train(self, steps: range) -> torch.Tensor:
+        return torch.stack([worker.train(steps) for worker in self.workers.values()]).sum()
+
+    def momenta(self, fallback: dict[int, dict]) -> dict[int, dict]:
+        return {w: worker.sgd.momentum(fallback[w]) for w, worker in self.workers.items()}
+
+
 class Loft:
     def __init__(self, cfg, arch: dict, init_state: dict, train_set, env: DistEnv, comm: Comm):
         self.cfg, self.arch, self.env, self.comm = cfg, arch, env, comm
@@ -96,9 +163,12 @@ class Loft:
         self.train_flops_per_step = pc.batch_size * sum(
             flops_per_sample(build_model(worker_arch(arch, part, w)), input_shape(cfg.data.dataset), backward=True)
             for w in range(self.S))
-        self.workers = {w: Worker(worker_arch(arch, part, w), pc, env.device, self.total_steps,
-                                  Stream(train_set, pc.batch_size, cfg.seed, w, device=env.device))
-                        for w in self.my_workers}
+        streams = {w: Stream(train_set, pc.batch_size, cfg.seed, w, device=env.device) for w in self.my_workers}
+        arch_of = {w: worker_arch(arch, part, w) for w in self.my_workers}
+        if pc.fused_workers:
+            self.check_fusable(part)
+        self.workers = (FusedWorkers if pc.fused_workers else SequentialWorkers)(
+            arch_of, pc, env.device, self.total_steps, streams)
 
     def split_blocks(self, model):
         blocks = partitioned_blocks(model, self.cfg.pretrain.partition_stage1)
@@ -109,31 +179,35 @@ class Loft:
             raise UserError(f"pretrain.workers={self.S} exceeds the narrowest partitioned block ({narrowest} channels)")
         return blocks
 
+    def check_fusable(self, part: dict):
+        """Fused workers need equal shapes: S must divide every partitioned block's width."""
+        for name, sets in part.items():
+            if len({len(s) for s in sets}) > 1:
+                mid = sum(len(s) for s in sets)
+                raise UserError(f"pretrain.fused_workers: block {name} has {mid} channels, not divisible by "
+                                f"pretrain.workers={self.S} (the fused workers need equal widths)")
+
     def run_round(self, r: int) -> torch.Tensor:
         """Partition, train this rank's workers for K steps each, aggregate. Returns the losses'
         sum over this rank's workers and steps (a device scalar)."""
         part = partition_to(draw_partition(self.blocks, self.S, self.cfg.seed, r), self.env.device)
         steps = range(r * self.K, (r + 1) * self.K)
-        losses = []
-        for w, worker in self.workers.items():
-            worker.load(self.state, self.plan, part, w, self.momentum)
-            losses.append(worker.train(steps))
-        results = {w: worker.module_state for w, worker in self.workers.items()}
-        new_state = aggregate(self.state, self.plan, part, results, self.comm, self.S)
+        self.workers.load(self.state, self.plan, part, self.momentum)
+        loss = self.workers.train(steps)
+        new_state = aggregate(self.state, self.plan, part, self.workers.module_states, self.comm, self.S)
         if self.momentum is not None:
-            moms = {w: worker.sgd.momentum(fallback=extract(self.momentum, self.plan, part, w))
-                    for w, worker in self.workers.items()}
+            moms = self.workers.momenta({w: extract(self.momentum, self.plan, part, w) for w in self.my_workers})
             self.momentum = aggregate(self.momentum, self.plan, part, moms, self.comm, self.S)
-        check_finite(torch.stack(losses), f"round {r} (steps {steps.start}-{steps.stop - 1})",
+        check_finite(loss, f"round {r} (steps {steps.start}-{steps.stop - 1})",
                      self.comm if self.env.distributed else None)
         self.state, self.round = new_state, r + 1
-        return torch.stack(losses).sum()
+        return loss
 
     def train_epoch(self, epoch: int) -> float:
         first, last = self.round, epoch_end_round(epoch, self.steps_per_epoch, self.K)
         losses = [self.run_round(r) for r in _progress(range(first, last), epoch, self.env, "rounds")]
         total = torch.stack(losses).sum().double().cpu() if losses else torch.zeros((), dtype=torch.float64)
-        count = float(len(losses) * self.K * len(self.workers))
+        count = float(len(losses) * self.K * len(self.my_workers))
         loss = self.comm.sum_metric(torch.stack([total, torch.tensor(count, dtype=torch.float64)]))
         return float(loss[0] / loss[1]) if loss[1] else float("nan")
 

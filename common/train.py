@@ -50,10 +50,11 @@ class SGDStep:
     `tcfg` is a training section (cfg.pretrain or cfg.finetune): lr, momentum, weight_decay,
     schedule, grad_clip, bf16, channels_last. `grad_hook(model)` edits the summed gradients
     before the update (masks, locked weights); it then owns weight decay, so the optimizer gets
-    none. bf16 autocast applies on CUDA only (on the CPU it is ignored)."""
+    none. bf16 autocast applies on CUDA only (on the CPU it is ignored). `loss_fn` is `criterion`
+    except for fused workers (common.fused), whose loss sums the workers' losses."""
 
-    def __init__(self, model: nn.Module, tcfg, device, total_steps: int, grad_hook=None):
-        self.tc, self.total_steps, self.grad_hook = tcfg, total_steps, grad_hook
+    def __init__(self, model: nn.Module, tcfg, device, total_steps: int, grad_hook=None, loss_fn=criterion):
+        self.tc, self.total_steps, self.grad_hook, self.loss_fn = tcfg, total_steps, grad_hook, loss_fn
         device = torch.device(device)
         self.channels_last = bool(getattr(tcfg, "channels_last", False))
         self.model = model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
@@ -67,7 +68,7 @@ class SGDStep:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            return criterion(module(x), y)
+            return self.loss_fn(module(x), y)
 
     def __call__(self, t: int, chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Update for global step t; returns the batch's mean loss (a detached device scalar)."""

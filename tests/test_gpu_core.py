@@ -199,3 +199,98 @@ def test_on_cuda_with_deterministic_kernels_resumed_equals_uninterrupted(tiny_co
     for k in final[0]:
         assert torch.equal(final[0][k], final[1][k]), f"two runs differ at {k}"
         assert torch.equal(final[0][k], final[2][k]), f"resumed differs at {k}"
+
+
+@pytest.fixture
+def native_conv():
+    """oneDNN's grouped kernels sum in another order than its plain ones (~1e-6 a step); PyTorch's
+    native CPU kernels run a grouped convolution group by group, so the comparison sees the fused
+    logic, not kernel choice."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        yield
+
+
+@pytest.mark.parametrize("method,S,carry", [("loft", 2, False), ("loft", 4, True), ("localsgd", 2, False)])
+def test_a_fused_round_equals_the_sequential_round(cifar, tmp_path, method, S, carry, native_conv):
+    """Each worker's trained tensors, the aggregated global state and the bytes, fused vs in turn.
+    One round of one local step: the grouped kernels sum in another order (~1e-7), and at this
+    tiny width and lr 0.05 that difference grows ~10x per step (ReLU kinks, BN), so longer rounds
+    are compared step by step in the next test."""
+    import yaml
+    arch = {"name": "preresnet18", "num_classes": 10, "width": 0.125}
+    torch.manual_seed(0)
+    init = build_model(arch).state_dict()
+    states, results, sent = {}, {}, {}
+    for fused in (False, True):
+        path = tmp_path / f"{fused}.yaml"
+        path.write_text(yaml.safe_dump({**TINY, "pretrain": {**TINY["pretrain"], "method": method, "workers": S,
+                                                              "carry_momentum": carry, "fused_workers": fused,
+                                                              "local_iters": 1}}))
+        cfg = load_config(path)
+        comm = Comm(DistEnv())
+        loft = stage("01_pretrain_loft") and __import__("common.pretrain", fromlist=["METHODS"]).METHODS[method](
+            cfg, arch, init, cifar, DistEnv(), comm)
+        loft.run_round(0)
+        results[fused] = {w: {k: v.clone() for k, v in st.items()} for w, st in loft.workers.module_states.items()}
+        states[fused], sent[fused] = (loft.state, loft.momentum), comm.bytes_sent
+    for w in results[False]:
+        for k, v in results[False][w].items():
+            assert (results[True][w][k].double() - v.double()).abs().max() <= 1e-5, (w, k, (results[True][w][k].double() - v.double()).abs().max())
+    for seq, fus in zip(*(states[f] for f in (False, True))):
+        for k in (seq or {}):
+            assert (fus[k].double() - seq[k].double()).abs().max() <= 1e-5, (k, (fus[k].double() - seq[k].double()).abs().max())
+    assert sent[True] == sent[False] > 0
+
+
+def test_fused_steps_equal_sequential_steps_from_equal_weights(cifar, tmp_path, native_conv):
+    """Within a K-step round: re-synchronise the weights and momentum before every step; each
+    fused step then gives every worker the weights its own step gives (1e-6)."""
+    import yaml
+    arch = {"name": "preresnet18", "num_classes": 10, "width": 0.125}
+    torch.manual_seed(0)
+    init = build_model(arch).state_dict()
+    sides = {}
+    for fused in (False, True):
+        path = tmp_path / f"{fused}.yaml"
+        path.write_text(yaml.safe_dump({**TINY, "pretrain": {**TINY["pretrain"], "workers": 2, "fused_workers": fused}}))
+        sides[fused] = Loft(load_config(path), arch, init, cifar, DistEnv(), Comm(DistEnv()))
+    from common.loft import partition_to
+    seq, fus = sides[False].workers, sides[True].workers
+    part = partition_to(draw_partition(sides[False].blocks, 2, 0, 0), "cpu")
+    for side in sides.values():
+        side.workers.load(side.state, side.plan, part, None)
+    for t in range(4):
+        with torch.no_grad():
+            for w, worker in seq.workers.items():
+                for k, v in worker.module_state.items():
+                    fus.views[w][k].copy_(v)
+            if t:
+                named = {w: dict(worker.sgd.model.named_parameters()) for w, worker in seq.workers.items()}
+                for name, p in fus.sgd.model.named_parameters():
+                    buf = torch.empty_like(p)
+                    for w, views in zip(fus.ids, fus._views({name: buf})):
+                        views[name].copy_(seq.workers[w].sgd.opt.state[named[w][name]]["momentum_buffer"])
+                    fus.sgd.opt.state[p]["momentum_buffer"] = buf
+        torch.testing.assert_close(fus.train(range(t, t + 1)), seq.train(range(t, t + 1)), rtol=1e-6, atol=1e-5)
+        for w, worker in seq.workers.items():
+            for k, v in worker.module_state.items():
+                torch.testing.assert_close(fus.views[w][k], v, rtol=0, atol=1e-6, msg=f"step {t} worker {w} {k}")
+
+
+def test_fused_workers_after_an_epoch_match_and_refuse_uneven_widths(tiny_config, tmp_path, native_conv):
+    """A whole epoch (4 rounds of 5 steps) at a small lr, where float noise grows little: weights
+    within 1e-4 relative to (1 + their size); the BN statistics that recalibration re-estimates
+    from those weights within 1e-3."""
+    pretrain = stage("01_pretrain_loft")
+    for fused in (False, True):
+        cfg = tiny_config(name=f"f{fused}", pretrain={"epochs": 1, "fused_workers": fused, "lr": 0.002})
+        pretrain.main(["--config", str(cfg), "--run-dir", str(tmp_path / str(fused))])
+    a, b = (torch.load(tmp_path / str(f) / "pretrain/epoch_001.pt", weights_only=True)["model"] for f in (False, True))
+    rel = {k: ((b[k].double() - a[k].double()).abs() / (1 + a[k].double().abs())).max().item() for k in a}
+    params = {k for k in a if "running" not in k and "num_batches" not in k}
+    assert max(rel[k] for k in params) <= 1e-4, max((rel[k], k) for k in params)
+    assert max(rel.values()) <= 1e-3, max((v, k) for k, v in rel.items())  # BN statistics, re-estimated from them
+    cfg = tiny_config(name="odd", pretrain={"epochs": 1, "fused_workers": True, "workers": 3})
+    with pytest.raises(UserError, match=r"fused_workers: block layer2.1 has 16 channels, not divisible by"):
+        pretrain.main(["--config", str(cfg), "--run-dir", str(tmp_path / "odd")])
+    assert not (tmp_path / "odd/pretrain/epoch_000.pt").exists()
