@@ -29,6 +29,7 @@ from common.dist import Comm, DistEnv, workers_of_rank
 from common.errors import UserError
 from common.loft import SlicePlan, aggregate, draw_partition, extract, worker_arch
 from common.models import build_model, partitioned_blocks
+from common.schedule import schedule_of
 from common.train import lr_at, make_sgd, train_steps, NonFiniteLoss
 
 RECAL_STREAM = 9_000_001  # data stream id of the fixed BN-recalibration batches
@@ -56,6 +57,7 @@ class Loft:
         if self.K > self.steps_per_epoch:
             raise UserError(f"pretrain.local_iters={self.K} exceeds the {self.steps_per_epoch} steps of an epoch")
         self.total_steps = pc.epochs * self.steps_per_epoch
+        self.schedule = schedule_of(pc, self.steps_per_epoch, pc.local_iters)
         self.state = {k: v.clone() for k, v in init_state.items()}
         self.plan = SlicePlan.of(self.blocks, self.state)
         self.momentum = ({k: torch.zeros_like(v) for k, v in model.named_parameters()}
@@ -84,7 +86,7 @@ class Loft:
             sub = build_model(worker_arch(self.arch, part, w))
             sub.load_state_dict(extract(self.state, self.plan, part, w))
             mom = extract(self.momentum, self.plan, part, w) if self.momentum is not None else None
-            loss, moms[w] = train_steps(sub, self.streams[w], steps, self.total_steps, self.cfg.pretrain,
+            loss, moms[w] = train_steps(sub, self.streams[w], steps, self.schedule, self.cfg.pretrain,
                                         self.env.device, mom, where=f"round {r} worker {w}")
             results[w] = {k: v.detach().cpu() for k, v in sub.state_dict().items()}
             losses.append(loss)
@@ -148,7 +150,7 @@ class Dense:
     it then owns weight decay, so the optimizer gets none), bf16 autocast on CUDA if asked."""
 
     def __init__(self, cfg, arch, init_state, train_set, env: DistEnv, comm: Comm, default_micro: int | None = None,
-                 tcfg=None, stream_id: int = 0, grad_hook=None):
+                 tcfg=None, stream_id: int = 0, grad_hook=None, schedule=None):
         tc = self.tc = tcfg or cfg.pretrain
         self.cfg, self.env, self.comm, self.grad_hook = cfg, env, comm, grad_hook
         self.micro = getattr(tc, "micro_batches", 0) or default_micro or env.world
@@ -167,13 +169,15 @@ class Dense:
                 "train_batch_size": tc.batch_size, "train_micro_batch_size_per_gpu": tc.batch_size // self.micro,
                 "gradient_accumulation_steps": self.micro // env.world, "gradient_clipping": tc.grad_clip,
                 "steps_per_print": 10**9})
-        self._init_schedule(cfg, tc, arch, train_set, stream_id)
+        self._init_schedule(cfg, tc, arch, train_set, stream_id, schedule)
 
-    def _init_schedule(self, cfg, tc, arch, train_set, stream_id: int):
-        """The batch stream, step counters and training FLOPs of a full-model trainer."""
+    def _init_schedule(self, cfg, tc, arch, train_set, stream_id: int, schedule=None):
+        """The batch stream, step counters, lr schedule (the section's own unless given) and
+        training FLOPs of a full-model trainer."""
         self.stream = Stream(train_set, tc.batch_size, cfg.seed, stream_id)
         self.steps_per_epoch = len(train_set) // tc.batch_size
         self.total_steps = tc.epochs * self.steps_per_epoch
+        self.schedule = schedule or schedule_of(tc, self.steps_per_epoch, getattr(tc, "local_iters", None))
         self.step = 0
         self.train_flops_per_step = tc.batch_size * flops_per_sample(build_model(arch), input_shape(cfg.data.dataset),
                                                                      backward=True)
@@ -191,7 +195,7 @@ class Dense:
     def train_step(self, t: int) -> float:
         tc = self.tc
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(t, self.total_steps, tc.lr, tc.schedule)
+            g["lr"] = lr_at(t, self.schedule)
         losses = []
         if self.engine is None:
             self.opt.zero_grad(set_to_none=True)
@@ -327,7 +331,7 @@ class GPipe(Dense):
         if not self.env.distributed:
             return super().train_step(t)
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(t, self.total_steps, self.tc.lr, self.tc.schedule)
+            g["lr"] = lr_at(t, self.schedule)
         x, y = self.stream.batch(t)
         loss = self.pipe_engine.train_batch(data_iter=iter(list(zip(x.chunk(self.micro), y.chunk(self.micro)))))
         if not torch.isfinite(loss):

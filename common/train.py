@@ -1,30 +1,22 @@
 """Training primitives shared by every stage: lr schedule, SGD steps, evaluation, BN recalibration."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from common.data import Stream, eval_batches
 from common.errors import UserError
+from common.schedule import Schedule
 
 
 class NonFiniteLoss(UserError):
     pass
 
 
-def lr_at(step: int, total_steps: int, base_lr: float, schedule: str) -> float:
-    """Learning rate for global step `step` of `total_steps`."""
-    if schedule == "constant":
-        return base_lr
-    if schedule == "step":  # ÷10 at 50 % and 75 % of training
-        frac = step / max(1, total_steps)
-        return base_lr * (0.1 ** ((frac >= 0.5) + (frac >= 0.75)))
-    if schedule == "cosine":
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, total_steps)))
-    raise ValueError(schedule)
+def lr_at(step: int, schedule: Schedule) -> float:
+    """Learning rate for the trainer's global step `step` (the formulas: common/schedule.py)."""
+    return schedule.lr(step)
 
 
 def make_sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
@@ -47,7 +39,7 @@ def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: t
     return loss.item()
 
 
-def train_steps(model: nn.Module, stream: Stream, steps: range, total_steps: int, tcfg, device,
+def train_steps(model: nn.Module, stream: Stream, steps: range, schedule: Schedule, tcfg, device,
                 momentum_state: dict | None = None, where: str = "") -> tuple[float, dict | None]:
     """SGD on `stream`'s batches `steps` with a fresh optimizer (or given momentum buffers).
 
@@ -62,7 +54,7 @@ def train_steps(model: nn.Module, stream: Stream, steps: range, total_steps: int
     for t in steps:
         x, y = stream.batch(t)
         losses.append(sgd_step(model, opt, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                               lr_at(t, total_steps, tcfg.lr, tcfg.schedule), tcfg.grad_clip,
+                               lr_at(t, schedule), tcfg.grad_clip,
                                where=f"{where} step {t}"))
     new_momentum = None
     if momentum_state is not None:
@@ -91,14 +83,20 @@ def recalibrate_bn(model: nn.Module, stream: Stream, num_batches: int, device) -
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, batch_size: int, device) -> tuple[float, float]:
-    """(top-1 accuracy in %, mean loss) on an ImageSet."""
+def correct_per_sample(model: nn.Module, data, batch_size: int, device) -> tuple[torch.Tensor, float]:
+    """(bool per image of `data`, in its order: top-1 right; mean loss) on an ImageSet."""
     model.to(device).eval()
-    correct, loss, n = 0, 0.0, 0
+    correct, loss, n = [], 0.0, 0
     for x, y in eval_batches(data, batch_size):
         x, y = x.to(device), y.to(device)
         out = model(x)
         loss += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
+        correct.append((out.argmax(1) == y).cpu())
         n += len(y)
-    return 100.0 * correct / max(1, n), loss / max(1, n)
+    return (torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)), loss / max(1, n)
+
+
+def evaluate(model: nn.Module, data, batch_size: int, device) -> tuple[float, float]:
+    """(top-1 accuracy in %, mean loss) on an ImageSet."""
+    correct, loss = correct_per_sample(model, data, batch_size, device)
+    return 100.0 * int(correct.sum()) / max(1, len(correct)), loss
