@@ -22,7 +22,8 @@ from common.distance import EmergenceWatch
 from common.models import build_model, is_partitionable, partitioned_blocks, prunable_blocks
 from common.pretrain import METHODS, recal_stream
 from common.runs import check_resume_config, prepare_stage_dir, save_config, write_csv
-from common.train import evaluate, recalibrate_bn
+from common.evaluation import accuracies, lossless_positions
+from common.train import recalibrate_bn
 
 
 def main(argv=None):
@@ -41,8 +42,9 @@ def main(argv=None):
     env = setup_from_config(cfg.dist)
     try:
         resuming = prepare_stage_dir(out, args.resume, args.force, env.is_main)
-        train_set, test_set = on_device(load_dataset(cfg.data, train=True), env), on_device(
-            load_dataset(cfg.data, train=False), env)
+        train_set, test_set = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
+        lossless = lossless_positions(cfg.data, test_set)
+        train_set, test_set = on_device(train_set, env), on_device(test_set, env)
         torch.manual_seed(cfg.seed)
         init = build_model(arch).state_dict()
         comm = Comm(env, cfg.comm.wire_dtype)
@@ -56,17 +58,21 @@ def main(argv=None):
             start, rows = resume(method, out / "last.pt", cfg, comm, watch)
         elif env.is_main:
             save_config(cfg.to_dict(), out / "config.yaml")
-            save_epoch(init, arch, 0, cfg, train_set, test_set, env, out, train_flops=0)
+            save_epoch(init, arch, 0, cfg, train_set, (test_set, lossless), env, out, train_flops=0)
+        epochs_run = start - 1
         for epoch in range(start, cfg.pretrain.epochs + 1):
             loss = method.train_epoch(epoch)
             state = {k: v.detach().cpu() for k, v in method.global_state().items()}  # a collective for gpipe
             comm_total = int(comm.sum_metric(torch.tensor([comm.bytes_sent], dtype=torch.float64)).item())
             train_flops = method.steps_done * method.train_flops_per_step
             emerged = watch.update(state) if watch else None  # same weights on every rank: same decision
+            epochs_run = epoch
             if env.is_main:
-                acc = save_epoch(state, arch, epoch, cfg, train_set, test_set, env, out, train_flops)
+                accs = save_epoch(state, arch, epoch, cfg, train_set, (test_set, lossless), env, out, train_flops)
+                acc = accs["test_acc"]
                 rows.append({"epoch": epoch, "rounds": getattr(method, "round", ""), "train_loss": round(loss, 5),
-                             "test_acc": round(acc, 3), "comm_bytes": comm_total, "train_flops": train_flops,
+                             **{k: round(v, 3) for k, v in accs.items()}, "comm_bytes": comm_total,
+                             "train_flops": train_flops,
                              **({"emerged_at": "" if emerged is None else emerged} if watch else {})})
                 write_csv(rows, out / "metrics.csv")
                 save_atomic({"model": state, "arch": arch, "epoch": epoch, "method": method.state_dict(),
@@ -79,26 +85,27 @@ def main(argv=None):
                     print(f"ticket emerged at epoch {emerged} (filter-distance rule); stopping after epoch {epoch}")
                 break
         if env.is_main:
-            write_comm_json(cfg, arch, len(train_set), comm_total, out)
+            write_comm_json(cfg, arch, len(train_set), comm_total, out, epochs_run)
     except BaseException:
         teardown(env, clean=False)  # no barrier: a peer may be gone
         raise
     teardown(env)
 
 
-def save_epoch(state, arch, epoch, cfg, train_set, test_set, env, out, train_flops: int) -> float:
-    """BN-recalibrate a copy of the global model, test it, save it. LoFT needs this (statistics
-    from narrow subnetworks don't describe the full net); the other methods get it too, so
-    every method's checkpoints are made alike (and data-parallel ranks agree on them)."""
+def save_epoch(state, arch, epoch, cfg, train_set, test, env, out, train_flops: int) -> dict:
+    """BN-recalibrate a copy of the global model, test it, save it; returns its accuracies.
+    LoFT needs this (statistics from narrow subnetworks don't describe the full net); the other
+    methods get it too, so every method's checkpoints are made alike (and data-parallel ranks
+    agree on them). `test` = (test set, positions of its lossless images or None)."""
     model = build_model(arch).to(env.device)
     model.load_state_dict(state)
     if epoch > 0:
         recalibrate_bn(model, recal_stream(train_set, cfg), cfg.pretrain.bn_recal_batches, env.device)
-    acc, _ = evaluate(model, test_set, cfg.data.eval_batch_size, env.device)
+    accs = accuracies(model, test[0], cfg.data.eval_batch_size, env.device, test[1])
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_atomic({"model": weights, "arch": arch, "epoch": epoch, "test_acc": acc,
+    save_atomic({"model": weights, "arch": arch, "epoch": epoch, **accs,
                  "method": cfg.pretrain.method, "train_flops": train_flops}, out / f"epoch_{epoch:03d}.pt")
-    return acc
+    return accs
 
 
 def resume(method, path, cfg, comm, watch):
@@ -154,13 +161,16 @@ def comm_table(cfg, arch) -> str:
     return "\n".join(lines)
 
 
-def write_comm_json(cfg, arch, n_train, measured_total, out):
+def write_comm_json(cfg, arch, n_train, measured_total, out, epochs_run: int):
+    """Measured and analytic bytes of the epochs that ran (fewer than configured after
+    stop_on_emergence)."""
     pc = cfg.pretrain
     model = build_model(arch)
-    analytic = analytic_bytes(model, loft_blocks(model, cfg), pc.workers, pc.epochs, n_train, pc.batch_size,
+    analytic = analytic_bytes(model, loft_blocks(model, cfg), pc.workers, epochs_run, n_train, pc.batch_size,
                               pc.local_iters, input_shape(cfg.data.dataset))
     report = {
         "method": pc.method, "workers": pc.workers, "wire_dtype": cfg.comm.wire_dtype,
+        "epochs_run": epochs_run, "epochs_configured": pc.epochs,
         "measured_payload_bytes": measured_total,
         "measured_note": "bytes handed to collectives, summed over ranks (one process: over workers); "
                          "a push of each worker's subnetwork per round, so the paper's pull+push count is 2x",

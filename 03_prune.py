@@ -103,7 +103,8 @@ def make_ticket(src: dict, src_path: Path, model, pruned, cfg) -> dict:
         "source": str(src_path), "source_epoch": int(src["epoch"]),
         # a pretraining checkpoint starts the lineage; a fine-tuned ticket passes its origin on
         "pretrain_dir": str(src["pretrain_dir"]) if "pretrain_dir" in src else str(src_path.parent),
-        "train_flops": src.get("train_flops", 0),
+        # the training complexity of the weights the ticket holds, and all the lineage spent so far
+        "train_flops": src.get("train_flops", 0), "lineage_flops": src.get("lineage_flops", src.get("train_flops", 0)),
         "params_before": nonzero_params(model, old_mask), "params_after": nonzero_params(pruned.model, pruned.mask),
         "flops_before": flops_per_sample(model, shape), "flops_after": flops_per_sample(pruned.model, shape),
         "config": cfg.to_dict(),

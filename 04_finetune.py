@@ -17,13 +17,15 @@ from pathlib import Path
 from common.checkpoint import load_checkpoint, save_atomic, write_text_atomic
 from common.cli import run_stage
 from common.config import load_config, run_dir_of, stage_parser
-from common.data import load_dataset, on_device
+from common.data import input_shape, load_dataset, on_device
 from common.dist import Comm, setup_from_config, teardown
-from common.finetune import FINETUNE_STREAM, LockedUpdate, ticket_weights
+from common.costs import train_flops_per_sample
+from common.evaluation import accuracies, lossless_positions
+from common.finetune import FINETUNE_STREAM, LockedUpdate, complexity_base, ticket_schedule, ticket_weights
+from common.models import build_model
 from common.pretrain import Dense
 from common.prune import default_tag
 from common.runs import check_resume_config, prepare_stage_dir, save_config, write_csv
-from common.train import evaluate
 
 
 def main(argv=None):
@@ -43,12 +45,14 @@ def main(argv=None):
     env = setup_from_config(cfg.dist)
     try:
         resuming = prepare_stage_dir(out, args.resume, args.force, env.is_main)
-        train_set, test_set = on_device(load_dataset(cfg.data, train=True), env), on_device(
-            load_dataset(cfg.data, train=False), env)
+        train_set, test_set = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
+        lossless = lossless_positions(cfg.data, test_set)
+        epochs, schedule, schedule_note = ticket_schedule(ticket, fc, len(train_set))
+        train_set, test_set = on_device(train_set, env), on_device(test_set, env)
         hook = LockedUpdate(ticket["mask"], fc.weight_decay) if ticket.get("mask") else None
         comm = Comm(env)
         trainer = Dense(cfg, ticket["arch"], weights, train_set, env, comm, tcfg=fc,
-                        stream_id=FINETUNE_STREAM, grad_hook=hook)
+                        stream_id=FINETUNE_STREAM, grad_hook=hook, schedule=schedule)
         start, rows = 1, []
         if resuming:
             ck = load_checkpoint(out / "last.pt", required=("model", "method", "rows", "config", "epoch"))
@@ -57,14 +61,17 @@ def main(argv=None):
             start, rows = int(ck["epoch"]) + 1, list(ck["rows"])
         elif env.is_main:
             save_config(cfg.to_dict(), out / "config.yaml")
-            print(f"ticket {ticket_path}: {ticket['kind']}, {ticket.get('params_after', '?')} params; mode {fc.mode}")
-        for epoch in range(start, fc.epochs + 1):
+            print(f"ticket {ticket_path}: {ticket['kind']}, {ticket.get('params_after', '?')} params; mode {fc.mode}; "
+                  f"lr: {schedule_note}")
+        for epoch in range(start, epochs + 1):
             loss = trainer.train_epoch(epoch)
             if env.is_main:
-                acc, _ = evaluate(trainer.model, test_set, cfg.data.eval_batch_size, env.device)
-                rows.append({"epoch": epoch, "train_loss": round(loss, 5), "test_acc": round(acc, 3)})
+                accs = accuracies(trainer.model, test_set, cfg.data.eval_batch_size, env.device, lossless)
+                acc = accs["test_acc"]
+                rows.append({"epoch": epoch, "train_loss": round(loss, 5), **{k: round(v, 3) for k, v in accs.items()}})
                 write_csv(rows, out / "metrics.csv")
-                save_atomic({"model": {k: v.cpu() for k, v in trainer.global_state().items()}, "arch": ticket["arch"], "epoch": epoch, "rows": rows,
+                save_atomic({"model": {k: v.cpu() for k, v in trainer.global_state().items()}, "arch": ticket["arch"],
+                             "epoch": epoch, "rows": rows,
                              "method": trainer.state_dict(), "config": cfg.to_dict()}, out / "last.pt")
                 print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%")
             comm.barrier()
@@ -77,23 +84,39 @@ def main(argv=None):
 
 
 def save_result(ticket, ticket_path, trainer, rows, cfg, out):
-    """final.pt (the trained ticket, with its lineage) and result.json."""
-    finetune_flops = trainer.steps_done * trainer.train_flops_per_step
-    train_flops = int(ticket.get("train_flops", 0)) + finetune_flops
+    """final.pt (the trained ticket, with its lineage) and result.json.
+
+    Training complexity (README "Training complexity"): train_flops = base + ticket, base = the
+    training already in the starting weights (P(k) for rewind/rise, the ticket's own complexity
+    for finetune, 0 for scratch), ticket = steps x batch x the masked per-sample cost. Whatever
+    else the lineage spent (pretraining past k, earlier rounds) only found the mask in hindsight:
+    `mask_search_flops`, beside it."""
+    fc = cfg.finetune
+    base = complexity_base(ticket, fc.mode, fc.rewind_epoch)
+    per_sample = train_flops_per_sample(build_model(ticket["arch"]), input_shape(cfg.data.dataset), ticket.get("mask"))
+    ticket_flops = trainer.steps_done * fc.batch_size * per_sample
+    spent_before = int(ticket.get("lineage_flops", ticket.get("train_flops", 0)))
+    train_flops = base + ticket_flops
+    last = rows[-1]
     final = {k: v for k, v in ticket.items() if k not in ("model", "config")}
-    final.update({"model": {k: v.cpu() for k, v in trainer.global_state().items()}, "epoch": cfg.finetune.epochs, "train_flops": train_flops,
-                  "test_acc": rows[-1]["test_acc"], "finetune_mode": cfg.finetune.mode,
-                  "ticket": str(ticket_path), "config": cfg.to_dict()})
+    final.update({"model": {k: v.cpu() for k, v in trainer.global_state().items()}, "epoch": last["epoch"],
+                  "train_flops": train_flops, "lineage_flops": spent_before + ticket_flops,
+                  **{k: last[k] for k in ("test_acc", "test_acc_lossless") if k in last},
+                  "finetune_mode": fc.mode, "ticket": str(ticket_path), "config": cfg.to_dict()})
     save_atomic(final, out / "final.pt")
     result = {
-        "mode": cfg.finetune.mode, "ticket": str(ticket_path), "kind": ticket["kind"], "ratio": ticket.get("ratio"),
-        "best_test_acc": max(r["test_acc"] for r in rows), "final_test_acc": rows[-1]["test_acc"],
+        "mode": fc.mode, "ticket": str(ticket_path), "kind": ticket["kind"], "ratio": ticket.get("ratio"),
+        "best_test_acc": max(r["test_acc"] for r in rows), "final_test_acc": last["test_acc"],
+        **({"best_test_acc_lossless": max(r["test_acc_lossless"] for r in rows),
+            "final_test_acc_lossless": last["test_acc_lossless"]} if "test_acc_lossless" in last else {}),
         "params": ticket.get("params_after"), "flops_per_sample": ticket.get("flops_after"),
         "flops_per_sample_sparse": ticket.get("flops_after_sparse"),
         "train_flops": train_flops,
-        "train_flops_parts": {"before_this_stage": int(ticket.get("train_flops", 0)), "pruning": 0,
-                              "finetune": finetune_flops},
-        "finetune_epochs": cfg.finetune.epochs, "rewind_epoch": cfg.finetune.rewind_epoch,
+        "train_flops_parts": {"before_this_stage": base, "pruning": 0, "finetune": ticket_flops},
+        "train_flops_per_sample": per_sample,
+        "mask_search_flops": spent_before - base,
+        "lineage_flops": spent_before + ticket_flops,
+        "finetune_epochs": last["epoch"], "rewind_epoch": fc.rewind_epoch,
     }
     write_text_atomic(json.dumps(result, indent=1), out / "result.json")
     print(json.dumps(result, indent=1))

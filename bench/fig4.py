@@ -26,7 +26,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     runs = Path(args.runs or REPO / ("runs/bench_table1_smoke" if args.smoke else "runs/bench_table1")) / f"seed{args.seed}"
     sets = {**(SMOKE if args.smoke else {}), "seed": args.seed}
-    methods = [m for m in METHODS if not m.endswith("bf16")]
+    methods = [m for m in METHODS if not m.endswith("bf16") and not m.startswith("gpipe")]
     for m in methods:
         others = [str(runs / o) for o in methods if o != m] if m == "loft-4" else []
         run_stage("02_filter_distance", args.config, runs / m, {**sets, **METHODS[m]},

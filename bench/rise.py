@@ -6,8 +6,10 @@ their epoch-k values), keep R = 10 % and 50 %, accuracy vs training FLOPs.
 
 Per seed: 01 (dense pretraining, the epoch-k checkpoint is the rewind point) → 03 (global
 magnitude mask from the final epoch) → 04 with finetune.mode=rewind (I-LOT) and =rise, for each R.
-Writes OUT/rise.md (final accuracy mean ± std, training FLOPs) and OUT/rise.png (test accuracy
-after each ticket-training epoch against the cumulative training FLOPs of the whole lineage).
+Writes OUT/rise.md (final accuracy mean ± std, also on the lossless test images; training complexity
+as the RISE paper plots it: pretraining to the rewind epoch k + the ticket's training with a
+backward over the winners only; beside it, the pretraining after k that only found the mask) and
+OUT/rise.png (test accuracy after each ticket-training epoch against that training complexity).
 """
 from __future__ import annotations
 
@@ -46,18 +48,23 @@ def main(argv=None):
                                                                 "prune.ratio": round(1 - keep, 6),
                                                                 "finetune.mode": mode}, tag)
                 rows.append({"seed": seed, "keep": keep, "mode": mode, "acc": res["final_test_acc"],
-                             "train_flops": res["train_flops"]})
+                             "acc_lossless": res.get("final_test_acc_lossless"),
+                             "train_flops": res["train_flops"], "mask_search_flops": res["mask_search_flops"]})
                 curves.setdefault((keep, mode), []).append(curve(run_dir / f"finetune_{tag}_{mode}", res))
     lines = [f"Config {Path(args.config).name}{' (smoke sizes)' if args.smoke else ''}: {cfg.model.arch}, rewind "
              f"epoch k = {cfg.finetune.rewind_epoch}, seeds {seeds}; {machine()}.", "",
-             "| keep R | I-LOT acc. (%) | RISE acc. (%) | RISE − I-LOT (pt) | training FLOPs of the lineage |",
-             "|---:|---:|---:|---:|---:|"]
+             "| keep R | I-LOT acc. (%) | RISE acc. (%) | RISE − I-LOT (pt) | lossless: I-LOT / RISE (%) "
+             "| training complexity | mask search (beside) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for keep in KEEP:
-        acc = {m: [r["acc"] for r in rows if r["keep"] == keep and r["mode"] == m] for m in MODES}
+        pick = lambda m, k="acc": [r[k] for r in rows if r["keep"] == keep and r["mode"] == m]  # noqa: E731
+        acc = {m: pick(m) for m in MODES}
         diff = sum(acc["rise"]) / len(acc["rise"]) - sum(acc["rewind"]) / len(acc["rewind"])
-        flops = next(r["train_flops"] for r in rows if r["keep"] == keep)
+        lossless = " / ".join(mean_std(pick(m, "acc_lossless")) if None not in pick(m, "acc_lossless") else "—"
+                              for m in MODES)
+        first = next(r for r in rows if r["keep"] == keep)
         lines.append(f"| {int(keep * 100)} % | {mean_std(acc['rewind'])} | {mean_std(acc['rise'])} | {diff:+.2f} | "
-                     f"{flops / 1e12:.2f} TFLOP |")
+                     f"{lossless} | {first['train_flops'] / 1e12:.3f} TFLOP | {first['mask_search_flops'] / 1e12:.3f} TFLOP |")
     (out / "rise.md").write_text("\n".join(lines) + "\n")
     (out / "rise.json").write_text(json.dumps(rows, indent=1))
     plot(curves, out / "rise.png")
@@ -73,7 +80,7 @@ def plot(curves: dict, path: Path):
         xs, ys = runs[0][0], [sum(r[1][i] for r in runs) / len(runs) for i in range(len(runs[0][1]))]
         ax.plot([x / 1e12 for x in xs], ys, marker="o", ls="-" if mode == "rise" else "--",
                 label=f"R = {int(keep * 100)} %, {MODES[mode]}")
-    ax.set_xlabel("training FLOPs of the lineage (TFLOP: pretraining + ticket training)")
+    ax.set_xlabel("training complexity (TFLOP: dense pretraining to epoch k + ticket training, winners' backward)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("ticket training: I-LOT vs RISE (mean over seeds)")
     ax.legend(fontsize=8)

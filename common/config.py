@@ -11,11 +11,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import get_type_hints
+from typing import get_args, get_origin, get_type_hints
 
 import yaml
 
 from common.errors import UserError
+from common.schedule import check_schedule_keys, ticket_schedule_source
 
 
 def opt(default, *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False):
@@ -42,6 +43,7 @@ class DataCfg:
     train_subset: int = opt(0, lo=0)                    # 0 = all 50,000; else a class-balanced subset of this size
     test_subset: int = opt(0, lo=0)                     # 0 = all 10,000; else a class-balanced subset
     eval_batch_size: int = opt(500, lo=1)               # batch size for evaluation and BN recalibration
+    lossless_test: int = opt(0, lo=0)                   # also report accuracy on test images of original index < N (../shared/data: 1000 lossless)
     loader_workers: int = opt(4, lo=0)                  # ImageNet: image-decoding processes per stream (0: in process)
 
 
@@ -55,7 +57,11 @@ class PretrainCfg:
     lr: float = opt(0.1, lo=0.0, hi=10.0, lo_open=True)   # peak learning rate
     momentum: float = opt(0.9, lo=0.0, hi=1.0, hi_open=True)
     weight_decay: float = opt(5e-4, lo=0.0, hi=1.0)
-    schedule: str = opt("cosine", choices=["cosine", "step", "constant"])  # lr over the global step count
+    schedule: str = opt("cosine", choices=["cosine", "step", "multistep", "constant"])  # lr over the global step (common/schedule.py)
+    milestones: list[int] = opt([])          # multistep: lr *= gamma after each of these epochs (or rounds, below)
+    milestone_unit: str = opt("epochs", choices=["epochs", "rounds"])  # rounds: K = local_iters steps each, every method
+    gamma: float = opt(0.1, lo=0.0, hi=1.0, lo_open=True)  # multistep decay factor
+    warmup_epochs: float = opt(0.0, lo=0.0)  # linear warm-up from ~0 to lr over this many epochs (0 = none)
     carry_momentum: bool = opt(False)       # slice/gather momentum with the weights (doubles traffic); default fresh per round
     partition_stage1: bool = opt(False)     # also split blocks[1:] of stage 1 (SPEC 1 default: no)
     bn_recal_batches: int = opt(20, lo=0)   # training batches used to re-estimate BN stats before eval/checkpoint
@@ -83,13 +89,17 @@ class PruneCfg:
 @dataclass
 class FinetuneCfg:
     mode: str = opt("finetune", choices=["finetune", "rewind", "scratch", "rise"])  # ticket initialisation (SPEC 6)
-    epochs: int = opt(90, lo=1, hi=10000)          # the paper fine-tunes 90 epochs
+    epochs: int = opt(90, lo=0, hi=10000)          # the paper fine-tunes 90; 0 = the rest of the pretraining schedule (E - k, schedule_from rewind)
     rewind_epoch: int = opt(0, lo=0)               # pretraining epoch k the kept weights are reset to (rewind, rise)
     batch_size: int = opt(128, lo=1)
     lr: float = opt(0.1, lo=0.0, hi=10.0, lo_open=True)
     momentum: float = opt(0.9, lo=0.0, hi=1.0, hi_open=True)
     weight_decay: float = opt(5e-4, lo=0.0, hi=1.0)
-    schedule: str = opt("step", choices=["step", "cosine", "constant"])  # step: ÷10 at 50 % and 75 %
+    schedule: str = opt("step", choices=["step", "cosine", "multistep", "constant"])  # step: ÷10 at 50 % and 75 %
+    milestones: list[int] = opt([])                # multistep: lr *= gamma after each of these epochs
+    gamma: float = opt(0.1, lo=0.0, hi=1.0, lo_open=True)  # multistep decay factor
+    warmup_epochs: float = opt(0.0, lo=0.0)        # linear warm-up over this many epochs (0 = none)
+    schedule_from: str = opt("auto", choices=["auto", "rewind", "fresh"])  # rewind: continue the pretraining schedule from epoch k; auto: rewind for modes rewind/rise, else fresh
     grad_clip: float = opt(0.0, lo=0.0)
     bf16: bool = opt(False)                        # bf16 autocast on CUDA (ignored on CPU)
     channels_last: bool = opt(False)               # NHWC memory format (faster convolutions on CUDA)
@@ -127,6 +137,11 @@ class Config:
 
 # --------------------------------------------------------------------- parsing
 def _coerce(key: str, value, typ):
+    if get_origin(typ) is list:  # e.g. list[int]: a YAML sequence, each item coerced
+        if not isinstance(value, list):
+            raise UserError(f"config key {key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = get_args(typ)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -188,6 +203,21 @@ def cross_check(cfg: Config):
     if cfg.pretrain.fused_workers and cfg.pretrain.grad_clip > 0:
         raise UserError("config key pretrain.fused_workers: not with pretrain.grad_clip > 0 (one norm would "
                         "clip all fused workers together)")
+    check_schedule_keys(cfg.pretrain, "pretrain")
+    check_schedule_keys(cfg.finetune, "finetune")
+    fc = cfg.finetune
+    if ticket_schedule_source(fc) == "rewind":
+        left = cfg.pretrain.epochs - fc.rewind_epoch
+        if left < 1:
+            raise UserError(f"config key finetune.rewind_epoch: {fc.rewind_epoch} leaves no epoch of the "
+                            f"{cfg.pretrain.epochs}-epoch pretraining schedule to continue (schedule_from rewind)")
+        if fc.epochs > left:
+            raise UserError(f"config key finetune.epochs: {fc.epochs} runs past the end of the pretraining schedule "
+                            f"({left} epochs remain after rewind epoch {fc.rewind_epoch}); use <= {left}, 0 for all "
+                            "of them, or finetune.schedule_from=fresh")
+    elif fc.epochs == 0:
+        raise UserError("config key finetune.epochs: 0 (the rest of the pretraining schedule) needs "
+                        "finetune.schedule_from rewind (mode rewind or rise)")
 
 
 def parse_set(items: list[str]) -> dict:
@@ -238,6 +268,24 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         cfg.name = Path(path).stem if path is not None else "default"
     cross_check(cfg)
     return cfg
+
+
+def section_from_file(path: str | os.PathLike, section: str):
+    """One validated section (e.g. the pretraining schedule) of a run's saved config.yaml."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: no saved config (it is written by the stage that made that folder)")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict) or not isinstance(values.get(section), dict):
+        raise UserError(f"{p}: has no {section} section")
+    cfg = Config()
+    _fill(cfg, {section: values[section]})
+    _check_defaults(getattr(cfg, section), f"{section}.")
+    check_schedule_keys(getattr(cfg, section), section)
+    return getattr(cfg, section)
 
 
 # ------------------------------------------------------------------------ CLI

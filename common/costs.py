@@ -24,6 +24,50 @@ def flops_per_sample(model: nn.Module, input_shape=(3, 32, 32), backward: bool =
     return int(counter.get_total_flops()) // 2
 
 
+def layer_flops(model: nn.Module, input_shape=(3, 32, 32)) -> dict[str, int]:
+    """Forward FLOPs of one sample per module (FlopCounterMode's names, root prefix removed)."""
+    root = type(model).__name__
+    x = torch.zeros(1, *input_shape)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(x)
+    out = {}
+    for name, ops in counter.get_flop_counts().items():
+        if name.startswith(root + "."):
+            out[name[len(root) + 1:]] = int(sum(ops.values()))
+    return out
+
+
+@torch.no_grad()
+def output_positions(model: nn.Module, input_shape=(3, 32, 32)) -> dict[str, int]:
+    """Weight name → output positions of its conv/linear per sample (H_out x W_out; 1 for a linear
+    layer), from forward hooks, so modules outside the registered tree are found too."""
+    positions, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            def hook(mod, inputs, out, key=f"{name}.weight"):
+                positions[key] = out[0, 0].numel()  # one sample, one output channel
+            hooks.append(m.register_forward_hook(hook))
+    model.eval()(torch.zeros(1, *input_shape))
+    for h in hooks:
+        h.remove()
+    return positions
+
+
+def train_flops_per_sample(model: nn.Module, input_shape=(3, 32, 32), mask: dict | None = None) -> int:
+    """Forward + backward FLOPs of one training sample (the RISE paper's training complexity).
+
+    Dense: what FlopCounterMode counts for a forward and a backward. With a mask (a ticket whose
+    losers are held at 0 or locked), only the winners need a weight gradient: the gradient of one
+    conv/linear weight costs 2 FLOPs (a multiply-add) per output position of its layer, so each
+    non-winner saves 2 x H_out x W_out. The forward and the input gradients stay dense: every
+    layer's input gradient is needed by the winners below it, and RISE's locked weights are non-zero."""
+    dense = flops_per_sample(model, input_shape, backward=True)
+    if not mask:
+        return dense
+    positions = output_positions(model, input_shape)
+    return dense - sum(2 * positions[name] * int((~m).sum()) for name, m in mask.items())
+
+
 def split_params(model: nn.Module, blocks: list[BlockRef]) -> tuple[int, int]:
     """(shared, partitioned) parameter counts for a list of partitioned blocks."""
     state = dict(model.named_parameters())

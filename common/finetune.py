@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import load_checkpoint
+from common.config import section_from_file
 from common.errors import UserError
 from common.models import build_model, prunable_blocks
 from common.prune import slice_blocks
+from common.schedule import Schedule, schedule_of, ticket_schedule_source
 
 FINETUNE_STREAM = 8_000_001  # data stream id of fine-tuning batches
 
@@ -29,10 +31,14 @@ def _full_arch(arch: dict) -> dict:
     return {k: v for k, v in arch.items() if k != "mids"}
 
 
+def rewind_checkpoint(ticket: dict, epoch: int) -> dict:
+    path = Path(ticket["pretrain_dir"]) / f"epoch_{epoch:03d}.pt"
+    return load_checkpoint(path, made_by="01_pretrain_loft.py (finetune.rewind_epoch must be a saved epoch)")
+
+
 def rewind_weights(ticket: dict, epoch: int) -> dict:
     """The pretraining weights of `epoch`, cut to the ticket's structure (kept filters)."""
-    path = Path(ticket["pretrain_dir"]) / f"epoch_{epoch:03d}.pt"
-    src = load_checkpoint(path, made_by="01_pretrain_loft.py (finetune.rewind_epoch must be a saved epoch)")
+    src = rewind_checkpoint(ticket, epoch)
     state = src["model"]
     if ticket.get("kept"):
         blocks = prunable_blocks(build_model(_full_arch(ticket["arch"])))
@@ -78,3 +84,39 @@ class LockedUpdate:
                 if self.mask[name].device != p.grad.device or self.mask[name].dtype != p.grad.dtype:
                     self.mask[name] = self.mask[name].to(p.grad.device, p.grad.dtype)  # once, not every step
                 p.grad.mul_(self.mask[name])
+
+
+def ticket_schedule(ticket: dict, fc, n_train: int) -> tuple[int, Schedule, str]:
+    """(epochs to train, lr schedule, one line saying which) for a ticket.
+
+    fresh: the finetune section's own schedule over finetune.epochs. rewind: the pretraining
+    run's schedule (its saved config: lr, kind, milestones, warm-up, E epochs) continued from
+    the end of epoch k, for finetune.epochs (0: all E - k remaining) epochs; the ticket's step t
+    sits at pretraining position k * S_pre + t * S_pre / S_ticket (S = steps per epoch)."""
+    steps = n_train // fc.batch_size
+    if ticket_schedule_source(fc) == "fresh":
+        if fc.epochs == 0:
+            raise UserError("config key finetune.epochs: 0 needs finetune.schedule_from rewind")
+        return fc.epochs, schedule_of(fc, steps), f"fresh {fc.schedule} schedule, lr {fc.lr}, {fc.epochs} epochs"
+    pc = section_from_file(Path(ticket["pretrain_dir"]) / "config.yaml", "pretrain")
+    k, left = fc.rewind_epoch, pc.epochs - fc.rewind_epoch
+    if left < 1 or fc.epochs > left:
+        raise UserError(f"finetune.schedule_from=rewind: the pretraining schedule has {pc.epochs} epochs; from "
+                        f"rewind epoch {k}, finetune.epochs={fc.epochs} does not fit in the {max(left, 0)} that "
+                        "remain (0 = all of them; or finetune.schedule_from=fresh)")
+    own = n_train // pc.batch_size
+    schedule = schedule_of(pc, own, pc.local_iters).continued(k, own, steps)
+    epochs = fc.epochs or left
+    return epochs, schedule, (f"the pretraining schedule ({pc.schedule}, lr {pc.lr}, {pc.epochs} epochs) continued "
+                              f"from epoch {k}: {epochs} epochs, lr {schedule.lr(0):.4g} at the first step")
+
+
+def complexity_base(ticket: dict, mode: str, rewind_epoch: int) -> int:
+    """Training FLOPs already in the ticket's starting weights (the first term of its training
+    complexity): P(k), the pretraining up to the rewind epoch, for rewind/rise; the complexity of
+    the ticket's own weights for finetune; nothing for scratch."""
+    if mode in ("rewind", "rise"):
+        return int(rewind_checkpoint(ticket, rewind_epoch).get("train_flops", 0))
+    if mode == "finetune":
+        return int(ticket.get("train_flops", 0))
+    return 0

@@ -30,6 +30,7 @@ from common.errors import UserError
 from common.fused import fuse, fused_criterion, worker_views
 from common.loft import SlicePlan, aggregate, draw_partition, extract, partition_to, worker_arch
 from common.models import build_model, partitioned_blocks
+from common.schedule import schedule_of
 from common.train import SGDStep, check_finite, lr_at, make_sgd
 
 RECAL_STREAM = 9_000_001  # data stream id of the fixed BN-recalibration batches
@@ -60,8 +61,8 @@ class Worker:
     global state into the module in place and starts from a fresh optimizer state (or the
     carried momentum)."""
 
-    def __init__(self, arch: dict, tcfg, device, total_steps: int, stream: Stream):
-        self.sgd, self.stream = SGDStep(build_model(arch), tcfg, device, total_steps), stream
+    def __init__(self, arch: dict, tcfg, device, schedule, stream: Stream):
+        self.sgd, self.stream = SGDStep(build_model(arch), tcfg, device, schedule), stream
         self.module_state = self.sgd.model.state_dict()  # views of the live parameters and buffers
 
     @torch.no_grad()
@@ -79,11 +80,11 @@ class FusedWorkers:
     """This rank's LoFT / Local SGD workers as one fused module (common.fused): one forward,
     backward and update per step for all of them. Same interface as a dict of `Worker`s."""
 
-    def __init__(self, arch_of: dict[int, dict], tcfg, device, total_steps: int, streams: dict[int, Stream]):
+    def __init__(self, arch_of: dict[int, dict], tcfg, device, schedule, streams: dict[int, Stream]):
         self.ids = sorted(arch_of)
         sub = build_model(arch_of[self.ids[0]])
         n = len(self.ids)
-        self.sgd = SGDStep(fuse(sub, n), tcfg, device, total_steps, loss_fn=fused_criterion(n))
+        self.sgd = SGDStep(fuse(sub, n), tcfg, device, schedule, loss_fn=fused_criterion(n))
         self.streams = streams
         shapes = {k: v.shape for k, v in sub.state_dict().items()}
         self.views = dict(zip(self.ids, worker_views(self.sgd.model.state_dict(), shapes, n)))
@@ -123,8 +124,8 @@ class FusedWorkers:
 class SequentialWorkers:
     """This rank's workers one after another, each a persistent `Worker`."""
 
-    def __init__(self, arch_of: dict[int, dict], tcfg, device, total_steps: int, streams: dict[int, Stream]):
-        self.workers = {w: Worker(a, tcfg, device, total_steps, streams[w]) for w, a in arch_of.items()}
+    def __init__(self, arch_of: dict[int, dict], tcfg, device, schedule, streams: dict[int, Stream]):
+        self.workers = {w: Worker(a, tcfg, device, schedule, streams[w]) for w, a in arch_of.items()}
 
     @property
     def module_states(self) -> dict[int, dict]:
@@ -153,6 +154,7 @@ class Loft:
         if self.K > self.steps_per_epoch:
             raise UserError(f"pretrain.local_iters={self.K} exceeds the {self.steps_per_epoch} steps of an epoch")
         self.total_steps = pc.epochs * self.steps_per_epoch
+        self.schedule = schedule_of(pc, self.steps_per_epoch, pc.local_iters)
         self.state = _to(init_state, env.device)
         self.plan = SlicePlan.of(self.blocks, self.state)
         self.momentum = ({k: torch.zeros_like(v) for k, v in model.named_parameters()}
@@ -168,7 +170,7 @@ class Loft:
         if pc.fused_workers:
             self.check_fusable(part)
         self.workers = (FusedWorkers if pc.fused_workers else SequentialWorkers)(
-            arch_of, pc, env.device, self.total_steps, streams)
+            arch_of, pc, env.device, self.schedule, streams)
 
     def split_blocks(self, model):
         blocks = partitioned_blocks(model, self.cfg.pretrain.partition_stage1)
@@ -259,7 +261,7 @@ class Dense:
     `grad_hook(model)` edits the summed gradients before each update (masks, locked weights)."""
 
     def __init__(self, cfg, arch, init_state, train_set, env: DistEnv, comm: Comm, default_micro: int | None = None,
-                 tcfg=None, stream_id: int = 0, grad_hook=None):
+                 tcfg=None, stream_id: int = 0, grad_hook=None, schedule=None):
         tc = self.tc = tcfg or cfg.pretrain
         self.cfg, self.env, self.comm, self.grad_hook = cfg, env, comm, grad_hook
         self.micro = getattr(tc, "micro_batches", 0) or default_micro or env.world
@@ -268,8 +270,8 @@ class Dense:
                             f"a multiple of the {env.world} ranks")
         model = build_model(arch)
         model.load_state_dict(init_state)
-        self._init_schedule(cfg, tc, arch, train_set, stream_id)
-        self.sgd = SGDStep(model, tc, env.device, self.total_steps, grad_hook)
+        self._init_schedule(cfg, tc, arch, train_set, stream_id, schedule)
+        self.sgd = SGDStep(model, tc, env.device, self.schedule, grad_hook)
         self.model, self.opt = self.sgd.model, self.sgd.opt
         self.engine = None
         if env.distributed:
@@ -279,11 +281,13 @@ class Dense:
                 "gradient_accumulation_steps": self.micro // env.world, "gradient_clipping": tc.grad_clip,
                 "steps_per_print": 10**9})
 
-    def _init_schedule(self, cfg, tc, arch, train_set, stream_id: int):
-        """The batch stream, step counters and training FLOPs of a full-model trainer."""
+    def _init_schedule(self, cfg, tc, arch, train_set, stream_id: int, schedule=None):
+        """The batch stream, step counters, lr schedule (the section's own unless given) and
+        training FLOPs of a full-model trainer."""
         self.stream = Stream(train_set, tc.batch_size, cfg.seed, stream_id, device=self.env.device)
         self.steps_per_epoch = len(train_set) // tc.batch_size
         self.total_steps = tc.epochs * self.steps_per_epoch
+        self.schedule = schedule or schedule_of(tc, self.steps_per_epoch, getattr(tc, "local_iters", None))
         self.step = 0
         self.train_flops_per_step = tc.batch_size * flops_per_sample(build_model(arch), input_shape(cfg.data.dataset),
                                                                      backward=True)
@@ -427,7 +431,7 @@ class GPipe(Dense):
         if not self.env.distributed:
             return super().train_step(t)
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(t, self.total_steps, self.tc.lr, self.tc.schedule)
+            g["lr"] = lr_at(t, self.schedule)
         x, y = self.stream.batch(t)
         loss = self.pipe_engine.train_batch(data_iter=iter(list(zip(x.chunk(self.micro), y.chunk(self.micro)))))
         return loss.detach().reshape(())  # every stage gets the same (broadcast) loss

@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from common.costs import flops_per_sample
+from common.costs import flops_per_sample, layer_flops
 from common.errors import UserError
 from common.loft import SlicePlan, select_channels
 from common.models import BlockRef, build_model, count_params, narrowed_arch, prunable_blocks
@@ -157,19 +156,6 @@ def prune_magnitude(model: nn.Module, arch: dict, ratio: float, scope: str,
 
 
 # ------------------------------------------------------------------------ costs
-def layer_flops(model: nn.Module, input_shape=(3, 32, 32)) -> dict[str, int]:
-    """Forward FLOPs of one sample per module (FlopCounterMode's names, root prefix removed)."""
-    root = type(model).__name__
-    x = torch.zeros(1, *input_shape)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model.eval()(x)
-    out = {}
-    for name, ops in counter.get_flop_counts().items():
-        if name.startswith(root + "."):
-            out[name[len(root) + 1:]] = int(sum(ops.values()))
-    return out
-
-
 def sparse_flops(model: nn.Module, mask: dict[str, torch.Tensor], input_shape=(3, 32, 32)) -> int:
     """Dense forward FLOPs with each masked layer's FLOPs scaled by its kept fraction."""
     dense = flops_per_sample(model, input_shape)

@@ -9,14 +9,13 @@ device tensor; callers sum those and check finiteness once per round or log inte
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from common.data import Stream, eval_batches
 from common.errors import UserError
+from common.schedule import Schedule
 
 
 class NonFiniteLoss(UserError):
@@ -28,16 +27,9 @@ def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def lr_at(step: int, total_steps: int, base_lr: float, schedule: str) -> float:
-    """Learning rate for global step `step` of `total_steps`."""
-    if schedule == "constant":
-        return base_lr
-    if schedule == "step":  # ÷10 at 50 % and 75 % of training
-        frac = step / max(1, total_steps)
-        return base_lr * (0.1 ** ((frac >= 0.5) + (frac >= 0.75)))
-    if schedule == "cosine":
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / max(1, total_steps)))
-    raise ValueError(schedule)
+def lr_at(step: int, schedule: Schedule) -> float:
+    """Learning rate for the trainer's global step `step` (the formulas: common/schedule.py)."""
+    return schedule.lr(step)
 
 
 def make_sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
@@ -48,13 +40,13 @@ class SGDStep:
     """One SGD update of `model` on a batch given as chunks (gradient accumulation over them).
 
     `tcfg` is a training section (cfg.pretrain or cfg.finetune): lr, momentum, weight_decay,
-    schedule, grad_clip, bf16, channels_last. `grad_hook(model)` edits the summed gradients
+    grad_clip, bf16, channels_last; `schedule` its lr schedule (common.schedule). `grad_hook(model)` edits the summed gradients
     before the update (masks, locked weights); it then owns weight decay, so the optimizer gets
     none. bf16 autocast applies on CUDA only (on the CPU it is ignored). `loss_fn` is `criterion`
     except for fused workers (common.fused), whose loss sums the workers' losses."""
 
-    def __init__(self, model: nn.Module, tcfg, device, total_steps: int, grad_hook=None, loss_fn=criterion):
-        self.tc, self.total_steps, self.grad_hook, self.loss_fn = tcfg, total_steps, grad_hook, loss_fn
+    def __init__(self, model: nn.Module, tcfg, device, schedule: Schedule, grad_hook=None, loss_fn=criterion):
+        self.tc, self.schedule, self.grad_hook, self.loss_fn = tcfg, schedule, grad_hook, loss_fn
         device = torch.device(device)
         self.channels_last = bool(getattr(tcfg, "channels_last", False))
         self.model = model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
@@ -62,7 +54,7 @@ class SGDStep:
         self.opt = make_sgd(self.model, tcfg.lr, tcfg.momentum, 0.0 if grad_hook else tcfg.weight_decay)
 
     def lr(self, t: int) -> float:
-        return lr_at(t, self.total_steps, self.tc.lr, self.tc.schedule)
+        return lr_at(t, self.schedule)
 
     def forward_loss(self, module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -130,16 +122,21 @@ def recalibrate_bn(model: nn.Module, stream: Stream, num_batches: int, device) -
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, batch_size: int, device) -> tuple[float, float]:
-    """(top-1 accuracy in %, mean loss) on an ImageSet; counts add up on the device, one sync at the end."""
+def correct_per_sample(model: nn.Module, data, batch_size: int, device) -> tuple[torch.Tensor, float]:
+    """(bool per image of `data`, in its order: top-1 right; mean loss). Kept on the device until
+    the end: one host sync per evaluation."""
     device = torch.device(device)
     model.to(device).eval()
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    loss = torch.zeros((), dtype=torch.float64, device=device)
-    n = 0
+    correct, loss, n = [], torch.zeros((), dtype=torch.float64, device=device), 0
     for x, y in eval_batches(data, batch_size, device):
         out = model(x)
         loss += F.cross_entropy(out.float(), y, reduction="sum").double()
-        correct += (out.argmax(1) == y).sum()
+        correct.append(out.argmax(1) == y)
         n += len(y)
-    return 100.0 * correct.item() / max(1, n), loss.item() / max(1, n)
+    return (torch.cat(correct).cpu() if correct else torch.zeros(0, dtype=torch.bool)), loss.item() / max(1, n)
+
+
+def evaluate(model: nn.Module, data, batch_size: int, device) -> tuple[float, float]:
+    """(top-1 accuracy in %, mean loss) on an ImageSet."""
+    correct, loss = correct_per_sample(model, data, batch_size, device)
+    return 100.0 * int(correct.sum()) / max(1, len(correct)), loss

@@ -14,6 +14,7 @@ from common.errors import UserError
 from common.loft import SlicePlan, aggregate, draw_partition, extract, worker_arch
 from common.models import build_model
 from common.pretrain import Loft
+from common.schedule import schedule_of
 from common.train import SGDStep, lr_at, make_sgd
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -63,7 +64,6 @@ def rebuild_round(state, cfg, arch, blocks, train_set, r, momentum=None):
     and round, loaded by load_state_dict, trained by a plain loop; then the real aggregate."""
     pc = cfg.pretrain
     plan, part = SlicePlan.of(blocks, state), draw_partition(blocks, pc.workers, cfg.seed, r)
-    total = pc.epochs * (len(train_set) // pc.batch_size)
     comm, results, moms = Comm(DistEnv()), {}, {}
     for w in range(pc.workers):
         sub = build_model(worker_arch(arch, part, w))
@@ -78,7 +78,7 @@ def rebuild_round(state, cfg, arch, blocks, train_set, r, momentum=None):
         sub.train()
         for t in range(r * pc.local_iters, (r + 1) * pc.local_iters):
             for g in opt.param_groups:
-                g["lr"] = lr_at(t, total, pc.lr, pc.schedule)
+                g["lr"] = lr_at(t, schedule_of(pc, len(train_set) // pc.batch_size, pc.local_iters))
             x, y = stream.batch(t)
             loss = F.cross_entropy(sub(x), y)
             opt.zero_grad()
@@ -134,7 +134,8 @@ def test_channels_last_step_equals_the_default_layout(cifar):
     b = build_model({"name": "preresnet18", "num_classes": 10, "width": 0.125})
     b.load_state_dict(a.state_dict())
     cfg_cl = load_config(None, ["pretrain.lr=0.05", "pretrain.channels_last=true"])
-    step_a, step_b = SGDStep(a, cfg.pretrain, "cpu", 10), SGDStep(b, cfg_cl.pretrain, "cpu", 10)
+    step_a = SGDStep(a, cfg.pretrain, "cpu", schedule_of(cfg.pretrain, 10))
+    step_b = SGDStep(b, cfg_cl.pretrain, "cpu", schedule_of(cfg_cl.pretrain, 10))
     la, lb = step_a(0, [(x, y)]), step_b(0, [(x, y)])  # one update: only summation order differs
     torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
     assert b.conv1.weight.is_contiguous(memory_format=torch.channels_last)
