@@ -7,22 +7,28 @@
     deepspeed --num_gpus 2 04_finetune.py --config yaml/r18_c10.yaml                   # data parallel
 
 Reads runs/NAME/prune_TAG/ticket.pt (TAG from prune.kind/prune.ratio unless --ticket), writes
-runs/NAME/finetune_TAG_MODE/: config.yaml, metrics.csv, last.pt, final.pt (a ticket that 03 can
-prune again: iterative pruning), result.json (accuracy, size, training FLOPs of the lineage).
+runs/NAME/finetune_TAG_MODE[_kK]/ (_kK: the rewind epoch of rewind/rise; --tag names it instead):
+config.yaml, metrics.csv, last.pt, final.pt (a ticket that 03 can prune again: iterative pruning),
+result.json (accuracy, size, training FLOPs of the lineage, hashes of the files it came from).
+Formulas and the file contract: docs/method.md, docs/files.md.
 """
 import json
 from pathlib import Path
 
+import torch
 
 from common.checkpoint import load_checkpoint, save_atomic, write_text_atomic
-from common.cli import run_stage
+from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.data import load_dataset
 from common.dist import Comm, setup_distributed, teardown
-from common.finetune import FINETUNE_STREAM, LockedUpdate, ticket_weights
+from common.errors import UserError
+from common.finetune import (FINETUNE_STREAM, LockedUpdate, check_lineage, load_ticket, param_counts,
+                             ticket_weights)
 from common.pretrain import Dense
-from common.prune import default_tag
-from common.runs import check_resume_config, prepare_stage_dir, save_config, write_csv
+from common.prune import check_tag, default_tag
+from common.runs import check_resume_config, check_stage_dir, clear_stage_dir, finished, save_config, write_csv
+from common.tb import Scalars, epoch_lr
 from common.train import evaluate
 
 
@@ -31,18 +37,20 @@ def main(argv=None):
     p.add_argument("--ticket", default=None, help="ticket.pt or a fine-tuned final.pt (default: from prune.*)")
     p.add_argument("--resume", action="store_true", help="continue from last.pt")
     p.add_argument("--force", action="store_true", help="start over in a folder that holds a run")
+    p.add_argument("--tag", default=None, help="output folder finetune_TAG (default: finetune_<ticket>_<mode>[_k<K>])")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.set)
     fc, run = cfg.finetune, run_dir_of(args, cfg)
     ticket_path = Path(args.ticket) if args.ticket else \
         run / f"prune_{default_tag(cfg.prune.kind, cfg.prune.ratio)}" / "ticket.pt"
-    ticket = load_checkpoint(ticket_path, required=("model", "arch", "kind", "pretrain_dir"),
-                             made_by=f"python 03_prune.py --config {args.config}")
-    out = run / f"finetune_{ticket_path.parent.name.removeprefix('prune_')}_{fc.mode}"
+    make_ticket = stage_command("03_prune.py", args)
+    ticket = load_ticket(ticket_path, make_ticket)
+    lineage = check_lineage(ticket, ticket_path, fc.mode, fc.rewind_epoch, f"{make_ticket} --force")
+    out = run / f"finetune_{check_tag(args.tag) if args.tag else default_folder(ticket_path, fc)}"
     weights = ticket_weights(ticket, fc.mode, fc.rewind_epoch, cfg.seed)
     env = setup_distributed(cfg.dist.timeout_s, cfg.dist.threads_per_rank)
     try:
-        resuming = prepare_stage_dir(out, args.resume, args.force, env.is_main)
+        resuming = check_stage_dir(out, args.resume, args.force, env.is_main)
         train_set, test_set = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
         hook = LockedUpdate(ticket["mask"], fc.weight_decay) if ticket.get("mask") else None
         comm = Comm(env)
@@ -52,50 +60,70 @@ def main(argv=None):
         if resuming:
             ck = load_checkpoint(out / "last.pt", required=("model", "method", "rows", "config", "epoch"))
             check_resume_config(ck["config"], cfg.to_dict(), out / "last.pt", section="finetune")
+            if ck.get("lineage", lineage) != lineage:
+                raise UserError(f"--resume: {ticket_path} or its rewind checkpoint changed since {out} was "
+                                "started (content hash differs); use --force to start over")
             trainer.load_state_dict(ck["method"], weights=ck["model"])
             start, rows = int(ck["epoch"]) + 1, list(ck["rows"])
         elif env.is_main:
+            clear_stage_dir(out)  # --force: only now that ticket, lineage, data and trainer have been checked
             save_config(cfg.to_dict(), out / "config.yaml")
             print(f"ticket {ticket_path}: {ticket['kind']}, {ticket.get('params_after', '?')} params; mode {fc.mode}")
+        tb = Scalars(out, env.is_main, first_step=start)
         for epoch in range(start, fc.epochs + 1):
             loss = trainer.train_epoch(epoch)
+            comm_total = int(comm.sum_metric(torch.tensor([comm.bytes_sent], dtype=torch.float64)).item())
             if env.is_main:
                 acc, _ = evaluate(trainer.model, test_set, cfg.data.eval_batch_size, env.device)
                 rows.append({"epoch": epoch, "train_loss": round(loss, 5), "test_acc": round(acc, 3)})
                 write_csv(rows, out / "metrics.csv")
+                tb.add({**rows[-1], "lr": epoch_lr(trainer, fc), "comm_bytes": comm_total,
+                        "train_flops": int(ticket.get("train_flops", 0)) + trainer.steps_done * trainer.train_flops_per_step},
+                       epoch)
                 save_atomic({"model": trainer.global_state(), "arch": ticket["arch"], "epoch": epoch, "rows": rows,
-                             "method": trainer.state_dict(), "config": cfg.to_dict()}, out / "last.pt")
+                             "method": trainer.state_dict(), "config": cfg.to_dict(), "lineage": lineage},
+                            out / "last.pt")
                 print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%")
             comm.barrier()
+        tb.close()
         if env.is_main:
-            save_result(ticket, ticket_path, trainer, rows, cfg, out)
+            save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage)
+            finished(out, f"python bench/report.py {run.parent}")
     except BaseException:
         teardown(env, clean=False)  # no barrier: a peer may be gone
         raise
     teardown(env)
 
 
-def save_result(ticket, ticket_path, trainer, rows, cfg, out):
+def default_folder(ticket_path: Path, fc) -> str:
+    """TAG_MODE, and the rewind epoch for the modes that rewind: runs differing in k get their own folders."""
+    name = f"{ticket_path.parent.name.removeprefix('prune_')}_{fc.mode}"
+    return f"{name}_k{fc.rewind_epoch}" if fc.mode in ("rewind", "rise") else name
+
+
+def save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage):
     """final.pt (the trained ticket, with its lineage) and result.json."""
     finetune_flops = trainer.steps_done * trainer.train_flops_per_step
     train_flops = int(ticket.get("train_flops", 0)) + finetune_flops
     final = {k: v for k, v in ticket.items() if k not in ("model", "config")}
     final.update({"model": trainer.global_state(), "epoch": cfg.finetune.epochs, "train_flops": train_flops,
                   "test_acc": rows[-1]["test_acc"], "finetune_mode": cfg.finetune.mode,
-                  "ticket": str(ticket_path), "config": cfg.to_dict()})
+                  "ticket": str(ticket_path), "config": cfg.to_dict(), "finetune_lineage": lineage})
     save_atomic(final, out / "final.pt")
     result = {
         "mode": cfg.finetune.mode, "ticket": str(ticket_path), "kind": ticket["kind"], "ratio": ticket.get("ratio"),
         "best_test_acc": max(r["test_acc"] for r in rows), "final_test_acc": rows[-1]["test_acc"],
-        "params": ticket.get("params_after"), "flops_per_sample": ticket.get("flops_after"),
+        **param_counts(trainer.model, ticket.get("mask")), "flops_per_sample": ticket.get("flops_after"),
         "flops_per_sample_sparse": ticket.get("flops_after_sparse"),
         "train_flops": train_flops,
         "train_flops_parts": {"before_this_stage": int(ticket.get("train_flops", 0)), "pruning": 0,
                               "finetune": finetune_flops},
         "finetune_epochs": cfg.finetune.epochs, "rewind_epoch": cfg.finetune.rewind_epoch,
+        "lineage": lineage,
     }
     write_text_atomic(json.dumps(result, indent=1), out / "result.json")
     print(json.dumps(result, indent=1))
+    print(f"wrote {out / 'result.json'}")
 
 
 if __name__ == "__main__":
