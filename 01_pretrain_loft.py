@@ -170,7 +170,7 @@ def write_comm_json(cfg, arch, n_train, measured_total, out):
         "measured_note": "bytes handed to collectives, summed over ranks (one process: over workers); "
                          "a push of each worker's subnetwork per round, so the paper's pull+push count is 2x",
         "analytic_ps_bytes": analytic,
-        "analytic_note": "the paper's parameter-server convention, fp32, parameters only (SPEC 3)",
+        "analytic_note": "the paper's parameter-server convention, fp32, parameters only (docs/method.md)",
     }
     write_text_atomic(json.dumps(report, indent=1), out / "comm.json")
 

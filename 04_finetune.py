@@ -1,4 +1,4 @@
-"""Stage 4 — train a ticket: finetune, rewind, scratch or RISE (SPEC 6).
+"""Stage 4 — train a ticket: finetune, rewind, scratch or RISE (docs/method.md).
 
     python 04_finetune.py --config yaml/quick_c10.yaml                                  # ticket of prune.* settings
     python 04_finetune.py --config yaml/quick_c10.yaml --set finetune.mode=rewind --set finetune.rewind_epoch=1
