@@ -60,7 +60,7 @@ def main(argv=None):
         if resuming:
             ck = load_checkpoint(out / "last.pt", required=("model", "method", "rows", "config", "epoch"))
             check_resume_config(ck["config"], cfg.to_dict(), out / "last.pt", section="finetune")
-            if ck.get("lineage", lineage) != lineage:
+            if hashes(ck.get("lineage", lineage)) != hashes(lineage):
                 raise UserError(f"--resume: {ticket_path} or its rewind checkpoint changed since {out} was "
                                 "started (content hash differs); use --force to start over")
             trainer.load_state_dict(ck["method"], weights=ck["model"])
@@ -93,6 +93,11 @@ def main(argv=None):
         teardown(env, clean=False)  # no barrier: a peer may be gone
         raise
     teardown(env)
+
+
+def hashes(lineage: dict) -> dict:
+    """The content part of a lineage record: the same file under another path name is the same file."""
+    return {k: v and v["sha256"] for k, v in lineage.items()}
 
 
 def default_folder(ticket_path: Path, fc) -> str:

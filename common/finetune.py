@@ -104,12 +104,15 @@ def check_lineage(ticket: dict, ticket_path: Path, mode: str, rewind_epoch: int,
     if mode in ("rewind", "rise"):
         path = rewind_path(ticket, rewind_epoch)
         known = ticket.get("pretrain_sha256")
-        if path.is_file():
-            rewind = {"path": str(path), "sha256": file_sha256(path)}
-            if known is not None and known.get(str(rewind_epoch)) != rewind["sha256"]:
-                raise UserError(f"{path} changed since {ticket_path} was made from its pretraining run "
-                                f"(content hash differs): rewinding would pair the ticket's mask or filters "
-                                f"with another run's weights; remake the ticket: {remake}")
+        if not path.is_file():
+            saved = ", ".join(sorted(known, key=int)) if known else "see the pretraining folder"
+            raise UserError(f"{path}: no such pretraining checkpoint; finetune.rewind_epoch={rewind_epoch} must be "
+                            f"an epoch the ticket's pretraining run saved ({saved})")
+        rewind = {"path": str(path), "sha256": file_sha256(path)}
+        if known is not None and known.get(str(rewind_epoch)) != rewind["sha256"]:
+            raise UserError(f"{path} changed since {ticket_path} was made from its pretraining run "
+                            f"(content hash differs): rewinding would pair the ticket's mask or filters "
+                            f"with another run's weights; remake the ticket: {remake}")
     return {"ticket": {"path": str(ticket_path), "sha256": file_sha256(ticket_path)}, "rewind": rewind}
 
 
