@@ -334,7 +334,7 @@ def test_progress_is_a_bar_on_a_terminal_and_nothing_in_a_log(monkeypatch):
 
 def test_a_stage_logged_to_a_file_has_no_carriage_returns_and_one_line_per_epoch(lineage, tmp_path, monkeypatch,
                                                                                   capfd):
-    """With the progress helper in the training loop (as the GPU rewrite will wire it: see README)."""
+    """With the progress helper where common/progress.py says it belongs (common.pretrain._progress)."""
     import common.pretrain as P
     from common.progress import progress
     monkeypatch.setattr(P, "_progress", lambda it, epoch, env, unit: progress(it, f"epoch {epoch} {unit}", env.is_main))
