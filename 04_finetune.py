@@ -45,7 +45,7 @@ def main(argv=None):
         run / f"prune_{default_tag(cfg.prune.kind, cfg.prune.ratio)}" / "ticket.pt"
     make_ticket = stage_command("03_prune.py", args)
     ticket = load_ticket(ticket_path, make_ticket)
-    lineage = check_lineage(ticket, ticket_path, fc.mode, fc.rewind_epoch, f"{make_ticket} --force")
+    lineage = check_lineage(ticket, ticket_path, fc.mode, fc.rewind_epoch, remake_command(ticket, ticket_path, args))
     out = run / f"finetune_{check_tag(args.tag) if args.tag else default_folder(ticket_path, fc)}"
     weights = ticket_weights(ticket, fc.mode, fc.rewind_epoch, cfg.seed)
     env = setup_distributed(cfg.dist.timeout_s, cfg.dist.threads_per_rank)
@@ -93,6 +93,14 @@ def main(argv=None):
         teardown(env, clean=False)  # no barrier: a peer may be gone
         raise
     teardown(env)
+
+
+def remake_command(ticket: dict, ticket_path: Path, args) -> str:
+    """The 03 command that makes this ticket again from the files as they are now."""
+    source = str(ticket.get("source", ""))
+    again_from = ["--from", source] if "finetune_" in source else []  # iterative: its fine-tuned source
+    return stage_command("03_prune.py", args, *again_from, "--tag", ticket_path.parent.name.removeprefix("prune_"),
+                         "--force")
 
 
 def hashes(lineage: dict) -> dict:
