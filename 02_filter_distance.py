@@ -35,12 +35,12 @@ def main(argv=None):
     cfg = load_config(args.config, args.set)
     run = run_dir_of(args, cfg)
     out = run / (f"distance_{check_tag(args.tag)}" if args.tag else "distance")
-    check_analysis_dir(out, cfg.to_dict(), ("prune.ratio", "distance."), args.force)
     made_by = stage_command("01_pretrain_loft.py", args)
     series = load_series(run / "pretrain", made_by)
     print(f"{run / 'pretrain'}: epochs {series.epochs[0]}..{series.epochs[-1]} of {series.arch['name']} "
           f"(width {series.arch['width']}, method {series.method}), {len(series.norms)} prunable layers")
 
+    check_analysis_dir(out, cfg.to_dict(), ("prune.ratio", "distance."), args.force)
     res = analyse(series, cfg.prune.ratio)
     ep = series.epochs
     filt = emergence_epoch(consecutive_distances(res), cfg.distance.emergence_eps, cfg.distance.emergence_window)
