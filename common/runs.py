@@ -24,7 +24,7 @@ def check_stage_dir(path: Path, resume: bool, force: bool, is_main: bool = True)
             raise UserError(f"--resume: {path / 'last.pt'} does not exist, nothing to resume")
     elif path.exists() and any(path.iterdir()) and not force:
         raise UserError(f"{path} already holds outputs; pass --resume to continue, --force to start over"
-                        f"{' or --tag to write beside it' if path.name.startswith(('finetune_', 'distance')) else ''}")
+                        f"{' or --tag to write beside it' if path.name.startswith('finetune_') else ''}")
     if is_main:
         check_writable(path)
     return resume
