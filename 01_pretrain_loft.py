@@ -12,7 +12,7 @@ import json
 import torch
 
 from common.checkpoint import load_checkpoint, save_atomic, write_text_atomic
-from common.cli import run_stage
+from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.costs import analytic_bytes, flops_per_sample, split_params
 from common.data import NUM_CLASSES, TRAIN_SIZE, input_shape, load_dataset, on_device
@@ -21,8 +21,9 @@ from common.loft import draw_partition, worker_arch
 from common.distance import EmergenceWatch
 from common.models import build_model, is_partitionable, partitioned_blocks, prunable_blocks
 from common.pretrain import METHODS, recal_stream
-from common.runs import check_resume_config, prepare_stage_dir, save_config, write_csv
+from common.runs import check_resume_config, check_stage_dir, clear_stage_dir, finished, save_config, write_csv
 from common.evaluation import accuracies, lossless_positions
+from common.tb import Scalars, epoch_lr
 from common.train import recalibrate_bn
 
 
@@ -41,7 +42,7 @@ def main(argv=None):
     out = run_dir_of(args, cfg) / "pretrain"
     env = setup_from_config(cfg.dist)
     try:
-        resuming = prepare_stage_dir(out, args.resume, args.force, env.is_main)
+        resuming = check_stage_dir(out, args.resume, args.force, env.is_main)
         train_set, test_set = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
         lossless = lossless_positions(cfg.data, test_set)
         train_set, test_set = on_device(train_set, env), on_device(test_set, env)
@@ -57,9 +58,11 @@ def main(argv=None):
         if resuming:
             start, rows = resume(method, out / "last.pt", cfg, comm, watch)
         elif env.is_main:
+            clear_stage_dir(out)  # --force: only now that config, data and method have been checked
             save_config(cfg.to_dict(), out / "config.yaml")
             save_epoch(init, arch, 0, cfg, train_set, (test_set, lossless), env, out, train_flops=0)
         epochs_run = start - 1
+        tb = Scalars(out, env.is_main, first_step=start)
         for epoch in range(start, cfg.pretrain.epochs + 1):
             loss = method.train_epoch(epoch)
             state = {k: v.detach().cpu() for k, v in method.global_state().items()}  # a collective for gpipe
@@ -75,6 +78,7 @@ def main(argv=None):
                              "train_flops": train_flops,
                              **({"emerged_at": "" if emerged is None else emerged} if watch else {})})
                 write_csv(rows, out / "metrics.csv")
+                tb.add({**rows[-1], "lr": epoch_lr(method, cfg.pretrain)}, epoch)
                 save_atomic({"model": state, "arch": arch, "epoch": epoch, "method": method.state_dict(),
                              "rows": rows, "comm_bytes": comm_total, "config": cfg.to_dict(),
                              "consecutive": watch.consecutive if watch else []}, out / "last.pt")
@@ -84,8 +88,10 @@ def main(argv=None):
                 if env.is_main:
                     print(f"ticket emerged at epoch {emerged} (filter-distance rule); stopping after epoch {epoch}")
                 break
+        tb.close()
         if env.is_main:
             write_comm_json(cfg, arch, len(train_set), comm_total, out, epochs_run)
+            finished(out, stage_command("02_filter_distance.py", args), stage_command("03_prune.py", args))
     except BaseException:
         teardown(env, clean=False)  # no barrier: a peer may be gone
         raise
@@ -175,7 +181,7 @@ def write_comm_json(cfg, arch, n_train, measured_total, out, epochs_run: int):
         "measured_note": "bytes handed to collectives, summed over ranks (one process: over workers); "
                          "a push of each worker's subnetwork per round, so the paper's pull+push count is 2x",
         "analytic_ps_bytes": analytic,
-        "analytic_note": "the paper's parameter-server convention, fp32, parameters only (SPEC 3)",
+        "analytic_note": "the paper's parameter-server convention, fp32, parameters only (docs/method.md)",
     }
     write_text_atomic(json.dumps(report, indent=1), out / "comm.json")
 

@@ -7,32 +7,40 @@
 Reads runs/NAME/pretrain/epoch_*.pt (any method) and writes runs/NAME/distance/: config.yaml,
 filter_distance.csv (every layer and ordered epoch pair; network_mean/network_weighted rows),
 early_bird.csv, heatmap_<layer>.png, distance_to_final.png, early_bird.png, [compare.png],
-summary.json. The metric and its conventions are in common/distance.py. Next: 03_prune.py.
+summary.json, and TensorBoard scalars. --tag T writes distance_T/ instead; an existing distance
+folder made with other analysis settings (prune.ratio, distance.*) is only replaced with --force.
+The metric and its conventions: docs/method.md and common/distance.py. Next: 03_prune.py.
 """
 import json
 from pathlib import Path
 
 from common.checkpoint import write_text_atomic
-from common.cli import run_stage
+from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.distance import (EB_EPS, EB_HISTORY, analyse, consecutive_distances, distance_rows,
                              early_bird_epoch, emergence_epoch, load_series, mask_rows, plot_compare,
                              plot_distance_to_final, plot_heatmap, plot_mask_heatmap, safe_name, to_final)
-from common.runs import save_config, write_csv
+from common.prune import check_tag
+from common.runs import check_analysis_dir, finished, save_config, write_csv
+from common.tb import Scalars
 
 
 def main(argv=None):
     p = stage_parser(__doc__.splitlines()[0])
     p.add_argument("--compare", nargs="+", default=[], metavar="DIR",
                    help="other run folders (runs/X) whose distance to final is drawn beside this run's")
+    p.add_argument("--tag", default=None, help="output folder distance_TAG (default: distance)")
+    p.add_argument("--force", action="store_true", help="replace a distance folder made with other settings")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.set)
     run = run_dir_of(args, cfg)
-    made_by = f"python 01_pretrain_loft.py --config {args.config}" + (f" --run-dir {run}" if args.run_dir else "")
+    out = run / (f"distance_{check_tag(args.tag)}" if args.tag else "distance")
+    made_by = stage_command("01_pretrain_loft.py", args)
     series = load_series(run / "pretrain", made_by)
     print(f"{run / 'pretrain'}: epochs {series.epochs[0]}..{series.epochs[-1]} of {series.arch['name']} "
           f"(width {series.arch['width']}, method {series.method}), {len(series.norms)} prunable layers")
 
+    check_analysis_dir(out, cfg.to_dict(), ("prune.ratio", "distance."), args.force)
     res = analyse(series, cfg.prune.ratio)
     ep = series.epochs
     filt = emergence_epoch(consecutive_distances(res), cfg.distance.emergence_eps, cfg.distance.emergence_window)
@@ -43,7 +51,6 @@ def main(argv=None):
         s = load_series(other / "pretrain", f"python 01_pretrain_loft.py --config yaml/<NAME>.yaml --run-dir {other}")
         curves[f"{other} ({s.method})"] = (s.epochs, to_final(analyse(s, cfg.prune.ratio)))
 
-    out = run / "distance"
     save_config(cfg.to_dict(), out / "config.yaml")
     write_csv(distance_rows(ep, res), out / "filter_distance.csv")
     write_csv(mask_rows(ep, res.mask_dist), out / "early_bird.csv")
@@ -69,6 +76,11 @@ def main(argv=None):
         "consecutive": {f"{a}-{b}": round(v, 5) for a, b, v in zip(ep, ep[1:], consecutive_distances(res))},
     }
     write_text_atomic(json.dumps(summary, indent=1), out / "summary.json")
+    tb = Scalars(out, True)
+    for i, (e, v, m) in enumerate(zip(ep, to_final(res), res.mask_dist[-1].tolist())):
+        tb.add({"distance_to_final": v, "mask_distance_to_final": m,
+                **({"distance_to_previous": consecutive_distances(res)[i - 1]} if i else {})}, e)
+    tb.close()
     for name, rule in (("filter emergence", "filter_emergence_rule"), ("early bird", "early_bird_rule")):
         print(f"{name + ' epoch:':24s}{marks[name] if marks[name] is not None else 'not reached':>12}   ({summary[rule]})")
     print("epoch  F_topk(final, e)  F_topk(e, e-1)  mask dist to final   [F: network mean, normalised top-k]")
@@ -77,6 +89,7 @@ def main(argv=None):
         print(f"{e:5d}  {v:16.4f}  {step}  {m:18.4f}")
     print(f"wrote {out}/: filter_distance.csv, early_bird.csv, {len(res.filters)} heatmaps, distance_to_final.png, "
           f"early_bird.png{', compare.png' if args.compare else ''}, summary.json")
+    finished(out, stage_command("03_prune.py", args))
 
 
 if __name__ == "__main__":

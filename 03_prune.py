@@ -4,18 +4,18 @@
     python 03_prune.py --config yaml/preresnet18_c10.yaml --set prune.ratio=0.8   # LoFT's 80 % setting
     python 03_prune.py --config yaml/quick_c10.yaml --set prune.kind=magnitude --set prune.ratio=0.2
     python 03_prune.py --config yaml/quick_c10.yaml --set prune.kind=magnitude --set prune.ratio=0.2 \\
-        --from runs/quick_c10/finetune_mag_r80_rewind/final.pt --tag mag_r64_it2  # I-LOT-R, round 2
+        --from runs/quick_c10/finetune_mag_r80_rewind_k1/final.pt --tag mag_r64_it2  # I-LOT-R, round 2
 
 Reads runs/NAME/pretrain/epoch_EEE.pt (the last epoch present) unless --from names another
 checkpoint or a fine-tuned ticket (iterative pruning). Writes runs/NAME/prune_TAG/ticket.pt and
 config.yaml, TAG = l1_pNN (structured, NN % of filters removed) or mag_rNN (NN % of weights
-remain). Next: 04_finetune.py.
+remain). The ticket records the content hash of its source and of every pretraining epoch, so 04
+refuses to rewind it onto a pretraining run that has since been redone. Next: 04_finetune.py.
 """
-import re
 from pathlib import Path
 
 from common.checkpoint import load_checkpoint, save_atomic
-from common.cli import run_stage
+from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.costs import flops_per_sample
 from common.data import input_shape
@@ -23,7 +23,9 @@ from common.errors import UserError
 from common.models import build_model
 from common.prune import (check_tag, default_tag, format_table, format_totals, nonzero_params, prune_filters,
                           prune_magnitude, sparse_flops)
-from common.runs import save_config
+from common.lineage import epoch_files, pretrain_hashes, record
+from common.runs import check_writable, finished, save_config
+from common.tb import Scalars
 
 
 def main(argv=None):
@@ -37,7 +39,8 @@ def main(argv=None):
     pc, run = cfg.prune, run_dir_of(args, cfg)
     out = run / f"prune_{check_tag(args.tag) if args.tag else default_tag(pc.kind, pc.ratio)}"
     if (out / "ticket.pt").exists() and not args.force:
-        raise UserError(f"{out / 'ticket.pt'} already exists; pass --force to overwrite it")
+        raise UserError(f"{out / 'ticket.pt'} already exists; pass --force to overwrite it or --tag to write beside it")
+    check_writable(out)
 
     src_path = Path(args.source) if args.source else last_epoch(run / "pretrain", pretrain_command(args))
     src = load_source(src_path, cfg, pretrain_command(args))
@@ -56,6 +59,9 @@ def main(argv=None):
         pruned = prune_magnitude(model, src["arch"], pc.ratio, pc.scope, old_mask)
 
     ticket = make_ticket(src, src_path, model, pruned, cfg)
+    ticket["lineage"] = {"source": record(src_path)}
+    # what a rewind may use: the pretraining epochs as they are now (a fine-tuned source passes its own on)
+    ticket["pretrain_sha256"] = src.get("pretrain_sha256") or pretrain_hashes(Path(ticket["pretrain_dir"]))
     print(format_table(pruned, pc.kind))
     before = {"params": ticket["params_before"], "flops": ticket["flops_before"]}
     after = {"params": ticket["params_after"], "flops": ticket["flops_after"]}
@@ -64,27 +70,29 @@ def main(argv=None):
     print(format_totals(before, after))
     save_config(cfg.to_dict(), out / "config.yaml")
     save_atomic(ticket, out / "ticket.pt")
+    tb = Scalars(out, True)
+    tb.add({k: ticket[k] for k in ("params_before", "params_after", "flops_before", "flops_after")}, 0)
+    tb.close()
     print(f"wrote {out / 'ticket.pt'}")
+    finished(out, stage_command("04_finetune.py", args, "--ticket", str(out / "ticket.pt")))
 
 
 def pretrain_command(args) -> str:
-    extra = f" --run-dir {args.run_dir}" if args.run_dir else ""
-    extra += "".join(f" --set {s}" for s in args.set)
-    return f"python 01_pretrain_loft.py --config {args.config}{extra}"
+    return stage_command("01_pretrain_loft.py", args)
 
 
 def last_epoch(folder: Path, made_by: str) -> Path:
     """The pretraining checkpoint of the highest epoch in `folder`."""
-    epochs = sorted(int(m.group(1)) for f in folder.glob("epoch_*.pt") if (m := re.fullmatch(r"epoch_(\d+)\.pt", f.name)))
+    epochs = epoch_files(folder)
     if not epochs:
         raise UserError(f"{folder}: no pretraining checkpoints epoch_EEE.pt (run: {made_by})")
-    return folder / f"epoch_{epochs[-1]:03d}.pt"
+    return epochs[max(epochs)]
 
 
 def load_source(path: Path, cfg, made_by: str) -> dict:
     """A pretraining epoch checkpoint or a fine-tuned ticket; its architecture must be the config's."""
     ticket_like = "finetune_" in str(path) or "prune_" in str(path)
-    src = load_checkpoint(path, required=("model", "arch", "epoch"),
+    src = load_checkpoint(path, required=("model", "arch", "epoch"), wanted="checkpoint or ticket",
                           made_by=None if ticket_like else made_by)
     arch = src["arch"]
     if arch["name"] != cfg.model.arch or float(arch["width"]) != cfg.model.width:

@@ -1,4 +1,4 @@
-"""Stage 4 — train a ticket: finetune, rewind, scratch or RISE (SPEC 6).
+"""Stage 4 — train a ticket: finetune, rewind, scratch or RISE (docs/method.md).
 
     python 04_finetune.py --config yaml/quick_c10.yaml                                  # ticket of prune.* settings
     python 04_finetune.py --config yaml/quick_c10.yaml --set finetune.mode=rewind --set finetune.rewind_epoch=1
@@ -7,25 +7,31 @@
     deepspeed --num_gpus 2 04_finetune.py --config yaml/r18_c10.yaml                   # data parallel
 
 Reads runs/NAME/prune_TAG/ticket.pt (TAG from prune.kind/prune.ratio unless --ticket), writes
-runs/NAME/finetune_TAG_MODE/: config.yaml, metrics.csv, last.pt, final.pt (a ticket that 03 can
-prune again: iterative pruning), result.json (accuracy, size, training FLOPs of the lineage).
+runs/NAME/finetune_TAG_MODE[_kK]/ (_kK: the rewind epoch of rewind/rise; --tag names it instead):
+config.yaml, metrics.csv, last.pt, final.pt (a ticket that 03 can prune again: iterative pruning),
+result.json (accuracy, size, training FLOPs of the lineage, hashes of the files it came from).
+Formulas and the file contract: docs/method.md, docs/files.md.
 """
 import json
 from pathlib import Path
 
+import torch
 
 from common.checkpoint import load_checkpoint, save_atomic, write_text_atomic
-from common.cli import run_stage
+from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.data import input_shape, load_dataset, on_device
 from common.dist import Comm, setup_from_config, teardown
 from common.costs import train_flops_per_sample
+from common.errors import UserError
 from common.evaluation import accuracies, lossless_positions
-from common.finetune import FINETUNE_STREAM, LockedUpdate, complexity_base, ticket_schedule, ticket_weights
+from common.finetune import (FINETUNE_STREAM, LockedUpdate, check_lineage, complexity_base, load_ticket, param_counts,
+                             ticket_schedule, ticket_weights)
 from common.models import build_model
 from common.pretrain import Dense
-from common.prune import default_tag
-from common.runs import check_resume_config, prepare_stage_dir, save_config, write_csv
+from common.prune import check_tag, default_tag
+from common.runs import check_resume_config, check_stage_dir, clear_stage_dir, finished, save_config, write_csv
+from common.tb import Scalars, epoch_lr
 
 
 def main(argv=None):
@@ -33,18 +39,20 @@ def main(argv=None):
     p.add_argument("--ticket", default=None, help="ticket.pt or a fine-tuned final.pt (default: from prune.*)")
     p.add_argument("--resume", action="store_true", help="continue from last.pt")
     p.add_argument("--force", action="store_true", help="start over in a folder that holds a run")
+    p.add_argument("--tag", default=None, help="output folder finetune_TAG (default: finetune_<ticket>_<mode>[_k<K>])")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.set)
     fc, run = cfg.finetune, run_dir_of(args, cfg)
     ticket_path = Path(args.ticket) if args.ticket else \
         run / f"prune_{default_tag(cfg.prune.kind, cfg.prune.ratio)}" / "ticket.pt"
-    ticket = load_checkpoint(ticket_path, required=("model", "arch", "kind", "pretrain_dir"),
-                             made_by=f"python 03_prune.py --config {args.config}")
-    out = run / f"finetune_{ticket_path.parent.name.removeprefix('prune_')}_{fc.mode}"
+    make_ticket = stage_command("03_prune.py", args)
+    ticket = load_ticket(ticket_path, make_ticket)
+    lineage = check_lineage(ticket, ticket_path, fc.mode, fc.rewind_epoch, remake_command(ticket, ticket_path, args))
+    out = run / f"finetune_{check_tag(args.tag) if args.tag else default_folder(ticket_path, fc)}"
     weights = ticket_weights(ticket, fc.mode, fc.rewind_epoch, cfg.seed)
     env = setup_from_config(cfg.dist)
     try:
-        resuming = prepare_stage_dir(out, args.resume, args.force, env.is_main)
+        resuming = check_stage_dir(out, args.resume, args.force, env.is_main)
         train_set, test_set = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
         lossless = lossless_positions(cfg.data, test_set)
         epochs, schedule, schedule_note = ticket_schedule(ticket, fc, len(train_set))
@@ -57,33 +65,64 @@ def main(argv=None):
         if resuming:
             ck = load_checkpoint(out / "last.pt", required=("model", "method", "rows", "config", "epoch"))
             check_resume_config(ck["config"], cfg.to_dict(), out / "last.pt", section="finetune")
+            if hashes(ck.get("lineage", lineage)) != hashes(lineage):
+                raise UserError(f"--resume: {ticket_path} or its rewind checkpoint changed since {out} was "
+                                "started (content hash differs); use --force to start over")
             trainer.load_state_dict(ck["method"], weights=ck["model"])
             start, rows = int(ck["epoch"]) + 1, list(ck["rows"])
         elif env.is_main:
+            clear_stage_dir(out)  # --force: only now that ticket, lineage, data and trainer have been checked
             save_config(cfg.to_dict(), out / "config.yaml")
             print(f"ticket {ticket_path}: {ticket['kind']}, {ticket.get('params_after', '?')} params; mode {fc.mode}; "
                   f"lr: {schedule_note}")
+        tb = Scalars(out, env.is_main, first_step=start)
         for epoch in range(start, epochs + 1):
             loss = trainer.train_epoch(epoch)
+            comm_total = int(comm.sum_metric(torch.tensor([comm.bytes_sent], dtype=torch.float64)).item())
             if env.is_main:
                 accs = accuracies(trainer.model, test_set, cfg.data.eval_batch_size, env.device, lossless)
                 acc = accs["test_acc"]
                 rows.append({"epoch": epoch, "train_loss": round(loss, 5), **{k: round(v, 3) for k, v in accs.items()}})
                 write_csv(rows, out / "metrics.csv")
+                tb.add({**rows[-1], "lr": epoch_lr(trainer, fc), "comm_bytes": comm_total,
+                        "train_flops": int(ticket.get("train_flops", 0)) + trainer.steps_done * trainer.train_flops_per_step},
+                       epoch)
                 save_atomic({"model": {k: v.cpu() for k, v in trainer.global_state().items()}, "arch": ticket["arch"],
                              "epoch": epoch, "rows": rows,
-                             "method": trainer.state_dict(), "config": cfg.to_dict()}, out / "last.pt")
+                             "method": trainer.state_dict(), "config": cfg.to_dict(), "lineage": lineage},
+                            out / "last.pt")
                 print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%")
             comm.barrier()
+        tb.close()
         if env.is_main:
-            save_result(ticket, ticket_path, trainer, rows, cfg, out)
+            save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage)
+            finished(out, f"python bench/report.py {run.parent}")
     except BaseException:
         teardown(env, clean=False)  # no barrier: a peer may be gone
         raise
     teardown(env)
 
 
-def save_result(ticket, ticket_path, trainer, rows, cfg, out):
+def remake_command(ticket: dict, ticket_path: Path, args) -> str:
+    """The 03 command that makes this ticket again from the files as they are now."""
+    source = str(ticket.get("source", ""))
+    again_from = ["--from", source] if "finetune_" in source else []  # iterative: its fine-tuned source
+    return stage_command("03_prune.py", args, *again_from, "--tag", ticket_path.parent.name.removeprefix("prune_"),
+                         "--force")
+
+
+def hashes(lineage: dict) -> dict:
+    """The content part of a lineage record: the same file under another path name is the same file."""
+    return {k: v and v["sha256"] for k, v in lineage.items()}
+
+
+def default_folder(ticket_path: Path, fc) -> str:
+    """TAG_MODE, and the rewind epoch for the modes that rewind: runs differing in k get their own folders."""
+    name = f"{ticket_path.parent.name.removeprefix('prune_')}_{fc.mode}"
+    return f"{name}_k{fc.rewind_epoch}" if fc.mode in ("rewind", "rise") else name
+
+
+def save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage):
     """final.pt (the trained ticket, with its lineage) and result.json.
 
     Training complexity (README "Training complexity"): train_flops = base + ticket, base = the
@@ -102,14 +141,15 @@ def save_result(ticket, ticket_path, trainer, rows, cfg, out):
     final.update({"model": {k: v.cpu() for k, v in trainer.global_state().items()}, "epoch": last["epoch"],
                   "train_flops": train_flops, "lineage_flops": spent_before + ticket_flops,
                   **{k: last[k] for k in ("test_acc", "test_acc_lossless") if k in last},
-                  "finetune_mode": fc.mode, "ticket": str(ticket_path), "config": cfg.to_dict()})
+                  "finetune_mode": fc.mode, "ticket": str(ticket_path), "config": cfg.to_dict(),
+                  "finetune_lineage": lineage})
     save_atomic(final, out / "final.pt")
     result = {
         "mode": fc.mode, "ticket": str(ticket_path), "kind": ticket["kind"], "ratio": ticket.get("ratio"),
         "best_test_acc": max(r["test_acc"] for r in rows), "final_test_acc": last["test_acc"],
         **({"best_test_acc_lossless": max(r["test_acc_lossless"] for r in rows),
             "final_test_acc_lossless": last["test_acc_lossless"]} if "test_acc_lossless" in last else {}),
-        "params": ticket.get("params_after"), "flops_per_sample": ticket.get("flops_after"),
+        **param_counts(trainer.model, ticket.get("mask")), "flops_per_sample": ticket.get("flops_after"),
         "flops_per_sample_sparse": ticket.get("flops_after_sparse"),
         "train_flops": train_flops,
         "train_flops_parts": {"before_this_stage": base, "pruning": 0, "finetune": ticket_flops},
@@ -117,9 +157,11 @@ def save_result(ticket, ticket_path, trainer, rows, cfg, out):
         "mask_search_flops": spent_before - base,
         "lineage_flops": spent_before + ticket_flops,
         "finetune_epochs": last["epoch"], "rewind_epoch": fc.rewind_epoch,
+        "lineage": lineage,
     }
     write_text_atomic(json.dumps(result, indent=1), out / "result.json")
     print(json.dumps(result, indent=1))
+    print(f"wrote {out / 'result.json'}")
 
 
 if __name__ == "__main__":

@@ -42,10 +42,12 @@ def pretrain(config, run_dir: Path, sets: dict, epochs: int):
 
 def prune_and_finetune(config, run_dir: Path, sets: dict, tag: str) -> dict:
     """03 then 04 (skipped when its result exists); returns result.json."""
-    out = run_dir / f"finetune_{tag}_{sets.get('finetune.mode', 'finetune')}"
+    name = f"{tag}_{sets.get('finetune.mode', 'finetune')}"  # named here: the benchmarks read it back
+    out = run_dir / f"finetune_{name}"
     if not (out / "result.json").exists():
         run_stage("03_prune", config, run_dir, sets, "--force", "--tag", tag)
-        run_stage("04_finetune", config, run_dir, sets, "--force", "--ticket", str(run_dir / f"prune_{tag}/ticket.pt"))
+        run_stage("04_finetune", config, run_dir, sets, "--force", "--ticket", str(run_dir / f"prune_{tag}/ticket.pt"),
+                  "--tag", name)
     return read_json(out / "result.json")
 
 

@@ -1,10 +1,28 @@
-"""Entry-point wrapper: a `UserError` becomes one line on stderr and exit code 2."""
+"""Entry-point wrapper: a `UserError` becomes one line on stderr and exit code 2; so does a
+file-system error (no permission, full disk, read-only folder) that escaped the stage's own checks."""
 from __future__ import annotations
 
+import errno
 import os
+import shlex
 import sys
 
 from common.errors import UserError
+
+# errors about where files go, not bugs: the user fixes them by freeing space or choosing a folder
+FILESYSTEM_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ENOTDIR,
+                     errno.EISDIR, errno.EEXIST}
+
+
+def stage_command(script: str, args, *extra: str) -> str:
+    """The full command line that runs `script` on the same config, run folder and overrides as
+    `args` (a parsed stage command line), for hints that say which command makes a missing file."""
+    words = ["python", script, "--config", str(args.config)]
+    if args.run_dir:
+        words += ["--run-dir", str(args.run_dir)]
+    for item in args.set:
+        words += ["--set", item]
+    return shlex.join(words + list(extra))
 
 
 def _close_progress_bars():
@@ -22,6 +40,10 @@ def run_stage(main, argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in FILESYSTEM_ERRORS:
+            _close_progress_bars()
+            print(f"error: {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
+            sys.exit(2)
         from common.dist import is_peer_failure
         rank = os.environ.get("RANK")
         if rank is None or not is_peer_failure(e):

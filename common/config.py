@@ -296,7 +296,9 @@ class _Parser(argparse.ArgumentParser):
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
     """The arguments every stage takes; a stage adds its own before parsing."""
-    p = _Parser(description=description)
+    p = _Parser(description=description,
+                epilog="What the stages compute: docs/method.md. Files, folders and lineage: docs/files.md. "
+                       "Config keys: common/config.py.")
     p.add_argument("--config", required=True, help="yaml/NAME.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (YAML-parsed value), repeatable")

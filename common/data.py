@@ -80,16 +80,20 @@ _CIFAR = {  # dataset → (folder, torchvision class name, train files, test fil
 }
 
 
+def shown_root(root: Path) -> str:
+    """data.root as given and, when relative, the absolute path it meant from here."""
+    return f"{root}" if root.is_absolute() else f"{root} (= {root.absolute()})"
+
+
 def _download(root: Path, dataset: str = "cifar10"):
     folder, tv_class = _CIFAR[dataset][:2]
     try:
         import torchvision
         getattr(torchvision.datasets, tv_class)(str(root), train=True, download=True)
     except Exception as e:  # no network, disk full, ...: the user must point at a copy
-        raise UserError(f"data.root={root}: no {folder}/ there and the download failed "
+        raise UserError(f"data.root={shown_root(root)}: no {folder}/ there and the download failed "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        f"point data.root at a folder holding {folder}/ "
-                        f"(e.g. --set data.root=../shared/data)") from None
+                        f"point data.root at a folder holding {folder}/ (an absolute path works from any folder)") from None
 
 
 def cifar_dir(root: str | Path, dataset: str, download: bool = True) -> Path:
@@ -97,7 +101,7 @@ def cifar_dir(root: str | Path, dataset: str, download: bool = True) -> Path:
     folder = root / _CIFAR[dataset][0]
     if not folder.is_dir():
         if not download:
-            raise UserError(f"data.root={root}: no {_CIFAR[dataset][0]}/ folder there")
+            raise UserError(f"data.root={shown_root(root)}: no {_CIFAR[dataset][0]}/ folder there")
         _download(root, dataset)
     return folder
 
@@ -106,13 +110,28 @@ def cifar10_dir(root: str | Path, download: bool = True) -> Path:
     return cifar_dir(root, "cifar10", download)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """The CIFAR release pickles dicts of numpy arrays, lists and bytes: nothing else may load."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR batch")
+        return super().find_class(module, name)
+
+
 def _read_batch(path: Path, label_key: bytes = b"labels") -> tuple[np.ndarray, list]:
     try:
         with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")  # the dataset's own pickle format (trusted data files)
-        return d[b"data"], d[label_key]
-    except (OSError, pickle.UnpicklingError, KeyError, EOFError) as e:
+            d = _ArraysOnly(f, encoding="bytes").load()
+        data, labels = np.asarray(d[b"data"]), np.asarray(d[label_key])
+    except Exception as e:  # truncated, overwritten, foreign: whatever pickle makes of it
         raise UserError(f"{path}: not a readable CIFAR batch ({type(e).__name__})") from None
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
+        raise UserError(f"{path}: not a CIFAR batch (expected N x 3072 uint8 images and N labels, "
+                        f"got {data.dtype} {data.shape} and {labels.shape[0] if labels.ndim else 0} labels)")
+    return data, labels
 
 
 def load_cifar(root: str | Path, dataset: str, train: bool, download: bool = True) -> ImageSet:
@@ -159,7 +178,7 @@ def imagenet_dir(root: str | Path) -> Path:
     for cand in (root / IMAGENET_DIR, root):
         if (cand / "train").is_dir() and (cand / "val").is_dir():
             return cand
-    raise UserError(f"data.root={root}: no ImageNet there. It cannot be downloaded automatically: get "
+    raise UserError(f"data.root={shown_root(root)}: no ImageNet there. It cannot be downloaded automatically: get "
                     f"ILSVRC2012 from image-net.org and lay it out as {root / IMAGENET_DIR}/train/<wnid>/*.JPEG "
                     f"and {root / IMAGENET_DIR}/val/<wnid>/*.JPEG (val sorted into class folders), or point "
                     "data.root at a folder holding train/ and val/")

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import load_checkpoint
+from common.checkpoint import describe, load_checkpoint
 from common.config import section_from_file
 from common.errors import UserError
+from common.lineage import check_unchanged, file_sha256
 from common.models import build_model, prunable_blocks
 from common.prune import slice_blocks
 from common.schedule import Schedule, schedule_of, ticket_schedule_source
@@ -31,9 +32,14 @@ def _full_arch(arch: dict) -> dict:
     return {k: v for k, v in arch.items() if k != "mids"}
 
 
+def rewind_path(ticket: dict, epoch: int) -> Path:
+    return Path(ticket["pretrain_dir"]) / f"epoch_{epoch:03d}.pt"
+
+
 def rewind_checkpoint(ticket: dict, epoch: int) -> dict:
-    path = Path(ticket["pretrain_dir"]) / f"epoch_{epoch:03d}.pt"
-    return load_checkpoint(path, made_by="01_pretrain_loft.py (finetune.rewind_epoch must be a saved epoch)")
+    return load_checkpoint(rewind_path(ticket, epoch), required=("model", "arch", "epoch"),
+                           wanted="pretraining checkpoint",
+                           made_by="01_pretrain_loft.py (finetune.rewind_epoch must be a saved epoch)")
 
 
 def rewind_weights(ticket: dict, epoch: int) -> dict:
@@ -120,3 +126,44 @@ def complexity_base(ticket: dict, mode: str, rewind_epoch: int) -> int:
     if mode == "finetune":
         return int(ticket.get("train_flops", 0))
     return 0
+
+
+def load_ticket(path: Path, made_by: str) -> dict:
+    """A ticket (03's ticket.pt or 04's final.pt); a pretraining checkpoint is named as such, with
+    the command that makes a ticket from it."""
+    ticket = load_checkpoint(path, required=("model", "arch"), made_by=made_by, wanted="ticket")
+    if "kind" not in ticket or "pretrain_dir" not in ticket:
+        raise UserError(f"{path}: {describe(ticket)}, not a ticket; make one from it: {made_by} --from {path}")
+    return ticket
+
+
+def check_lineage(ticket: dict, ticket_path: Path, mode: str, rewind_epoch: int, remake: str) -> dict:
+    """Refuse when a file the ticket was made from changed since (its source checkpoint, or the
+    pretraining epoch it will be rewound to); returns {"ticket", "rewind"} records for the result.
+    Tickets made before lineage was recorded carry no hashes and are taken as they are."""
+    source = ticket.get("lineage", {}).get("source")
+    if source and Path(source["path"]).is_file():  # gone is fine: the ticket holds its own weights
+        check_unchanged(source["path"], source["sha256"], ticket_path, remake)
+    rewind = None
+    if mode in ("rewind", "rise"):
+        path = rewind_path(ticket, rewind_epoch)
+        known = ticket.get("pretrain_sha256")
+        if not path.is_file():
+            saved = ", ".join(sorted(known, key=int)) if known else "see the pretraining folder"
+            raise UserError(f"{path}: no such pretraining checkpoint; finetune.rewind_epoch={rewind_epoch} must be "
+                            f"an epoch the ticket's pretraining run saved ({saved})")
+        rewind = {"path": str(path), "sha256": file_sha256(path)}
+        if known is not None and known.get(str(rewind_epoch)) != rewind["sha256"]:
+            raise UserError(f"{path} changed since {ticket_path} was made from its pretraining run "
+                            f"(content hash differs): rewinding would pair the ticket's mask or filters "
+                            f"with another run's weights; remake the ticket: {remake}")
+    return {"ticket": {"path": str(ticket_path), "sha256": file_sha256(ticket_path)}, "rewind": rewind}
+
+
+def param_counts(model: torch.nn.Module, mask: dict | None) -> dict:
+    """Total, trainable (winners: every parameter but the masked-out weights) and nonzero parameters.
+    Under RISE the losers stay at their nonzero epoch-k values: trainable < nonzero."""
+    total = sum(p.numel() for p in model.parameters())
+    locked = sum(int((~m).sum()) for m in (mask or {}).values())
+    nonzero = sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    return {"params_total": total, "params_trainable": total - locked, "params_nonzero": nonzero}

@@ -21,13 +21,13 @@ import contextlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from common.costs import epoch_end_round, flops_per_sample, pipeline_cuts
 from common.data import Stream, input_shape
 from common.dist import Comm, DistEnv, workers_of_rank
 from common.errors import UserError
 from common.fused import fuse, fused_criterion, worker_views
+from common.progress import progress
 from common.loft import SlicePlan, aggregate, draw_partition, extract, partition_to, worker_arch
 from common.models import build_model, partitioned_blocks
 from common.schedule import schedule_of
@@ -42,7 +42,8 @@ def recal_stream(train_set, cfg) -> Stream:
 
 
 def _progress(it, epoch, env, unit):
-    return tqdm(it, desc=f"epoch {epoch} {unit}", disable=not env.is_main, leave=False)
+    """A bar on a terminal (rank 0), nothing in a log: the stage prints one line per epoch."""
+    return progress(it, f"epoch {epoch} {unit}", env.is_main)
 
 
 def _to(state: dict | None, device) -> dict | None:

@@ -4,28 +4,46 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+import tempfile
 from pathlib import Path
 
 import yaml
 
-from common.checkpoint import write_text_atomic
+from common.checkpoint import cannot_write, write_text_atomic
 from common.errors import UserError
 
 
-def prepare_stage_dir(path: Path, resume: bool, force: bool, is_main: bool) -> bool:
-    """True when resuming. A folder holding outputs needs --resume (continue) or --force (start over)."""
+def check_stage_dir(path: Path, resume: bool, force: bool, is_main: bool = True) -> bool:
+    """True when resuming. A folder holding outputs needs --resume (continue) or --force (start
+    over; cleared later by `clear_stage_dir`, once every input has been checked). Also proves the
+    folder writable now, so a permission problem is one line before any work is done."""
     if resume and force:
         raise UserError("--resume and --force exclude each other")
     if resume:
         if not (path / "last.pt").is_file():
             raise UserError(f"--resume: {path / 'last.pt'} does not exist, nothing to resume")
-        return True
+    elif path.exists() and any(path.iterdir()) and not force:
+        raise UserError(f"{path} already holds outputs; pass --resume to continue, --force to start over"
+                        f"{' or --tag to write beside it' if path.name.startswith('finetune_') else ''}")
+    if is_main:
+        check_writable(path)
+    return resume
+
+
+def check_writable(folder: Path):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise cannot_write(folder, e) from None
+
+
+def clear_stage_dir(path: Path):
+    """--force: remove the old outputs; call only after every input and setting has been validated."""
     if path.exists() and any(path.iterdir()):
-        if not force:
-            raise UserError(f"{path} already holds outputs; pass --resume to continue or --force to start over")
-        if is_main:
-            shutil.rmtree(path)
-    return False
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
 
 
 def write_csv(rows: list[dict], path: Path):
@@ -47,18 +65,53 @@ def save_config(cfg_dict: dict, path: Path):
     write_text_atomic(yaml.safe_dump(cfg_dict, sort_keys=False), path)
 
 
+def flat(cfg: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} → {'a.b': 1}."""
+    out = {}
+    for k, v in cfg.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def differing_keys(saved: dict, now: dict) -> list[str]:
+    a, b = flat(saved), flat(now)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
 def check_resume_config(saved: dict, now: dict, path: Path, section: str):
-    """A run resumes only under the config it was made with (its epoch count may grow; the
-    `dist` section — timeouts, threads — is about the machine, not the experiment)."""
-    saved = {**saved, section: {**saved[section], "epochs": now[section]["epochs"]}, "dist": now["dist"]}
-    if saved != now:
-        diff = [f"{sec}.{k}" if isinstance(now[sec], dict) else sec
-                for sec in now for k in (now[sec] if isinstance(now[sec], dict) else [None])
-                if _value(saved, sec, k) != _value(now, sec, k)]
-        raise UserError(f"--resume: {path} was made with a different config ({', '.join(sorted(diff))}); "
+    """A run resumes only under the config it was made with. Two exceptions: the `dist` section
+    (timeouts, threads) is about the machine, not the experiment; and `SECTION.epochs` may change
+    under the constant schedule only: cosine and step schedules are functions of the total step
+    count, so a longer run would follow another curve than its config.yaml says."""
+    diff = [k for k in differing_keys(saved, now) if not k.startswith("dist.")]
+    if f"{section}.epochs" in diff and now[section]["schedule"] == "constant":
+        diff.remove(f"{section}.epochs")
+    if f"{section}.epochs" in diff:
+        raise UserError(f"--resume: {section}.epochs was {saved[section]['epochs']} when {path} was made, now "
+                        f"{now[section]['epochs']}; the {now[section]['schedule']} learning-rate schedule spans all "
+                        "epochs, so it would change mid-run (only schedule: constant can be extended); "
+                        "use --force to start over")
+    if diff:
+        raise UserError(f"--resume: {path} was made with a different config ({', '.join(diff)}); "
                         "use --force to start over")
 
 
-def _value(cfg: dict, section: str, key):
-    node = cfg.get(section)
-    return node.get(key) if isinstance(node, dict) else node
+def finished(out: Path, *next_commands: str):
+    """A stage's last lines: where it wrote (TensorBoard reads the same folder) and what to run next."""
+    print(f"wrote {out}/  (scalars: tensorboard --logdir {out.parent})")
+    for command in next_commands:
+        print(f"next: {command}")
+
+
+def check_analysis_dir(path: Path, now: dict, keys: tuple[str, ...], force: bool):
+    """An analysis folder is recomputed freely under the same settings, but one made under other
+    `keys` (dotted names or section prefixes) is replaced only with --force."""
+    saved_file = path / "config.yaml"
+    if saved_file.is_file() and not force:
+        saved = yaml.safe_load(saved_file.read_text()) or {}
+        diff = [k for k in differing_keys(saved, now) if k.startswith(keys)]
+        if diff:
+            shown = ", ".join(f"{k}={flat(saved).get(k)!r}" for k in diff)
+            raise UserError(f"{path} holds results made with {shown}; pass --tag NAME to write beside it "
+                            "or --force to replace it")
+    check_writable(path)

@@ -65,7 +65,7 @@ def pretrain_flops(run, epoch):
 def test_rise_complexity_is_pretraining_to_k_plus_a_backward_over_the_winners_only(lineage):
     cfg, run = lineage
     finetune(cfg, run, "prune_mag_r20", "finetune.mode=rise", "finetune.rewind_epoch=1")
-    result = read(run / "finetune_mag_r20_rise/result.json")
+    result = read(run / "finetune_mag_r20_rise_k1/result.json")
     ticket = torch.load(run / "prune_mag_r20/ticket.pt", weights_only=True)
     model = build_model(ticket["arch"])
     # hand count of what the non-winners save per sample: 2 FLOPs per output position per pruned
@@ -88,9 +88,9 @@ def test_a_later_rewind_epoch_costs_more_and_the_loft_lineage_counts_the_same_wa
     cfg, run = lineage
     finetune(cfg, run, "prune_l1_p50", "finetune.mode=rewind", "finetune.rewind_epoch=0",
              "finetune.schedule_from=fresh")
-    early = read(run / "finetune_l1_p50_rewind/result.json")
+    early = read(run / "finetune_l1_p50_rewind_k0/result.json")
     finetune(cfg, run, "prune_l1_p50", "finetune.mode=rewind", "finetune.rewind_epoch=1")
-    late = read(run / "finetune_l1_p50_rewind/result.json")
+    late = read(run / "finetune_l1_p50_rewind_k1/result.json")
     assert early["train_flops_parts"]["finetune"] == late["train_flops_parts"]["finetune"]  # same ticket, 1 epoch
     assert early["train_flops"] == early["train_flops_parts"]["finetune"]                   # P(0) = 0
     assert late["train_flops"] == pretrain_flops(run, 1) + late["train_flops_parts"]["finetune"]
@@ -99,18 +99,18 @@ def test_a_later_rewind_epoch_costs_more_and_the_loft_lineage_counts_the_same_wa
 
 
 def test_a_rewound_ticket_continues_the_pretraining_schedule_from_epoch_k(lineage, monkeypatch):
-    import common.train as P  # where SGDStep looks the lr up
+    from common.train import SGDStep
     cfg, run = lineage
     seen = []
-    real = P.lr_at
-    monkeypatch.setattr(P, "lr_at", lambda t, s: seen.append((t, real(t, s))) or real(t, s))
+    real = SGDStep.lr
+    monkeypatch.setattr(SGDStep, "lr", lambda self, t: seen.append((t, real(self, t))) or real(self, t))
     finetune(cfg, run, "prune_mag_r20", "finetune.mode=rise", "finetune.rewind_epoch=1", "finetune.epochs=0")
     # pretraining: lr 0.05, cosine over 2 epochs x 20 steps; the ticket (batch 32 too) runs its
     # remaining epoch: its step t is pretraining step 20 + t; finetune.lr/schedule are not used
     assert [t for t, _ in seen] == list(range(20))
     for t, lr in seen:
         assert lr == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * (20 + t) / 40)), rel=1e-12)
-    rows = (run / "finetune_mag_r20_rise/metrics.csv").read_text().splitlines()
+    rows = (run / "finetune_mag_r20_rise_k1/metrics.csv").read_text().splitlines()
     assert len(rows) == 2                                       # E - k = 1 epoch
 
 
