@@ -146,7 +146,7 @@ def dry_run_report(cfg, arch) -> dict:
         "params_per_worker": sum(p.numel() for p in sub.parameters()),
         "flops_per_sample_dense": flops_per_sample(model, shape), "flops_per_sample_subnet": flops_per_sample(sub, shape),
         "analytic_bytes": analytic_bytes(model, blocks, pc.workers, pc.epochs, n_train, pc.batch_size,
-                                         pc.local_iters, shape),
+                                         pc.local_iters, shape, shard=pc.data == "shard"),
     }
 
 
@@ -173,7 +173,7 @@ def write_comm_json(cfg, arch, n_train, measured_total, out, epochs_run: int):
     pc = cfg.pretrain
     model = build_model(arch)
     analytic = analytic_bytes(model, loft_blocks(model, cfg), pc.workers, epochs_run, n_train, pc.batch_size,
-                              pc.local_iters, input_shape(cfg.data.dataset))
+                              pc.local_iters, input_shape(cfg.data.dataset), shard=pc.data == "shard")
     report = {
         "method": pc.method, "workers": pc.workers, "wire_dtype": cfg.comm.wire_dtype,
         "epochs_run": epochs_run, "epochs_configured": pc.epochs,

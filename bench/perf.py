@@ -12,9 +12,12 @@ whatever device it finds (CUDA if visible, else the CPU).
 (b) peak memory of a LoFT-S worker vs dense: `torch.cuda.max_memory_allocated` on CUDA; on the
     CPU the live tensors of a step (weights, gradients, momentum, saved activations);
 (c) bytes one round hands to the collectives, fp32 vs bf16 wire;
-(d) epoch time of dense and LoFT-4 at the full 50,000 images (from the measured step and round
+(d) fused workers (pretrain.fused_workers): a round with the S workers as one grouped module
+    against the same round with the workers in turn, and its step (all S workers) against a
+    dense step;
+(e) epoch time of dense and LoFT-4 at the full 50,000 images (from the measured step and round
     times, plus a measured evaluation + BN recalibration) and the 20-epoch projection;
-(e) on CUDA, the cost of dist.deterministic (deterministic kernels, no cuDNN autotuning).
+(f) on CUDA, the cost of dist.deterministic (deterministic kernels, no cuDNN autotuning).
 Writes OUT/perf.md and OUT/perf.json. Ratios come from one run; run it on an otherwise idle machine.
 """
 from __future__ import annotations
@@ -152,6 +155,12 @@ def measure(cfg, arch, init, train, env, args, precision: str) -> dict:
         rounds = max(1, args.repeats // steps_per_round)
         out[f"loft{S}_round_s"] = seconds_per_call(run_round, rounds, dev, warmup=1)
         out[f"loft{S}_project_s"] = out[f"loft{S}_round_s"] / steps_per_round
+        cfg_f = load_config(args.config, base_sets(args) + PRECISIONS[precision]
+                            + [f"pretrain.workers={S}", "pretrain.fused_workers=true"])
+        run_fused, _, fused = project_loft(cfg_f, arch, init, train, env)
+        out[f"loft{S}_fused_round_s"] = seconds_per_call(run_fused, rounds, dev, warmup=1)
+        out[f"loft{S}_fused_step_s"] = out[f"loft{S}_fused_round_s"] / fused.K  # one step of all S workers
+        del fused
         out[f"loft{S}_mem"] = peak_memory(lambda: build_model(worker_arch(arch, draw_partition(blocks, S, 0, 0), 0)),
                                           batches, dev)
         out[f"loft{S}_flop_share"] = (flops_per_sample(build_model(worker_arch(arch, draw_partition(blocks, S, 0, 0), 0)),
@@ -207,7 +216,7 @@ def main(argv=None):
     for precision, sets in PRECISIONS.items():
         cfg_p = load_config(args.config, base_sets(args) + sets)
         res["precisions"][precision] = measure(cfg_p, arch, init, train, env, args, precision)
-    if dev.type == "cuda":  # (e)
+    if dev.type == "cuda":  # (f)
         configure_kernels(dev, deterministic=True)
         step = project_dense(cfg, arch, init, train, env)
         res["dense_project_deterministic_s"] = seconds_per_call(step, args.repeats, dev)
@@ -220,7 +229,9 @@ def main(argv=None):
     steps_full = TRAIN_SIZE["cifar10"] // args.batch
     for precision, m in res["precisions"].items():
         m["dense_epoch_s"] = steps_full * m["dense_project_s"] + res["eval_s_per_epoch"]
-        m["loft4_epoch_s"] = (steps_full // cfg.pretrain.local_iters) * m["loft4_round_s"] + res["eval_s_per_epoch"]
+        rounds_full = steps_full // cfg.pretrain.local_iters
+        m["loft4_epoch_s"] = rounds_full * m["loft4_round_s"] + res["eval_s_per_epoch"]
+        m["loft4_fused_epoch_s"] = rounds_full * m["loft4_fused_round_s"] + res["eval_s_per_epoch"]
     text = report(res, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,11 +258,21 @@ def report(res: dict, args) -> str:
               + ", ".join(f"{k.split('_')[0]} {v / 1e6:.1f}" for k, v in res["precisions"]["fp32"].items()
                           if k.endswith("_mem")), "",
               f"epoch at 50,000 images (evaluation + BN recalibration {res['eval_s_per_epoch']:.1f} s included), "
-              f"and {args.epochs} epochs:", "", "| precision | dense epoch | LoFT-4 epoch (sequential workers) | "
-              f"dense {args.epochs} epochs | LoFT-4 {args.epochs} epochs |", "|---|---:|---:|---:|---:|"]
+              f"and {args.epochs} epochs:", "", "| precision | dense epoch | LoFT-4 epoch (in turn) | LoFT-4 epoch (fused) | "
+              f"dense {args.epochs} epochs | LoFT-4 {args.epochs} epochs (in turn) | (fused) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for precision, m in res["precisions"].items():
         lines.append(f"| {precision} | {m['dense_epoch_s']:.1f} s | {m['loft4_epoch_s']:.1f} s | "
-                     f"{m['dense_epoch_s'] * args.epochs / 60:.1f} min | {m['loft4_epoch_s'] * args.epochs / 60:.1f} min |")
+                     f"{m['loft4_fused_epoch_s']:.1f} s | {m['dense_epoch_s'] * args.epochs / 60:.1f} min | "
+                     f"{m['loft4_epoch_s'] * args.epochs / 60:.1f} min | {m['loft4_fused_epoch_s'] * args.epochs / 60:.1f} min |")
+    lines += ["", "fused workers (one grouped module) vs the same workers in turn:", "",
+              "| precision | S | round in turn | fused round | fused / in turn | fused step (all S) / dense step |",
+              "|---|---|---:|---:|---:|---:|"]
+    for precision, m in res["precisions"].items():
+        for S in (2, 4):
+            lines.append(f"| {precision} | {S} | {m[f'loft{S}_round_s'] * 1e3:.1f} ms | {m[f'loft{S}_fused_round_s'] * 1e3:.1f} ms | "
+                         f"{m[f'loft{S}_fused_round_s'] / m[f'loft{S}_round_s']:.2f}x | "
+                         f"{m[f'loft{S}_fused_step_s'] / m['dense_project_s']:.2f}x |")
     if "dense_project_deterministic_s" in res:
         det, fast = res["dense_project_deterministic_s"], res["precisions"]["fp32"]["dense_project_s"]
         lines += ["", f"dist.deterministic: dense step {det * 1e3:.1f} ms vs {fast * 1e3:.1f} ms ({det / fast:.2f}x)"]

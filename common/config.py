@@ -70,6 +70,7 @@ class PretrainCfg:
     stop_on_emergence: bool = opt(False)    # stop once the ticket has emerged (distance.emergence_* rule)
     bf16: bool = opt(False)                 # bf16 autocast of forward/backward on CUDA (ignored on CPU); weights stay fp32
     channels_last: bool = opt(False)        # NHWC memory format for models and batches (faster convolutions on CUDA)
+    data: str = opt("full", choices=["full", "shard"])  # loft/localsgd: each worker walks the whole set per epoch, or its 1/S (equal compute with dense)
     fused_workers: bool = opt(False)        # loft/localsgd: a device's workers train as one grouped module (common/fused.py); fast on GPUs
 
 
@@ -200,6 +201,9 @@ def cross_check(cfg: Config):
     """Constraints between keys."""
     if cfg.pretrain.method == "loft" and cfg.pretrain.workers < 2:
         raise UserError("config key pretrain.workers: LoFT needs at least 2 workers")
+    if cfg.pretrain.data == "shard" and cfg.pretrain.method not in ("loft", "localsgd"):
+        raise UserError(f"config key pretrain.data: shard splits each pass among LoFT / Local SGD workers; "
+                        f"pretrain.method={cfg.pretrain.method} walks the whole set (use full)")
     if cfg.pretrain.fused_workers and cfg.pretrain.grad_clip > 0:
         raise UserError("config key pretrain.fused_workers: not with pretrain.grad_clip > 0 (one norm would "
                         "clip all fused workers together)")

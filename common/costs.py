@@ -109,11 +109,12 @@ def epoch_end_round(epoch: int, steps_per_pass: int, local_iters: int) -> int:
 
 
 def analytic_bytes(model: nn.Module, blocks: list[BlockRef], workers: int, epochs: int, n_train: int,
-                   batch: int, local_iters: int, input_shape=(3, 32, 32)) -> dict:
-    """The paper's parameter-server counts (fp32) for LoFT, Local SGD and GPipe."""
+                   batch: int, local_iters: int, input_shape=(3, 32, 32), shard: bool = False) -> dict:
+    """The paper's parameter-server counts (fp32) for LoFT, Local SGD and GPipe. With `shard`
+    (pretrain.data=shard) a LoFT / Local SGD worker walks 1/S of each pass: rounds ÷ S."""
     shared, part = split_params(model, blocks)
     full = shared + part
-    rounds = rounds_total(epochs, n_train, batch, local_iters)
+    rounds = rounds_total(epochs, n_train // workers if shard else n_train, batch, local_iters)
     gpipe_fwd = epochs * n_train * sum(cut_activation_numels(model, workers, input_shape)) * FP32
     return {
         "rounds": rounds,

@@ -45,6 +45,7 @@ IMAGENET_STD = (58.395, 57.120, 57.375)       # (0.229, 0.224, 0.225) x 255
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet": 1000}
 TRAIN_SIZE = {"cifar10": 50_000, "cifar100": 50_000, "imagenet": 1_281_167}   # full training sets
 IMAGENET_CROP, IMAGENET_RESIZE = 224, 256
+SHARD_STREAM = 6_000_001  # generator namespace of the pass permutation that pretrain.data=shard splits
 
 
 def input_shape(dataset: str) -> tuple[int, int, int]:
@@ -402,14 +403,17 @@ class Stream:
     """
 
     def __init__(self, data: ImageSet | FolderSet, batch_size: int, seed: int, stream_id: int,
-                 train_aug: bool = True, device=None):
-        if batch_size > len(data):
-            raise UserError(f"batch size {batch_size} exceeds the {len(data)} training images")
+                 train_aug: bool = True, device=None, shard: tuple[int, int] | None = None):
+        self.shard = shard  # (s, S): walk part s of S of one permutation all S shards share
+        per_pass = len(data) // shard[1] if shard else len(data)
+        if batch_size > per_pass:
+            raise UserError(f"batch size {batch_size} exceeds the {per_pass} training images of a pass"
+                            + (f" (1/{shard[1]} of {len(data)}: pretrain.data=shard)" if shard else ""))
         self.data, self.batch_size, self.seed, self.stream_id = data, batch_size, seed, stream_id
         self.train_aug = train_aug
         self.device = torch.device(device) if device is not None else (
             data.images.device if isinstance(data, ImageSet) else torch.device("cpu"))
-        self.steps_per_pass = len(data) // batch_size
+        self.steps_per_pass = per_pass // batch_size
         self._pass, self._perm, self._draws = -1, None, None  # the current pass's plan (on self.device)
         self._loader, self._next_t = None, None  # FolderSet: the DataLoader iterator and its next step
 
@@ -417,7 +421,12 @@ class Stream:
         """Permutation and augmentation draws of pass p, on the device (made once per pass)."""
         if p == self._pass:
             return
-        perm = torch.randperm(len(self.data), generator=_gen(self.seed, self.stream_id, p))
+        if self.shard:  # one permutation of pass p for all shards (disjoint, covering), cut in S parts
+            s, count = self.shard
+            perm = torch.randperm(len(self.data), generator=_gen(self.seed, SHARD_STREAM, p))
+            perm = torch.tensor_split(perm, count)[s]
+        else:
+            perm = torch.randperm(len(self.data), generator=_gen(self.seed, self.stream_id, p))
         self._perm_cpu, self._perm = perm, perm.to(self.device)
         self._draws = None
         if self.train_aug and isinstance(self.data, ImageSet):

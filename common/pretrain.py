@@ -151,7 +151,8 @@ class Loft:
         model = build_model(arch)
         self.blocks = self.split_blocks(model)
         self.my_workers = workers_of_rank(self.S, env)
-        self.steps_per_epoch = len(train_set) // pc.batch_size
+        shard = pc.data == "shard"
+        self.steps_per_epoch = (len(train_set) // self.S if shard else len(train_set)) // pc.batch_size
         if self.K > self.steps_per_epoch:
             raise UserError(f"pretrain.local_iters={self.K} exceeds the {self.steps_per_epoch} steps of an epoch")
         self.total_steps = pc.epochs * self.steps_per_epoch
@@ -166,7 +167,8 @@ class Loft:
         self.train_flops_per_step = pc.batch_size * sum(
             flops_per_sample(build_model(worker_arch(arch, part, w)), input_shape(cfg.data.dataset), backward=True)
             for w in range(self.S))
-        streams = {w: Stream(train_set, pc.batch_size, cfg.seed, w, device=env.device) for w in self.my_workers}
+        streams = {w: Stream(train_set, pc.batch_size, cfg.seed, w, device=env.device,
+                             shard=(w, self.S) if shard else None) for w in self.my_workers}
         arch_of = {w: worker_arch(arch, part, w) for w in self.my_workers}
         if pc.fused_workers:
             self.check_fusable(part)

@@ -49,10 +49,11 @@ def test_perf_prints_ratios(tmp_path):
     bench("perf").main(["--out", str(tmp_path), "--repeats", "1", "--batch", "16", "--threads", "1",
                         "--data-root", str(DATA)])
     text = (tmp_path / "perf.md").read_text()
-    for row in ("| fp32 | dense |", "| fp32 | LoFT-2 worker", "| bf16+channels_last | LoFT-4 worker", "| 4 |"):
+    for row in ("| fp32 | dense |", "| fp32 | LoFT-2 worker", "| bf16+channels_last | LoFT-4 worker", "| 4 |",
+                "| fp32 | 4 |"):
         assert row in text, row
     res = json.loads((tmp_path / "perf.json").read_text())
     for m in res["precisions"].values():
         assert m["loft4_mem"] < m["loft2_mem"] < m["dense_mem"]       # narrower workers hold less
         assert 0 < m["loft4_flop_share"] < m["loft2_flop_share"] < 1
-        assert m["dense_epoch_s"] > 0 and m["loft4_epoch_s"] > 0
+        assert m["dense_epoch_s"] > 0 and m["loft4_epoch_s"] > 0 and m["loft4_fused_round_s"] > 0

@@ -295,3 +295,36 @@ def test_fused_workers_after_an_epoch_match_and_refuse_uneven_widths(tiny_config
     with pytest.raises(UserError, match=r"fused_workers: block layer2.1 has 16 channels, not divisible by"):
         pretrain.main(["--config", str(cfg), "--run-dir", str(tmp_path / "odd")])
     assert not (tmp_path / "odd/pretrain/epoch_000.pt").exists()
+
+
+def test_shard_streams_are_disjoint_and_cover_each_pass(cifar):
+    S, B = 4, 25  # 1000 images: 250 a shard, 10 steps a pass
+    streams = [Stream(cifar, B, 5, w, shard=(w, S)) for w in range(S)]
+    assert all(s.steps_per_pass == 10 for s in streams)
+    for p in (0, 1):
+        seen = torch.cat([s.indices(p * 10 + i) for s in streams for i in range(10)])
+        assert sorted(seen.tolist()) == list(range(1000)), p          # every image once per pass
+    first = torch.cat([streams[0].indices(i) for i in range(10)])
+    again = torch.cat([streams[0].indices(10 + i) for i in range(10)])
+    assert set(first.tolist()) != set(again.tolist())                  # a new split every pass
+
+
+def test_shard_divides_the_rounds_and_the_bytes_by_s(tiny_config, tmp_path):
+    pretrain = stage("01_pretrain_loft")
+    import csv
+    import json
+    out = {}
+    for data in ("full", "shard"):
+        cfg = tiny_config(name=data, pretrain={"epochs": 2, "workers": 2, "local_iters": 5, "data": data})
+        pretrain.main(["--config", str(cfg), "--run-dir", str(tmp_path / data)])
+        rows = list(csv.DictReader(open(tmp_path / data / "pretrain/metrics.csv")))
+        out[data] = ([int(r["rounds"]) for r in rows], json.loads((tmp_path / data / "pretrain/comm.json").read_text()),
+                     int(rows[-1]["train_flops"]))
+    # 640 images, batch 32: 20 steps a pass per worker (4 rounds of K=5) in full, 10 (2 rounds) in shard
+    assert out["full"][0] == [4, 8] and out["shard"][0] == [2, 4]
+    full, shard = out["full"][1], out["shard"][1]
+    assert shard["measured_payload_bytes"] * 2 == full["measured_payload_bytes"]
+    assert shard["analytic_ps_bytes"]["rounds"] == 4 and shard["analytic_ps_bytes"]["loft"] * 2 == full["analytic_ps_bytes"]["loft"]
+    assert out["full"][2] == 2 * out["shard"][2]                       # S x fewer training FLOPs: dense's
+    with pytest.raises(UserError, match="pretrain.data: shard splits each pass"):
+        load_config(tiny_config(name="dense", pretrain={"method": "dense", "data": "shard"}))
