@@ -10,6 +10,7 @@ def bench(name):
     sys.path.insert(0, str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -57,3 +58,23 @@ def test_perf_prints_ratios(tmp_path):
         assert m["loft4_mem"] < m["loft2_mem"] < m["dense_mem"]       # narrower workers hold less
         assert 0 < m["loft4_flop_share"] < m["loft2_flop_share"] < 1
         assert m["dense_epoch_s"] > 0 and m["loft4_epoch_s"] > 0 and m["loft4_fused_round_s"] > 0
+
+
+def test_paper_driver_stops_at_its_budget_resumes_skips_and_reports(tmp_path, capsys):
+    paper = bench("paper")
+    base = ["--smoke", "--only", "rise", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+            "--data-root", str(DATA)]
+    assert paper.main(["run", *base, "--budget-s", "6"]) == 0          # stopped inside the first stage
+    assert "budget of 6.0 s reached" in capsys.readouterr().out
+    assert not (tmp_path / "runs/rise/seed0/dense/pretrain/comm.json").exists()
+    assert paper.main(["run", *base]) == 0                              # continues and finishes
+    assert "all 10 jobs of rise done" in capsys.readouterr().out
+    assert paper.main(["run", *base]) == 0                              # nothing left to do
+    out = capsys.readouterr().out
+    assert out.count("(done)") == 10
+    assert paper.main(["report", *base]) == 0
+    md = (tmp_path / "out/paper.md").read_text()
+    for row in ("| 10 % | RISE-R | 1 |", "| 50 % | 1-LOT-R | 1 |", "| 100 % | full model |"):
+        assert row in md, row
+    assert (tmp_path / "out/rise_fig4.png").stat().st_size > 0
+    assert paper.main(["run", "--only", "nope", *base[3:]]) == 2
