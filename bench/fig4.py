@@ -23,9 +23,10 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=str(REPO / "bench/results"))
     p.add_argument("--runs", default=None)
+    p.add_argument("--data-root", default=None)
     args = p.parse_args(argv)
     runs = Path(args.runs or REPO / ("runs/bench_table1_smoke" if args.smoke else "runs/bench_table1")) / f"seed{args.seed}"
-    sets = {**(SMOKE if args.smoke else {}), "seed": args.seed}
+    sets = {**(SMOKE if args.smoke else {}), "seed": args.seed, **({"data.root": args.data_root} if args.data_root else {})}
     methods = [m for m in METHODS if not m.endswith("bf16") and not m.startswith("gpipe")]
     for m in methods:
         others = [str(runs / o) for o in methods if o != m] if m == "loft-4" else []

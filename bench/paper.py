@@ -187,7 +187,7 @@ def run(args) -> int:
             print(f"[{i + 1}/{len(jobs)}] skip {job.name} (done)")
             continue
         left = args.budget_s - (time.time() - start) if args.budget_s else None
-        if left is not None and left < 5:
+        if left is not None and left < 1:
             print(f"budget of {args.budget_s} s reached before {job.name}; run again to continue")
             return 0
         print(f"[{i + 1}/{len(jobs)}] {job.name}", flush=True)

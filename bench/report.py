@@ -69,7 +69,8 @@ def read_run(folder: Path) -> dict:
 
 
 def configuration(cfg: dict) -> tuple:
-    return tuple(sorted((k, v) for k, v in cfg.items() if not k.startswith(NOT_CONFIGURATION)))
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v)  # lists (milestones) as tuples: a dict key
+                        for k, v in cfg.items() if not k.startswith(NOT_CONFIGURATION)))
 
 
 def mean_std(values: list, digits: int = 2) -> str:

@@ -64,8 +64,8 @@ def test_paper_driver_stops_at_its_budget_resumes_skips_and_reports(tmp_path, ca
     paper = bench("paper")
     base = ["--smoke", "--only", "rise", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
             "--data-root", str(DATA)]
-    assert paper.main(["run", *base, "--budget-s", "6"]) == 0          # stopped inside the first stage
-    assert "budget of 6.0 s reached" in capsys.readouterr().out
+    assert paper.main(["run", *base, "--budget-s", "3"]) == 0          # stopped inside the first stage
+    assert "budget of 3.0 s reached during rise:dense:pretrain" in capsys.readouterr().out
     assert not (tmp_path / "runs/rise/seed0/dense/pretrain/comm.json").exists()
     assert paper.main(["run", *base]) == 0                              # continues and finishes
     assert "all 10 jobs of rise done" in capsys.readouterr().out
