@@ -20,6 +20,7 @@ from common.config import load_config, run_dir_of, stage_parser
 from common.costs import flops_per_sample
 from common.data import input_shape
 from common.errors import UserError
+from common.importance import is_structured
 from common.models import build_model
 from common.prune import (check_tag, default_tag, format_table, format_totals, nonzero_params, prune_filters,
                           prune_magnitude, sparse_flops)
@@ -50,13 +51,13 @@ def main(argv=None):
     print(f"source {src_path}: {src['arch']['name']} width {src['arch']['width']}, epoch {src['epoch']}"
           f"{', narrowed' if src['arch'].get('mids') else ''}{', masked' if old_mask else ''}")
 
-    if pc.kind == "l1":
+    if is_structured(pc.kind):
         if old_mask:
             raise UserError(f"{src_path} is a magnitude-masked ticket; structured (prune.kind=l1) pruning "
                             "of a masked ticket is not supported (use prune.kind=magnitude)")
-        pruned = prune_filters(model, src["arch"], pc.ratio, src.get("kept"))
+        pruned = prune_filters(model, src["arch"], pc.ratio, src.get("kept"), pc.kind)
     else:
-        pruned = prune_magnitude(model, src["arch"], pc.ratio, pc.scope, old_mask)
+        pruned = prune_magnitude(model, src["arch"], pc.ratio, pc.scope, old_mask, pc.kind)
 
     ticket = make_ticket(src, src_path, model, pruned, cfg)
     ticket["lineage"] = {"source": record(src_path)}
@@ -65,7 +66,7 @@ def main(argv=None):
     print(format_table(pruned, pc.kind))
     before = {"params": ticket["params_before"], "flops": ticket["flops_before"]}
     after = {"params": ticket["params_after"], "flops": ticket["flops_after"]}
-    if pc.kind == "magnitude":
+    if not is_structured(pc.kind):
         before["flops_sparse"], after["flops_sparse"] = ticket["flops_before_sparse"], ticket["flops_after_sparse"]
     print(format_totals(before, after))
     save_config(cfg.to_dict(), out / "config.yaml")
@@ -117,7 +118,7 @@ def make_ticket(src: dict, src_path: Path, model, pruned, cfg) -> dict:
         "flops_before": flops_per_sample(model, shape), "flops_after": flops_per_sample(pruned.model, shape),
         "config": cfg.to_dict(),
     }
-    if pc.kind == "l1":
+    if is_structured(pc.kind):
         ticket["kept"] = pruned.kept
     else:
         ticket["mask"] = pruned.mask

@@ -82,7 +82,7 @@ class DistanceCfg:
 
 @dataclass
 class PruneCfg:
-    kind: str = opt("l1", choices=["l1", "magnitude"])   # l1: structured filters (LoFT); magnitude: unstructured masks (LTH/RISE)
+    kind: str = opt("l1")   # a criterion of common/importance.py: l1 = structured filters (LoFT); magnitude = masks (LTH/RISE)
     ratio: float = opt(0.5, lo=0.0, hi=1.0, hi_open=True)  # fraction removed: 0.3/0.5/0.8 in LoFT; 1 - R in RISE
     scope: str = opt("global", choices=["global", "layer"])  # magnitude ranking over all layers or per layer
 
@@ -199,6 +199,9 @@ def _check_defaults(obj, prefix=""):
 
 def cross_check(cfg: Config):
     """Constraints between keys."""
+    from common.importance import pruning_kinds  # the registry: a new criterion needs no edit here
+    if cfg.prune.kind not in pruning_kinds():
+        raise UserError(f"config key prune.kind: {cfg.prune.kind!r} is not one of {pruning_kinds()}")
     if cfg.pretrain.method == "loft" and cfg.pretrain.workers < 2:
         raise UserError("config key pretrain.workers: LoFT needs at least 2 workers")
     if cfg.pretrain.data == "shard" and cfg.pretrain.method not in ("loft", "localsgd"):

@@ -167,12 +167,12 @@ class Comm:
                 offset += sizes[w]
         return gathered
 
-    def sum_workers(self, payloads: dict[int, torch.Tensor], workers: int) -> torch.Tensor:
-        """Sum over all S workers' equal-length payloads, added in worker order on every rank
+    def gather_stack(self, payloads: dict[int, torch.Tensor], workers: int) -> torch.Tensor:
+        """All S workers' equal-length payloads as one [S, n] stack in worker order, on every rank
         (the same order in one process and under the launcher)."""
         n = len(next(iter(payloads.values())))
         gathered = self.gather_workers(payloads, {w: n for w in range(workers)})
-        return torch.stack([gathered[w] for w in range(workers)]).sum(0)
+        return torch.stack([gathered[w] for w in range(workers)])
 
     def sum_metric(self, t: torch.Tensor) -> torch.Tensor:
         """All-reduce for bookkeeping (losses, byte counters): not counted as training traffic."""

@@ -44,6 +44,7 @@ import torch.nn as nn
 
 from common.checkpoint import load_checkpoint
 from common.errors import UserError
+from common.importance import l1_filter_norm, structured_keep
 from common.models import BlockRef, build_model, prunable_blocks
 
 EB_EPS = 0.1      # You et al. 2019: the early bird has emerged when all recent mask distances are <= 0.1
@@ -54,9 +55,8 @@ _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")
 
 # ------------------------------------------------------------------ the metric
 def kept_count(n: int, ratio: float) -> int:
-    """Filters a structured prune at `ratio` keeps: max(1, ceil((1 - ratio) * n)).
-    (Rounded to 9 decimals first, so that e.g. (1 - 0.7) * 10 is 3, not 4.)"""
-    return max(1, math.ceil(round((1.0 - ratio) * n, 9)))
+    """Filters a structured prune at `ratio` keeps: 03's own count (common.importance)."""
+    return structured_keep(n, ratio)
 
 
 def rankings(norms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,13 +117,13 @@ def layer_name(block: BlockRef) -> str:
 
 
 def filter_norms(state: dict, blocks: list[BlockRef]) -> dict[str, torch.Tensor]:
-    """Per prunable layer ("layerS.J.conv1"): L1 norm of each conv1 filter (dim 0), float64 on CPU."""
+    """Per prunable layer ("layerS.J.conv1"): the L1 norm of each conv1 filter — 03's criterion
+    (common.importance), so 02 and the emergence stop rank the filters 03 cuts."""
     out = {}
     for b in blocks:
-        key = f"{b.name}.conv1.weight"
-        if key not in state:
-            raise UserError(f"checkpoint has no {key}: not a model of this architecture")
-        out[layer_name(b)] = state[key].detach().cpu().double().abs().flatten(1).sum(1)
+        if f"{b.name}.conv1.weight" not in state:
+            raise UserError(f"checkpoint has no {b.name}.conv1.weight: not a model of this architecture")
+        out[layer_name(b)] = l1_filter_norm(state, b)
     return out
 
 

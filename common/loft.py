@@ -91,20 +91,38 @@ def _flat(tensors) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors]) if tensors else torch.zeros(0)  # reshape: logical order, any layout
 
 
-def aggregate(state: dict, plan: SlicePlan, part: dict, results: dict[int, dict], comm, workers: int) -> dict:
-    """New global state from the workers' trained subnetwork states.
+def mean_of_workers(stacked: torch.Tensor) -> torch.Tensor:
+    """The default combine rule: [S, n] copies of the shared floats → their mean (added in worker
+    order, fp32, on every rank alike)."""
+    return stacked.sum(0) / len(stacked)
 
-    `results` holds this rank's workers (all S in one process). Partitioned slices are
-    all-gathered and placed back at their indices (disjoint sets: a placement, not a mean);
-    every shared float tensor is the mean over the S workers (all-gathered, summed in fp32); integer
-    buffers (num_batches_tracked) are equal on all workers and averaged alike. The sums are
-    taken in worker order on every rank, so one process and W ranks agree bit for bit.
+
+def aggregate(state: dict, plan: SlicePlan, part: dict, results: dict[int, dict], comm, workers: int,
+              combine=mean_of_workers) -> dict:
+    """New global state from the workers' trained subnetwork states: the exchange (pack, collectives,
+    place) around one combine rule.
+
+    `results` holds this rank's workers (all S in one process). Partitioned slices are all-gathered
+    and placed back at their indices (disjoint sets: a placement, not a combination). The shared
+    float tensors of all S workers are all-gathered as one [S, n] stack and `combine(stack)` → [n]
+    makes the new value (`mean_of_workers` unless the method says otherwise); integer buffers
+    (num_batches_tracked) are equal on all workers and keep their floor mean. Every rank gets the
+    same stack in the same worker order, so one process and W ranks agree bit for bit.
     """
-    part_keys = [k for k in state if k in plan.entries]
+    new = place_partitioned(state, plan, part, results, comm, workers)
     shared = plan.shared_keys(state)
-    shared_f = [k for k in shared if state[k].is_floating_point()]
-    shared_i = [k for k in shared if not state[k].is_floating_point()]
+    floats = [k for k in shared if state[k].is_floating_point()]
+    ints = [k for k in shared if not state[k].is_floating_point()]
+    for keys, rule in ((floats, combine), (ints, lambda st: torch.div(st.sum(0), len(st), rounding_mode="floor"))):
+        if keys:
+            stack = comm.gather_stack({w: _flat([results[w][k] for k in keys]) for w in sorted(results)}, workers)
+            new.update(unpack(rule(stack), keys, state))
+    return {k: new[k] for k in state}  # keep the state dict's key order
 
+
+def place_partitioned(state: dict, plan: SlicePlan, part: dict, results: dict[int, dict], comm, workers: int) -> dict:
+    """Every worker's partitioned slices, all-gathered and written back at its channel indices."""
+    part_keys = [k for k in state if k in plan.entries]
     shapes = {w: [slice_shape(state, plan, part, k, w) for k in part_keys] for w in range(workers)}
     sizes = {w: sum(torch.Size(sh).numel() for sh in shapes[w]) for w in range(workers)}
     payloads = {w: _flat([results[w][k] for k in part_keys]) for w in sorted(results)}
@@ -117,15 +135,14 @@ def aggregate(state: dict, plan: SlicePlan, part: dict, results: dict[int, dict]
             n = torch.Size(shape).numel()
             new[k].index_copy_(dim, part[block][w], flat[offset:offset + n].view(shape).to(state[k].dtype))
             offset += n
+    return new
 
-    for keys in (shared_f, shared_i):
-        if not keys:
-            continue
-        total = comm.sum_workers({w: _flat([results[w][k] for k in keys]) for w in sorted(results)}, workers)
-        mean = total / workers if keys is shared_f else torch.div(total, workers, rounding_mode="floor")
-        offset = 0
-        for k in keys:
-            n = state[k].numel()
-            new[k] = mean[offset:offset + n].view(state[k].shape).to(state[k].dtype)
-            offset += n
-    return {k: new[k] for k in state}  # keep the state dict's key order
+
+def unpack(flat: torch.Tensor, keys: list[str], like: dict) -> dict:
+    """A flat payload back into tensors shaped (and typed) like `like[k]`, in `keys` order."""
+    out, offset = {}, 0
+    for k in keys:
+        n = like[k].numel()
+        out[k] = flat[offset:offset + n].view(like[k].shape).to(like[k].dtype)
+        offset += n
+    return out

@@ -28,7 +28,7 @@ from common.dist import Comm, DistEnv, workers_of_rank
 from common.errors import UserError
 from common.fused import fuse, fused_criterion, worker_views
 from common.progress import progress
-from common.loft import SlicePlan, aggregate, draw_partition, extract, partition_to, worker_arch
+from common.loft import SlicePlan, aggregate, draw_partition, extract, mean_of_workers, partition_to, worker_arch
 from common.models import build_model, partitioned_blocks
 from common.schedule import schedule_of
 from common.train import SGDStep, check_finite, lr_at, make_sgd
@@ -144,6 +144,11 @@ class SequentialWorkers:
 
 
 class Loft:
+    # How the S workers' copies of a shared tensor ([S, n] stack) become the new global value, and
+    # the same for carried momentum. One-function ablations: a method's rule is its own attribute.
+    combine = staticmethod(mean_of_workers)
+    combine_momentum = staticmethod(mean_of_workers)
+
     def __init__(self, cfg, arch: dict, init_state: dict, train_set, env: DistEnv, comm: Comm):
         self.cfg, self.arch, self.env, self.comm = cfg, arch, env, comm
         pc = cfg.pretrain
@@ -199,10 +204,11 @@ class Loft:
         steps = range(r * self.K, (r + 1) * self.K)
         self.workers.load(self.state, self.plan, part, self.momentum)
         loss = self.workers.train(steps)
-        new_state = aggregate(self.state, self.plan, part, self.workers.module_states, self.comm, self.S)
+        new_state = aggregate(self.state, self.plan, part, self.workers.module_states, self.comm, self.S,
+                              self.combine)
         if self.momentum is not None:
             moms = self.workers.momenta({w: extract(self.momentum, self.plan, part, w) for w in self.my_workers})
-            self.momentum = aggregate(self.momentum, self.plan, part, moms, self.comm, self.S)
+            self.momentum = aggregate(self.momentum, self.plan, part, moms, self.comm, self.S, self.combine_momentum)
         check_finite(loss, f"round {r} (steps {steps.start}-{steps.stop - 1})",
                      self.comm if self.env.distributed else None)
         self.state, self.round = new_state, r + 1
@@ -233,6 +239,8 @@ class Loft:
 
 class LocalSGD(Loft):
     """S full replicas, averaged every K steps: a LoFT round with no partitioned block."""
+    combine = staticmethod(mean_of_workers)  # its own rule: an edit of LoFT's leaves the baseline alone
+    combine_momentum = staticmethod(mean_of_workers)
 
     def split_blocks(self, model):
         return []

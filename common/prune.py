@@ -21,8 +21,7 @@ of a fine-tuned masked ticket), only its surviving weights are ranked and the fr
 subset of the previous one. Pruned weights are stored as zeros; FLOPs do not shrink
 physically, so a sparse estimate (each layer's FLOPs times its kept fraction) is reported.
 
-Counts: round(x) here is round-half-up after rounding x to 6 decimals (so that 0.3·10 is 3,
-not 3.0000000000000004, and halves never depend on float noise or banker's rounding).
+Scores and keep counts come from common/importance.py (a new criterion: one function there).
 """
 from __future__ import annotations
 
@@ -35,32 +34,10 @@ import torch.nn as nn
 
 from common.costs import flops_per_sample, layer_flops
 from common.errors import UserError
+from common.importance import (FILTER_CRITERIA, WEIGHT_CRITERIA, is_structured, structured_keep, top_filters,
+                               unstructured_keep)
 from common.loft import SlicePlan, select_channels
 from common.models import BlockRef, build_model, count_params, narrowed_arch, prunable_blocks
-
-
-# ------------------------------------------------------------------------ counts
-def structured_keep(channels: int, ratio: float) -> int:
-    """Filters a block keeps: ceil((1 - p) * C), at least 1."""
-    return max(1, math.ceil(round((1.0 - ratio) * channels, 6)))
-
-
-def unstructured_keep(n: int, ratio: float) -> int:
-    """Weights a group keeps: round((1 - p) * n), half up."""
-    return int(math.floor(round((1.0 - ratio) * n, 6) + 0.5))
-
-
-# -------------------------------------------------------------------- structured
-def filter_l1_norms(state: dict, block: BlockRef) -> torch.Tensor:
-    """L1 norm of each conv1 filter of `block` (float64, one entry per mid channel)."""
-    w = state[f"{block.name}.conv1.weight"].detach().double()
-    return w.abs().flatten(1).sum(1)
-
-
-def top_filters(norms: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices of the `keep` largest norms, ties to the lower index, returned sorted ascending."""
-    order = torch.sort(norms, descending=True, stable=True).indices
-    return torch.sort(order[:keep]).values
 
 
 def slice_blocks(state: dict, blocks: list[BlockRef], kept: dict[str, torch.Tensor]) -> dict:
@@ -81,8 +58,9 @@ class Pruned:
 
 @torch.no_grad()
 def prune_filters(model: nn.Module, arch: dict, ratio: float,
-                  source_kept: dict[str, torch.Tensor] | None = None) -> Pruned:
-    """Structured L1 pruning of every prunable block at ratio p; returns a narrower model.
+                  source_kept: dict[str, torch.Tensor] | None = None, kind: str = "l1") -> Pruned:
+    """Structured pruning of every prunable block at ratio p by the filter criterion `kind`
+    (L1 norm unless another is registered); returns a narrower model.
 
     `kept` indexes the pretrained (full-width) model's channels: the source's own channels,
     composed through `source_kept` when the source was itself pruned. `rows` give each
@@ -91,7 +69,7 @@ def prune_filters(model: nn.Module, arch: dict, ratio: float,
     blocks = prunable_blocks(model)
     rel, rows = {}, []
     for b in blocks:
-        norms = filter_l1_norms(state, b)
+        norms = FILTER_CRITERIA[kind](state, b)
         rel[b.name] = top_filters(norms, structured_keep(b.mid, ratio))
         rows.append({"block": b.name, "before": b.mid, "after": len(rel[b.name]),
                      "l1_threshold": float(norms[rel[b.name]].min())})
@@ -111,8 +89,9 @@ def maskable_weights(model: nn.Module) -> list[str]:
 
 
 def magnitude_mask(weights: dict[str, torch.Tensor], ratio: float, scope: str = "global",
-                   old_mask: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """param name → bool mask keeping round((1-p)·n) of the surviving weights by |w|.
+                   old_mask: dict[str, torch.Tensor] | None = None, kind: str = "magnitude") -> dict[str, torch.Tensor]:
+    """param name → bool mask keeping round((1-p)·n) of the surviving weights by their score
+    (the weight criterion `kind`: |w| unless another is registered).
 
     scope "global" ranks all layers together, "layer" each layer alone. Ties go to the lower
     flat index in the concatenation of `weights` (in its order). With `old_mask`, only the
@@ -124,7 +103,7 @@ def magnitude_mask(weights: dict[str, torch.Tensor], ratio: float, scope: str = 
     groups = [names] if scope == "global" else [[k] for k in names]
     mask = {}
     for group in groups:
-        scores = torch.cat([weights[k].detach().abs().double().reshape(-1) for k in group])
+        scores = torch.cat([WEIGHT_CRITERIA[kind](weights[k]).reshape(-1) for k in group])
         alive = torch.cat([(old_mask[k] if old_mask else torch.ones_like(weights[k], dtype=torch.bool)).reshape(-1)
                            for k in group])
         alive_idx = alive.nonzero().squeeze(1)                       # ascending flat indices
@@ -139,11 +118,11 @@ def magnitude_mask(weights: dict[str, torch.Tensor], ratio: float, scope: str = 
 
 @torch.no_grad()
 def prune_magnitude(model: nn.Module, arch: dict, ratio: float, scope: str,
-                    old_mask: dict[str, torch.Tensor] | None = None) -> Pruned:
+                    old_mask: dict[str, torch.Tensor] | None = None, kind: str = "magnitude") -> Pruned:
     """Unstructured magnitude pruning; the returned model holds zeros at the pruned weights."""
     state = model.state_dict()
     names = maskable_weights(model)
-    mask = magnitude_mask({k: state[k] for k in names}, ratio, scope, old_mask)
+    mask = magnitude_mask({k: state[k] for k in names}, ratio, scope, old_mask, kind)
     new_state = {k: (v * mask[k] if k in mask else v).clone() for k, v in state.items()}
     pruned = build_model(arch)
     pruned.load_state_dict(new_state)
@@ -173,7 +152,7 @@ def nonzero_params(model: nn.Module, mask: dict[str, torch.Tensor] | None) -> in
 # ------------------------------------------------------------------------ report
 def format_table(pruned: Pruned, kind: str) -> str:
     """The per-block (l1) or per-layer (magnitude) table printed by 03_prune.py."""
-    if kind == "l1":
+    if is_structured(kind):
         lines = [f"{'block':<12} {'mid width':^17} {'L1 threshold':>13}"]
         lines += [f"{r['block']:<12} {r['before']:>7} → {r['after']:<7} {r['l1_threshold']:>13.4f}" for r in pruned.rows]
     else:
@@ -196,7 +175,9 @@ def format_totals(before: dict, after: dict) -> str:
 
 
 def default_tag(kind: str, ratio: float) -> str:
-    return f"l1_p{round(100 * ratio)}" if kind == "l1" else f"mag_r{round(100 * (1 - ratio))}"
+    if kind in ("l1", "magnitude"):  # the papers' names: l1_p50 (pruned 50 %), mag_r20 (kept 20 %)
+        return f"l1_p{round(100 * ratio)}" if kind == "l1" else f"mag_r{round(100 * (1 - ratio))}"
+    return f"{kind}_p{round(100 * ratio)}"
 
 
 def check_tag(tag: str) -> str:

@@ -134,3 +134,22 @@ def test_workers_of_rank_needs_a_multiple():
     assert workers_of_rank(4, DistEnv(rank=1, world=2)) == [2, 3]
     with pytest.raises(UserError, match="not a multiple"):
         workers_of_rank(3, DistEnv(rank=0, world=2))
+
+
+def test_a_combine_rule_is_the_methods_own_one_function_edit(tiny_config, tmp_path, monkeypatch):
+    """Replacing LoFT's combine rule (take worker 0's copy instead of the mean) changes LoFT's
+    weights and leaves Local SGD's bit for bit as they were."""
+    import importlib
+    import common.pretrain as P
+    pretrain = importlib.import_module("01_pretrain_loft")
+
+    def weights(method, name):
+        cfg = tiny_config(name=name, pretrain={"epochs": 1, "method": method})
+        pretrain.main(["--config", str(cfg), "--run-dir", str(tmp_path / name)])
+        return torch.load(tmp_path / name / "pretrain/epoch_001.pt", weights_only=True)["model"]
+
+    before = {m: weights(m, f"{m}_mean") for m in ("loft", "localsgd")}
+    monkeypatch.setattr(P.Loft, "combine", staticmethod(lambda stacked: stacked[0].clone()))
+    after = {m: weights(m, f"{m}_first") for m in ("loft", "localsgd")}
+    assert any(not torch.equal(before["loft"][k], after["loft"][k]) for k in before["loft"])
+    assert all(torch.equal(before["localsgd"][k], after["localsgd"][k]) for k in before["localsgd"])

@@ -278,3 +278,29 @@ def test_end_to_end_after_real_pretraining(tiny_config, tmp_path):
     model = build_model(t["arch"])
     model.load_state_dict(t["model"])
     assert t["params_after"] == count_params(model) < t["params_before"]
+
+
+def test_a_registered_toy_criterion_prunes_end_to_end(tiny_config, tmp_path, monkeypatch):
+    """One function + one registration: an L2 filter criterion, then 03 and 04 as usual. Its
+    ticket keeps exactly the filters of largest L2 norm (numpy)."""
+    import common.importance as imp
+    monkeypatch.setattr(imp, "FILTER_CRITERIA", dict(imp.FILTER_CRITERIA))
+    import common.prune as P
+    monkeypatch.setattr(P, "FILTER_CRITERIA", imp.FILTER_CRITERIA)
+
+    @imp.filter_criterion("l2_toy")
+    def l2(state, block):
+        return state[f"{block.name}.conv1.weight"].double().pow(2).flatten(1).sum(1).sqrt()
+
+    cfg = tiny_config(pretrain={"epochs": 1}, finetune={"epochs": 1, "batch_size": 32, "lr": 0.05})
+    run, sets = tmp_path / "r", ["--set", "prune.kind=l2_toy", "--set", "prune.ratio=0.5"]
+    stage("01_pretrain_loft").main(["--config", str(cfg), "--run-dir", str(run)])
+    stage("03_prune").main(["--config", str(cfg), "--run-dir", str(run), *sets])
+    ticket = torch.load(run / "prune_l2_toy_p50/ticket.pt", weights_only=True)
+    state = torch.load(run / "pretrain/epoch_001.pt", weights_only=True)["model"]
+    for block, kept in ticket["kept"].items():
+        w = state[f"{block}.conv1.weight"].numpy().astype(np.float64).reshape(len(kept) * 2, -1)
+        assert sorted(kept.tolist()) == sorted(numpy_top(np.sqrt((w ** 2).sum(1)), len(kept)).tolist()), block
+    stage("04_finetune").main(["--config", str(cfg), "--run-dir", str(run), *sets,
+                               "--ticket", str(run / "prune_l2_toy_p50/ticket.pt")])
+    assert (run / "finetune_l2_toy_p50_finetune/result.json").exists()

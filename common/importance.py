@@ -1,0 +1,73 @@
+"""Importance: which filters or weights a ticket keeps — the one place 02 (filter distance), the
+emergence stop of 01 and 03 (pruning) take it from.
+
+A pruning criterion is one scoring function and one registration:
+- `@filter_criterion(name)`: fn(state, block) → one score per mid channel of a prunable block
+  (higher = kept); `prune.kind=name` then prunes structurally (narrower blocks, `kept` indices);
+- `@weight_criterion(name)`: fn(weight) → one score per weight (higher = kept); `prune.kind=name`
+  then prunes by masks (unstructured, `mask`).
+Keep counts: a block keeps ceil((1 - p)·C) filters (at least one); a group of n weights keeps
+round((1 - p)·n), half up. Both round (1 - p)·x to 6 decimals first, so that 0.3·10 is 3, not
+3.0000000000000004, and a half never depends on float noise.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from common.models import BlockRef
+
+FILTER_CRITERIA: dict[str, Callable] = {}
+WEIGHT_CRITERIA: dict[str, Callable] = {}
+
+
+def filter_criterion(name: str):
+    def register(fn):
+        FILTER_CRITERIA[name] = fn
+        return fn
+    return register
+
+
+def weight_criterion(name: str):
+    def register(fn):
+        WEIGHT_CRITERIA[name] = fn
+        return fn
+    return register
+
+
+def pruning_kinds() -> list[str]:
+    return [*FILTER_CRITERIA, *WEIGHT_CRITERIA]
+
+
+def is_structured(kind: str) -> bool:
+    return kind in FILTER_CRITERIA
+
+
+@filter_criterion("l1")
+def l1_filter_norm(state: dict, block: BlockRef) -> torch.Tensor:
+    """L1 norm of each conv1 filter of `block` (LoFT; Li et al. 2016), float64 on the CPU."""
+    return state[f"{block.name}.conv1.weight"].detach().cpu().double().abs().flatten(1).sum(1)
+
+
+@weight_criterion("magnitude")
+def weight_magnitude(weight: torch.Tensor) -> torch.Tensor:
+    """|w| (LTH, RISE)."""
+    return weight.detach().cpu().double().abs()
+
+
+def structured_keep(channels: int, ratio: float) -> int:
+    """Filters a block keeps at prune ratio p: ceil((1 - p) * C), at least 1."""
+    return max(1, math.ceil(round((1.0 - ratio) * channels, 6)))
+
+
+def unstructured_keep(n: int, ratio: float) -> int:
+    """Weights a group keeps: round((1 - p) * n), half up."""
+    return int(math.floor(round((1.0 - ratio) * n, 6) + 0.5))
+
+
+def top_filters(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the `keep` largest scores, ties to the lower index, returned sorted ascending."""
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return torch.sort(order[:keep]).values
