@@ -18,7 +18,7 @@ from common.costs import analytic_bytes, flops_per_sample, split_params
 from common.data import NUM_CLASSES, TRAIN_SIZE, input_shape, load_dataset, on_device
 from common.dist import Comm, setup_from_config, teardown
 from common.loft import draw_partition, worker_arch
-from common.distance import EmergenceWatch
+from common.emergence import EmergenceWatch
 from common.models import build_model, is_partitionable, partitioned_blocks, prunable_blocks
 from common.pretrain import METHODS, recal_stream
 from common.runs import check_resume_config, check_stage_dir, clear_stage_dir, finished, save_config, write_csv
@@ -41,61 +41,57 @@ def main(argv=None):
         return
     out = run_dir_of(args, cfg) / "pretrain"
     env = setup_from_config(cfg.dist)
-    try:
-        resuming = check_stage_dir(out, args.resume, args.force, env.is_main)
-        train_set, test_set = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
-        lossless = lossless_positions(cfg.data, test_set)
-        train_set, test_set = on_device(train_set, env), on_device(test_set, env)
-        torch.manual_seed(cfg.seed)
-        init = build_model(arch).state_dict()
-        comm = Comm(env, cfg.comm.wire_dtype)
-        method = METHODS[cfg.pretrain.method](cfg, arch, init, train_set, env, comm)
-        start, rows, comm_total, watch = 1, [], 0, None
-        if cfg.pretrain.stop_on_emergence:
-            watch = EmergenceWatch(prunable_blocks(build_model(arch)), cfg.prune.ratio,
-                                   cfg.distance.emergence_eps, cfg.distance.emergence_window)
-            watch.start(init)
-        if resuming:
-            start, rows = resume(method, out / "last.pt", cfg, comm, watch)
-        elif env.is_main:
-            clear_stage_dir(out)  # --force: only now that config, data and method have been checked
-            save_config(cfg.to_dict(), out / "config.yaml")
-            save_epoch(init, arch, 0, cfg, train_set, (test_set, lossless), env, out, train_flops=0)
-        epochs_run = start - 1
-        tb = Scalars(out, env.is_main, first_step=start)
-        for epoch in range(start, cfg.pretrain.epochs + 1):
-            loss = method.train_epoch(epoch)
-            state = {k: v.detach().cpu() for k, v in method.global_state().items()}  # a collective for gpipe
-            comm_total = int(comm.sum_metric(torch.tensor([comm.bytes_sent], dtype=torch.float64)).item())
-            train_flops = method.steps_done * method.train_flops_per_step
-            emerged = watch.update(state) if watch else None  # same weights on every rank: same decision
-            epochs_run = epoch
-            if env.is_main:
-                accs = save_epoch(state, arch, epoch, cfg, train_set, (test_set, lossless), env, out, train_flops)
-                acc = accs["test_acc"]
-                rows.append({"epoch": epoch, "rounds": getattr(method, "round", ""), "train_loss": round(loss, 5),
-                             **{k: round(v, 3) for k, v in accs.items()}, "comm_bytes": comm_total,
-                             "train_flops": train_flops,
-                             **({"emerged_at": "" if emerged is None else emerged} if watch else {})})
-                write_csv(rows, out / "metrics.csv")
-                tb.add({**rows[-1], "lr": epoch_lr(method, cfg.pretrain)}, epoch)
-                save_atomic({"model": state, "arch": arch, "epoch": epoch, "method": method.state_dict(),
-                             "rows": rows, "comm_bytes": comm_total, "config": cfg.to_dict(),
-                             "consecutive": watch.consecutive if watch else []}, out / "last.pt")
-                print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%  comm {comm_total / 1e6:.2f} MB")
-            comm.barrier()
-            if emerged is not None:
-                if env.is_main:
-                    print(f"ticket emerged at epoch {emerged} (filter-distance rule); stopping after epoch {epoch}")
-                break
-        tb.close()
+    resuming = check_stage_dir(out, args.resume, args.force, env.is_main)
+    train_set, test_set = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
+    lossless = lossless_positions(cfg.data, test_set)
+    train_set, test_set = on_device(train_set, env), on_device(test_set, env)
+    torch.manual_seed(cfg.seed)
+    init = build_model(arch).state_dict()
+    comm = Comm(env, cfg.comm.wire_dtype)
+    method = METHODS[cfg.pretrain.method](cfg, arch, init, train_set, env, comm)
+    start, rows, comm_total, watch = 1, [], 0, None
+    if cfg.pretrain.stop_on_emergence:
+        watch = EmergenceWatch(prunable_blocks(build_model(arch)), cfg.prune.ratio,
+                               cfg.distance.emergence_eps, cfg.distance.emergence_window)
+        watch.start(init)
+    if resuming:
+        start, rows = resume(method, out / "last.pt", cfg, comm, watch)
+    elif env.is_main:
+        clear_stage_dir(out)  # --force: only now that config, data and method have been checked
+        save_config(cfg.to_dict(), out / "config.yaml")
+        save_epoch(init, arch, 0, cfg, train_set, (test_set, lossless), env, out, train_flops=0)
+    epochs_run = start - 1
+    tb = Scalars(out, env.is_main, first_step=start)
+    for epoch in range(start, cfg.pretrain.epochs + 1):
+        loss = method.train_epoch(epoch)
+        state = {k: v.detach().cpu() for k, v in method.global_state().items()}  # a collective for gpipe
+        comm_total = int(comm.sum_metric(torch.tensor([comm.bytes_sent], dtype=torch.float64)).item())
+        train_flops = method.steps_done * method.train_flops_per_step
+        emerged = watch.update(state) if watch else None  # same weights on every rank: same decision
+        epochs_run = epoch
         if env.is_main:
-            write_comm_json(cfg, arch, len(train_set), comm_total, out, epochs_run)
-            finished(out, stage_command("02_filter_distance.py", args), stage_command("03_prune.py", args))
-    except BaseException:
-        teardown(env, clean=False)  # no barrier: a peer may be gone
-        raise
-    teardown(env)
+            accs = save_epoch(state, arch, epoch, cfg, train_set, (test_set, lossless), env, out, train_flops)
+            acc = accs["test_acc"]
+            rows.append({"epoch": epoch, "rounds": getattr(method, "round", ""), "train_loss": round(loss, 5),
+                         **{k: round(v, 3) for k, v in accs.items()}, "comm_bytes": comm_total,
+                         "train_flops": train_flops,
+                         **({"emerged_at": "" if emerged is None else emerged} if watch else {})})
+            write_csv(rows, out / "metrics.csv")
+            tb.add({**rows[-1], "lr": epoch_lr(method, cfg.pretrain)}, epoch)
+            save_atomic({"model": state, "arch": arch, "epoch": epoch, "method": method.state_dict(),
+                         "rows": rows, "comm_bytes": comm_total, "config": cfg.to_dict(),
+                         "consecutive": watch.consecutive if watch else []}, out / "last.pt")
+            print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%  comm {comm_total / 1e6:.2f} MB")
+        comm.barrier()
+        if emerged is not None:
+            if env.is_main:
+                print(f"ticket emerged at epoch {emerged} (filter-distance rule); stopping after epoch {epoch}")
+            break
+    tb.close()
+    if env.is_main:
+        write_comm_json(cfg, arch, len(train_set), comm_total, out, epochs_run)
+        finished(out, stage_command("02_filter_distance.py", args), stage_command("03_prune.py", args))
+    teardown(env)  # after an error none: a barrier would wait for a peer that may be gone
 
 
 def save_epoch(state, arch, epoch, cfg, train_set, test, env, out, train_flops: int) -> dict:

@@ -17,9 +17,9 @@ from pathlib import Path
 from common.checkpoint import write_text_atomic
 from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
-from common.distance import (EB_EPS, EB_HISTORY, analyse, consecutive_distances, distance_rows,
-                             early_bird_epoch, emergence_epoch, load_series, mask_rows, plot_compare,
-                             plot_distance_to_final, plot_heatmap, plot_mask_heatmap, safe_name, to_final)
+from common.distance_plots import plot_compare, plot_distance_to_final, plot_heatmap, plot_mask_heatmap, safe_name
+from common.distance_series import analyse, consecutive_distances, distance_rows, load_series, mask_rows, to_final
+from common.emergence import EB_EPS, EB_HISTORY, early_bird_epoch, emergence_epoch
 from common.prune import check_tag
 from common.runs import check_analysis_dir, finished, save_config, write_csv
 from common.tb import Scalars

@@ -51,56 +51,52 @@ def main(argv=None):
     out = run / f"finetune_{check_tag(args.tag) if args.tag else default_folder(ticket_path, fc)}"
     weights = ticket_weights(ticket, fc.mode, fc.rewind_epoch, cfg.seed)
     env = setup_from_config(cfg.dist)
-    try:
-        resuming = check_stage_dir(out, args.resume, args.force, env.is_main)
-        train_set, test_set = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
-        lossless = lossless_positions(cfg.data, test_set)
-        epochs, schedule, schedule_note = ticket_schedule(ticket, fc, len(train_set))
-        train_set, test_set = on_device(train_set, env), on_device(test_set, env)
-        hook = LockedUpdate(ticket["mask"], fc.weight_decay) if ticket.get("mask") else None
-        comm = Comm(env)
-        trainer = Dense(cfg, ticket["arch"], weights, train_set, env, comm, tcfg=fc,
-                        stream_id=FINETUNE_STREAM, grad_hook=hook, schedule=schedule)
-        start, rows = 1, []
-        if resuming:
-            ck = load_checkpoint(out / "last.pt", required=("model", "method", "rows", "config", "epoch"))
-            check_resume_config(ck["config"], cfg.to_dict(), out / "last.pt", section="finetune")
-            if hashes(ck.get("lineage", lineage)) != hashes(lineage):
-                raise UserError(f"--resume: {ticket_path} or its rewind checkpoint changed since {out} was "
-                                "started (content hash differs); use --force to start over")
-            trainer.load_state_dict(ck["method"], weights=ck["model"])
-            start, rows = int(ck["epoch"]) + 1, list(ck["rows"])
-        elif env.is_main:
-            clear_stage_dir(out)  # --force: only now that ticket, lineage, data and trainer have been checked
-            save_config(cfg.to_dict(), out / "config.yaml")
-            print(f"ticket {ticket_path}: {ticket['kind']}, {ticket.get('params_after', '?')} params; mode {fc.mode}; "
-                  f"lr: {schedule_note}")
-        tb = Scalars(out, env.is_main, first_step=start)
-        for epoch in range(start, epochs + 1):
-            loss = trainer.train_epoch(epoch)
-            comm_total = int(comm.sum_metric(torch.tensor([comm.bytes_sent], dtype=torch.float64)).item())
-            if env.is_main:
-                accs = accuracies(trainer.model, test_set, cfg.data.eval_batch_size, env.device, lossless)
-                acc = accs["test_acc"]
-                rows.append({"epoch": epoch, "train_loss": round(loss, 5), **{k: round(v, 3) for k, v in accs.items()}})
-                write_csv(rows, out / "metrics.csv")
-                tb.add({**rows[-1], "lr": epoch_lr(trainer, fc), "comm_bytes": comm_total,
-                        "train_flops": int(ticket.get("train_flops", 0)) + trainer.steps_done * trainer.train_flops_per_step},
-                       epoch)
-                save_atomic({"model": {k: v.cpu() for k, v in trainer.global_state().items()}, "arch": ticket["arch"],
-                             "epoch": epoch, "rows": rows,
-                             "method": trainer.state_dict(), "config": cfg.to_dict(), "lineage": lineage},
-                            out / "last.pt")
-                print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%")
-            comm.barrier()
-        tb.close()
+    resuming = check_stage_dir(out, args.resume, args.force, env.is_main)
+    train_set, test_set = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
+    lossless = lossless_positions(cfg.data, test_set)
+    epochs, schedule, schedule_note = ticket_schedule(ticket, fc, len(train_set))
+    train_set, test_set = on_device(train_set, env), on_device(test_set, env)
+    hook = LockedUpdate(ticket["mask"], fc.weight_decay) if ticket.get("mask") else None
+    comm = Comm(env)
+    trainer = Dense(cfg, ticket["arch"], weights, train_set, env, comm, tcfg=fc,
+                    stream_id=FINETUNE_STREAM, grad_hook=hook, schedule=schedule)
+    start, rows = 1, []
+    if resuming:
+        ck = load_checkpoint(out / "last.pt", required=("model", "method", "rows", "config", "epoch"))
+        check_resume_config(ck["config"], cfg.to_dict(), out / "last.pt", section="finetune")
+        if hashes(ck.get("lineage", lineage)) != hashes(lineage):
+            raise UserError(f"--resume: {ticket_path} or its rewind checkpoint changed since {out} was "
+                            "started (content hash differs); use --force to start over")
+        trainer.load_state_dict(ck["method"], weights=ck["model"])
+        start, rows = int(ck["epoch"]) + 1, list(ck["rows"])
+    elif env.is_main:
+        clear_stage_dir(out)  # --force: only now that ticket, lineage, data and trainer have been checked
+        save_config(cfg.to_dict(), out / "config.yaml")
+        print(f"ticket {ticket_path}: {ticket['kind']}, {ticket.get('params_after', '?')} params; mode {fc.mode}; "
+              f"lr: {schedule_note}")
+    tb = Scalars(out, env.is_main, first_step=start)
+    for epoch in range(start, epochs + 1):
+        loss = trainer.train_epoch(epoch)
+        comm_total = int(comm.sum_metric(torch.tensor([comm.bytes_sent], dtype=torch.float64)).item())
         if env.is_main:
-            save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage)
-            finished(out, f"python bench/report.py {run.parent}")
-    except BaseException:
-        teardown(env, clean=False)  # no barrier: a peer may be gone
-        raise
-    teardown(env)
+            accs = accuracies(trainer.model, test_set, cfg.data.eval_batch_size, env.device, lossless)
+            acc = accs["test_acc"]
+            rows.append({"epoch": epoch, "train_loss": round(loss, 5), **{k: round(v, 3) for k, v in accs.items()}})
+            write_csv(rows, out / "metrics.csv")
+            tb.add({**rows[-1], "lr": epoch_lr(trainer, fc), "comm_bytes": comm_total,
+                    "train_flops": int(ticket.get("train_flops", 0)) + trainer.steps_done * trainer.train_flops_per_step},
+                   epoch)
+            save_atomic({"model": {k: v.cpu() for k, v in trainer.global_state().items()}, "arch": ticket["arch"],
+                         "epoch": epoch, "rows": rows,
+                         "method": trainer.state_dict(), "config": cfg.to_dict(), "lineage": lineage},
+                        out / "last.pt")
+            print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%")
+        comm.barrier()
+    tb.close()
+    if env.is_main:
+        save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage)
+        finished(out, f"python bench/report.py {run.parent}")
+    teardown(env)  # after an error none: a barrier would wait for a peer that may be gone
 
 
 def remake_command(ticket: dict, ticket_path: Path, args) -> str:

@@ -57,6 +57,11 @@ def write_text_atomic(text: str, path: str | os.PathLike):
     _write_atomic(path, lambda f: f.write(text.encode()))
 
 
+def save_figure_atomic(fig, path: str | os.PathLike, dpi: int = 100):
+    """A matplotlib figure as PNG, written like every other output."""
+    _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight"))
+
+
 def describe(obj: dict) -> str:
     """What kind of file of this toolkit a loaded dict is, by the keys each stage writes."""
     if "finetune_mode" in obj:

@@ -48,28 +48,33 @@ class DataCfg:
 
 
 @dataclass
-class PretrainCfg:
-    method: str = opt("loft", choices=["loft", "dense", "localsgd", "gpipe"])  # pretraining algorithm (SPEC 2)
-    workers: int = opt(4, lo=1, hi=1024)                  # S: number of LoFT subnetworks / workers
-    local_iters: int = opt(25, lo=1)                      # K: local SGD steps per round
-    epochs: int = opt(20, lo=1, hi=10000)                 # passes of the training set through every worker
-    batch_size: int = opt(128, lo=1)                      # B: batch size of one worker
+class TrainCfg:
+    """The keys of every training section (pretrain, finetune): one SGD trainer reads them."""
+    epochs: int = opt(20, lo=1, hi=10000)                 # passes of the training set (pretrain: through every worker)
+    batch_size: int = opt(128, lo=1)                      # B: batch size (pretrain: of one worker)
     lr: float = opt(0.1, lo=0.0, hi=10.0, lo_open=True)   # peak learning rate
     momentum: float = opt(0.9, lo=0.0, hi=1.0, hi_open=True)
     weight_decay: float = opt(5e-4, lo=0.0, hi=1.0)
     schedule: str = opt("cosine", choices=["cosine", "step", "multistep", "constant"])  # lr over the global step (common/schedule.py)
     milestones: list[int] = opt([])          # multistep: lr *= gamma after each of these epochs (or rounds, below)
-    milestone_unit: str = opt("epochs", choices=["epochs", "rounds"])  # rounds: K = local_iters steps each, every method
+    milestone_unit: str = opt("epochs", choices=["epochs", "rounds"])  # pretrain only: rounds of K = local_iters steps, every method
     gamma: float = opt(0.1, lo=0.0, hi=1.0, lo_open=True)  # multistep decay factor
     warmup_epochs: float = opt(0.0, lo=0.0)  # linear warm-up from ~0 to lr over this many epochs (0 = none)
+    grad_clip: float = opt(0.0, lo=0.0)     # max grad norm; 0 = off (DeepSpeed's default of 1.0 is never implied)
+    micro_batches: int = opt(0, lo=0)       # chunks of a batch (grad accumulation / pipeline micro-batches); 0 = ranks (dense) or S (gpipe)
+    bf16: bool = opt(False)                 # bf16 autocast of forward/backward on CUDA (ignored on CPU); weights stay fp32
+    channels_last: bool = opt(False)        # NHWC memory format for models and batches (faster convolutions on CUDA)
+
+
+@dataclass
+class PretrainCfg(TrainCfg):
+    method: str = opt("loft", choices=["loft", "dense", "localsgd", "gpipe"])  # pretraining algorithm (SPEC 2)
+    workers: int = opt(4, lo=1, hi=1024)                  # S: number of LoFT subnetworks / workers
+    local_iters: int = opt(25, lo=1)                      # K: local SGD steps per round
     carry_momentum: bool = opt(False)       # slice/gather momentum with the weights (doubles traffic); default fresh per round
     partition_stage1: bool = opt(False)     # also split blocks[1:] of stage 1 (SPEC 1 default: no)
     bn_recal_batches: int = opt(20, lo=0)   # training batches used to re-estimate BN stats before eval/checkpoint
-    grad_clip: float = opt(0.0, lo=0.0)     # max grad norm; 0 = off (DeepSpeed's default of 1.0 is never implied)
-    micro_batches: int = opt(0, lo=0)       # dense/gpipe: chunks of a batch (grad accumulation / pipeline micro-batches); 0 = ranks (dense) or S (gpipe)
     stop_on_emergence: bool = opt(False)    # stop once the ticket has emerged (distance.emergence_* rule)
-    bf16: bool = opt(False)                 # bf16 autocast of forward/backward on CUDA (ignored on CPU); weights stay fp32
-    channels_last: bool = opt(False)        # NHWC memory format for models and batches (faster convolutions on CUDA)
     data: str = opt("full", choices=["full", "shard"])  # loft/localsgd: each worker walks the whole set per epoch, or its 1/S (equal compute with dense)
     fused_workers: bool = opt(False)        # loft/localsgd: a device's workers train as one grouped module (common/fused.py); fast on GPUs
 
@@ -88,22 +93,12 @@ class PruneCfg:
 
 
 @dataclass
-class FinetuneCfg:
+class FinetuneCfg(TrainCfg):
     mode: str = opt("finetune", choices=["finetune", "rewind", "scratch", "rise"])  # ticket initialisation (SPEC 6)
     epochs: int = opt(90, lo=0, hi=10000)          # the paper fine-tunes 90; 0 = the rest of the pretraining schedule (E - k, schedule_from rewind)
     rewind_epoch: int = opt(0, lo=0)               # pretraining epoch k the kept weights are reset to (rewind, rise)
-    batch_size: int = opt(128, lo=1)
-    lr: float = opt(0.1, lo=0.0, hi=10.0, lo_open=True)
-    momentum: float = opt(0.9, lo=0.0, hi=1.0, hi_open=True)
-    weight_decay: float = opt(5e-4, lo=0.0, hi=1.0)
     schedule: str = opt("step", choices=["step", "cosine", "multistep", "constant"])  # step: ÷10 at 50 % and 75 %
-    milestones: list[int] = opt([])                # multistep: lr *= gamma after each of these epochs
-    gamma: float = opt(0.1, lo=0.0, hi=1.0, lo_open=True)  # multistep decay factor
-    warmup_epochs: float = opt(0.0, lo=0.0)        # linear warm-up over this many epochs (0 = none)
     schedule_from: str = opt("auto", choices=["auto", "rewind", "fresh"])  # rewind: continue the pretraining schedule from epoch k; auto: rewind for modes rewind/rise, else fresh
-    grad_clip: float = opt(0.0, lo=0.0)
-    bf16: bool = opt(False)                        # bf16 autocast on CUDA (ignored on CPU)
-    channels_last: bool = opt(False)               # NHWC memory format (faster convolutions on CUDA)
 
 
 @dataclass
@@ -207,6 +202,8 @@ def cross_check(cfg: Config):
     if cfg.pretrain.data == "shard" and cfg.pretrain.method not in ("loft", "localsgd"):
         raise UserError(f"config key pretrain.data: shard splits each pass among LoFT / Local SGD workers; "
                         f"pretrain.method={cfg.pretrain.method} walks the whole set (use full)")
+    if cfg.finetune.milestone_unit != "epochs":
+        raise UserError("config key finetune.milestone_unit: fine-tuning has no rounds; use epochs")
     if cfg.pretrain.fused_workers and cfg.pretrain.grad_clip > 0:
         raise UserError("config key pretrain.fused_workers: not with pretrain.grad_clip > 0 (one norm would "
                         "clip all fused workers together)")

@@ -102,13 +102,13 @@ def setup_from_config(dist_cfg) -> DistEnv:
     return setup_distributed(dist_cfg.timeout_s, dist_cfg.threads_per_rank, dist_cfg.device, dist_cfg.deterministic)
 
 
-def teardown(env: DistEnv, clean: bool = True):
+def teardown(env: DistEnv):
     """Barrier, then destroy the group: without it ~1 run in 10 aborted at exit (DEEPSPEED.md).
-    After an error (`clean=False`) there is no barrier to wait in: the peers may be gone."""
+    Called after a clean finish only: after an error a barrier would wait for a peer that may be
+    gone, and the exiting process releases the group anyway."""
     if env.distributed and torch.distributed.is_initialized():
-        if clean:
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def is_peer_failure(e: BaseException) -> bool:

@@ -275,7 +275,7 @@ class Dense:
                  tcfg=None, stream_id: int = 0, grad_hook=None, schedule=None):
         tc = self.tc = tcfg or cfg.pretrain
         self.cfg, self.env, self.comm, self.grad_hook = cfg, env, comm, grad_hook
-        self.micro = getattr(tc, "micro_batches", 0) or default_micro or env.world
+        self.micro = tc.micro_batches or default_micro or env.world
         if tc.batch_size % self.micro or self.micro % env.world:
             raise UserError(f"batch_size={tc.batch_size} must split into {self.micro} micro-batches, "
                             f"a multiple of the {env.world} ranks")
@@ -298,7 +298,7 @@ class Dense:
         self.stream = Stream(train_set, tc.batch_size, cfg.seed, stream_id, device=self.env.device)
         self.steps_per_epoch = len(train_set) // tc.batch_size
         self.total_steps = tc.epochs * self.steps_per_epoch
-        self.schedule = schedule or schedule_of(tc, self.steps_per_epoch, getattr(tc, "local_iters", None))
+        self.schedule = schedule or schedule_of(tc, self.steps_per_epoch, getattr(tc, "local_iters", None))  # K: pretraining only
         self.step = 0
         self.train_flops_per_step = tc.batch_size * flops_per_sample(build_model(arch), input_shape(cfg.data.dataset),
                                                                      backward=True)

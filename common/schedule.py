@@ -64,7 +64,7 @@ def schedule_of(tc, steps_per_epoch: int, local_iters: int | None = None) -> Sch
     """The schedule of a training section (cfg.pretrain or cfg.finetune) over its own epochs.
     A milestone in rounds is `local_iters` steps each (every pretraining method: the lr then
     changes at the same step for dense, GPipe, Local SGD and LoFT)."""
-    unit = getattr(tc, "milestone_unit", "epochs")
+    unit = tc.milestone_unit
     per = local_iters if unit == "rounds" else steps_per_epoch
     return Schedule(base_lr=tc.lr, kind=tc.schedule, total_steps=tc.epochs * steps_per_epoch,
                     milestones=tuple(m * per for m in tc.milestones), gamma=tc.gamma,

@@ -48,9 +48,9 @@ class SGDStep:
     def __init__(self, model: nn.Module, tcfg, device, schedule: Schedule, grad_hook=None, loss_fn=criterion):
         self.tc, self.schedule, self.grad_hook, self.loss_fn = tcfg, schedule, grad_hook, loss_fn
         device = torch.device(device)
-        self.channels_last = bool(getattr(tcfg, "channels_last", False))
+        self.channels_last = tcfg.channels_last
         self.model = model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
-        self.autocast = bool(getattr(tcfg, "bf16", False)) and device.type == "cuda"
+        self.autocast = tcfg.bf16 and device.type == "cuda"
         self.opt = make_sgd(self.model, tcfg.lr, tcfg.momentum, 0.0 if grad_hook else tcfg.weight_decay)
 
     def lr(self, t: int) -> float:

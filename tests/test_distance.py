@@ -7,8 +7,9 @@ import pytest
 import torch
 import yaml
 
-from common.distance import (channel_masks, early_bird_epoch, emergence_epoch, filter_distance, kept_count,
-                             mask_distances, network_distance, pairwise_distances, rankings, reversed_value)
+from common.distance import (channel_masks, filter_distance, kept_count, mask_distances, network_distance,
+                             pairwise_distances, rankings, reversed_value)
+from common.emergence import early_bird_epoch, emergence_epoch
 from common.errors import UserError
 from common.runs import read_csv
 from conftest import TINY, _merge, run_cli, stage
