@@ -33,16 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib import REPO, machine, mean_std
+from table1 import METHODS as TABLE1_BENCH_METHODS
 
-TABLE1_METHODS = {
-    "dense": {"pretrain.method": "dense"},
-    "gpipe-2": {"pretrain.method": "gpipe", "pretrain.workers": 2},
-    "gpipe-4": {"pretrain.method": "gpipe", "pretrain.workers": 4},
-    "localsgd-2": {"pretrain.method": "localsgd", "pretrain.workers": 2},
-    "localsgd-4": {"pretrain.method": "localsgd", "pretrain.workers": 4},
-    "loft-2": {"pretrain.method": "loft", "pretrain.workers": 2},
-    "loft-4": {"pretrain.method": "loft", "pretrain.workers": 4},
-}
+TABLE1_METHODS = {m: sets for m, sets in TABLE1_BENCH_METHODS.items() if not m.endswith("bf16")}  # bench/table1.py's
 RATIOS = (0.5, 0.8)
 FINETUNE_EPOCHS = 90
 FIG4_METHODS = ("dense", "gpipe-4", "loft-2", "loft-4")
@@ -260,6 +253,12 @@ def table1_report(runs: Path, seeds) -> tuple[str, list]:
     return "\n".join(lines), rows
 
 
+def save_plot(fig, ax, path: Path, **labels):
+    ax.set(**labels)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
 def fig4_report(runs: Path, seeds, plt, out: Path) -> str:
     lines = ["| method | distance to final, each epoch | filter emergence epoch | early-bird epoch |", "|---|---|---:|---:|"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -271,9 +270,8 @@ def fig4_report(runs: Path, seeds, plt, out: Path) -> str:
         ax.plot(sorted(d), [d[e] for e in sorted(d)], marker="o", label=method)
         lines.append(f"| {method} | {' '.join(f'{d[e]:.3f}' for e in sorted(d))} | "
                      f"{dash(s.get('filter_emergence_epoch'))} | {dash(s.get('early_bird_epoch'))} |")
-    ax.set(xlabel="pretraining epoch", ylabel="filter distance to the final epoch", title="Fig. 4")
-    ax.legend()
-    fig.savefig(out / "fig4.png", dpi=120, bbox_inches="tight")
+    save_plot(fig, ax, out / "fig4.png", xlabel="pretraining epoch", ylabel="filter distance to the final epoch",
+              title="Fig. 4")
     return "\n".join(lines)
 
 
@@ -289,9 +287,8 @@ def fig5_report(runs: Path, seeds, plt, out: Path) -> str:
             lines.append(f"| {method} | {e} | {mean_std(by_epoch[e])} | {len(by_epoch[e])} |")
         if by_epoch:
             ax.plot(sorted(by_epoch), [sum(v) / len(v) for _, v in sorted(by_epoch.items())], marker="o", label=method)
-    ax.set(xlabel="pretraining epoch the ticket is drawn at", ylabel="ticket accuracy (%)", title="Fig. 5 (p = 50 %)")
-    ax.legend()
-    fig.savefig(out / "fig5.png", dpi=120, bbox_inches="tight")
+    save_plot(fig, ax, out / "fig5.png", xlabel="pretraining epoch the ticket is drawn at",
+              ylabel="ticket accuracy (%)", title="Fig. 5 (p = 50 %)")
     return "\n".join(lines)
 
 
@@ -322,9 +319,8 @@ def rise_report(runs: Path, seeds, plt, out: Path) -> str:
     if full:
         ax.axhline(sum(a for a, _ in full) / len(full), color="k", lw=0.8, label="full model")
         lines.append(f"| 100 % | full model | — | {mean_std([a for a, _ in full])} | {si(full[0][1], 'FLOP')} | {len(full)} |")
-    ax.set(xlabel="training complexity (FLOPs)", ylabel="test accuracy (%)", xscale="log", title="RISE Fig. 4 (ResNet-32)")
-    ax.legend(fontsize=7)
-    fig.savefig(out / "rise_fig4.png", dpi=120, bbox_inches="tight")
+    save_plot(fig, ax, out / "rise_fig4.png", xlabel="training complexity (FLOPs)", ylabel="test accuracy (%)",
+              xscale="log", title="RISE Fig. 4 (ResNet-32)")
     return "\n".join(lines)
 
 

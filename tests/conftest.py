@@ -98,3 +98,16 @@ def run_cli(args: list[str], launcher: list[str] | None = None, timeout=600) -> 
 def deepspeed_launcher(ranks: int) -> list[str]:
     exe = Path(sys.executable).with_name("deepspeed")
     return [str(exe), "--num_gpus", str(ranks), "--master_port", str(free_port())]
+
+
+def pruned_lineage(root: Path, config: dict) -> tuple[Path, Path]:
+    """01 (the tiny config merged with `config`) → 03 structured 50 % and magnitude keep-20 %
+    tickets in root/run: the upstream of the fine-tuning tests."""
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(_merge(TINY, config)))
+    run = root / "run"
+    stage("01_pretrain_loft").main(["--config", str(cfg), "--run-dir", str(run)])
+    stage("03_prune").main(["--config", str(cfg), "--run-dir", str(run)])
+    stage("03_prune").main(["--config", str(cfg), "--run-dir", str(run),
+                            "--set", "prune.kind=magnitude", "--set", "prune.ratio=0.8"])
+    return cfg, run

@@ -6,14 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import yaml
 
 from common.costs import epoch_end_round, train_flops_per_sample
 from common.data import load_cifar10
 from common.models import build_model
 from common.prune import maskable_weights
 from common.train import evaluate
-from conftest import DATA, TINY, _merge, stage
+from conftest import DATA, pruned_lineage, stage
 
 FT = {"finetune": {"epochs": 1, "batch_size": 32, "lr": 0.05, "schedule": "cosine"},
       "data": {"lossless_test": 180}}
@@ -36,15 +35,7 @@ def test_masked_training_flops_of_a_tiny_network_match_a_hand_count():
 @pytest.fixture(scope="module")
 def lineage(tmp_path_factory):
     """01 (LoFT, 2 epochs, lossless_test 180) → 03 magnitude keep-20 % and L1 50 % tickets."""
-    root = tmp_path_factory.mktemp("acct")
-    cfg = root / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(_merge(TINY, FT)))
-    run = root / "run"
-    stage("01_pretrain_loft").main(["--config", str(cfg), "--run-dir", str(run)])
-    stage("03_prune").main(["--config", str(cfg), "--run-dir", str(run)])
-    stage("03_prune").main(["--config", str(cfg), "--run-dir", str(run),
-                            "--set", "prune.kind=magnitude", "--set", "prune.ratio=0.8"])
-    return cfg, run
+    return pruned_lineage(tmp_path_factory.mktemp("acct"), FT)
 
 
 def finetune(cfg, run, ticket, *sets):

@@ -4,12 +4,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.finetune import ticket_weights
 from common.models import build_model
-from conftest import TINY, _merge, stage
+from conftest import pruned_lineage, stage
 
 FT = {"finetune": {"epochs": 1, "batch_size": 32, "lr": 0.05, "schedule": "cosine"}}
 
@@ -17,15 +16,7 @@ FT = {"finetune": {"epochs": 1, "batch_size": 32, "lr": 0.05, "schedule": "cosin
 @pytest.fixture(scope="module")
 def lineage(tmp_path_factory):
     """01 (2 epochs) → 03 structured 50 % and magnitude keep-20 % tickets, shared by the tests."""
-    root = tmp_path_factory.mktemp("ft")
-    cfg = root / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(_merge(TINY, FT)))
-    run = root / "run"
-    stage("01_pretrain_loft").main(["--config", str(cfg), "--run-dir", str(run)])
-    stage("03_prune").main(["--config", str(cfg), "--run-dir", str(run)])
-    stage("03_prune").main(["--config", str(cfg), "--run-dir", str(run),
-                            "--set", "prune.kind=magnitude", "--set", "prune.ratio=0.8"])
-    return cfg, run
+    return pruned_lineage(tmp_path_factory.mktemp("ft"), FT)
 
 
 def finetune(cfg, run, *sets, ticket="prune_l1_p50"):
