@@ -15,14 +15,14 @@ from common.checkpoint import load_checkpoint, save_atomic, write_text_atomic
 from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.costs import analytic_bytes, flops_per_sample, split_params
-from common.data import NUM_CLASSES, TRAIN_SIZE, input_shape, load_dataset, on_device
+from common.data import NUM_CLASSES, TRAIN_SIZE, input_shape
 from common.dist import Comm, setup_from_config, teardown
 from common.loft import draw_partition, worker_arch
 from common.emergence import EmergenceWatch
 from common.models import build_model, is_partitionable, partitioned_blocks, prunable_blocks
 from common.pretrain import METHODS, recal_stream
 from common.runs import check_resume_config, check_stage_dir, clear_stage_dir, finished, save_config, write_csv
-from common.evaluation import accuracies, lossless_positions
+from common.evaluation import accuracies, load_splits
 from common.tb import Scalars, epoch_lr
 from common.train import recalibrate_bn
 
@@ -42,9 +42,7 @@ def main(argv=None):
     out = run_dir_of(args, cfg) / "pretrain"
     env = setup_from_config(cfg.dist)
     resuming = check_stage_dir(out, args.resume, args.force, env.is_main)
-    train_set, test_set = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
-    lossless = lossless_positions(cfg.data, test_set)
-    train_set, test_set = on_device(train_set, env), on_device(test_set, env)
+    train_set, test_set, lossless = load_splits(cfg, env)
     torch.manual_seed(cfg.seed)
     init = build_model(arch).state_dict()
     comm = Comm(env, cfg.comm.wire_dtype)

@@ -20,11 +20,11 @@ import torch
 from common.checkpoint import load_checkpoint, save_atomic, write_text_atomic
 from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
-from common.data import input_shape, load_dataset, on_device
+from common.data import input_shape
 from common.dist import Comm, setup_from_config, teardown
 from common.costs import train_flops_per_sample
 from common.errors import UserError
-from common.evaluation import accuracies, lossless_positions
+from common.evaluation import accuracies, load_splits
 from common.finetune import (FINETUNE_STREAM, LockedUpdate, check_lineage, complexity_base, load_ticket, param_counts,
                              ticket_schedule, ticket_weights)
 from common.models import build_model
@@ -52,10 +52,8 @@ def main(argv=None):
     weights = ticket_weights(ticket, fc.mode, fc.rewind_epoch, cfg.seed)
     env = setup_from_config(cfg.dist)
     resuming = check_stage_dir(out, args.resume, args.force, env.is_main)
-    train_set, test_set = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
-    lossless = lossless_positions(cfg.data, test_set)
+    train_set, test_set, lossless = load_splits(cfg, env)
     epochs, schedule, schedule_note = ticket_schedule(ticket, fc, len(train_set))
-    train_set, test_set = on_device(train_set, env), on_device(test_set, env)
     hook = LockedUpdate(ticket["mask"], fc.weight_decay) if ticket.get("mask") else None
     comm = Comm(env)
     trainer = Dense(cfg, ticket["arch"], weights, train_set, env, comm, tcfg=fc,

@@ -20,18 +20,14 @@ from pathlib import Path
 
 import yaml
 
+import lib  # noqa: F401  (puts the repository on sys.path)
+from common.runs import flat
+
 # what a configuration is: the pretraining experiment, not the machine it ran on nor its seed
 NOT_CONFIGURATION = ("seed", "name", "dist.", "data.root", "data.eval_batch_size", "data.loader_workers",
                      "prune.", "finetune.")
 COLUMNS = ["best acc. (%)", "final acc. (%)", "lossless acc. (%)", "trainable params", "nonzero params",
            "FLOPs/sample", "comm. bytes", "training FLOPs"]
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def last_row(path: Path) -> dict:

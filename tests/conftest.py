@@ -111,3 +111,26 @@ def pruned_lineage(root: Path, config: dict) -> tuple[Path, Path]:
     stage("03_prune").main(["--config", str(cfg), "--run-dir", str(run),
                             "--set", "prune.kind=magnitude", "--set", "prune.ratio=0.8"])
     return cfg, run
+
+
+def run_finetune(cfg, run, ticket: str, *sets: str):
+    """04 in process on run/TICKET/ticket.pt; --force since tests may share an output folder."""
+    args = ["--config", str(cfg), "--run-dir", str(run), "--force", "--ticket", str(run / ticket / "ticket.pt")]
+    for s in sets:
+        args += ["--set", s]
+    stage("04_finetune").main(args)
+
+
+def interrupt_in_epoch(monkeypatch, epoch: int):
+    """LoFT dies inside `epoch` after one round of it (its work lost, as in a crash); returns undo()."""
+    import common.pretrain as P
+    real = P.Loft.train_epoch
+
+    def dies(self, e):
+        if e == epoch:
+            self.run_round(self.round)
+            raise KeyboardInterrupt
+        return real(self, e)
+
+    monkeypatch.setattr(P.Loft, "train_epoch", dies)
+    return lambda: monkeypatch.setattr(P.Loft, "train_epoch", real)

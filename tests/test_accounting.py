@@ -12,7 +12,7 @@ from common.data import load_cifar10
 from common.models import build_model
 from common.prune import maskable_weights
 from common.train import evaluate
-from conftest import DATA, pruned_lineage, stage
+from conftest import DATA, pruned_lineage, run_finetune, stage
 
 FT = {"finetune": {"epochs": 1, "batch_size": 32, "lr": 0.05, "schedule": "cosine"},
       "data": {"lossless_test": 180}}
@@ -39,10 +39,7 @@ def lineage(tmp_path_factory):
 
 
 def finetune(cfg, run, ticket, *sets):
-    args = ["--config", str(cfg), "--run-dir", str(run), "--force", "--ticket", str(run / ticket / "ticket.pt")]
-    for s in sets:
-        args += ["--set", s]
-    stage("04_finetune").main(args)
+    run_finetune(cfg, run, ticket, *sets)
 
 
 def read(path):

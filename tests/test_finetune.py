@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common.finetune import ticket_weights
 from common.models import build_model
-from conftest import pruned_lineage, stage
+from conftest import pruned_lineage, run_finetune, stage
 
 FT = {"finetune": {"epochs": 1, "batch_size": 32, "lr": 0.05, "schedule": "cosine"}}
 
@@ -20,11 +20,7 @@ def lineage(tmp_path_factory):
 
 
 def finetune(cfg, run, *sets, ticket="prune_l1_p50"):
-    """04 on a ticket of the shared lineage; --force since tests may share an output folder."""
-    args = ["--config", str(cfg), "--run-dir", str(run), "--force", "--ticket", str(run / ticket / "ticket.pt")]
-    for s in sets:
-        args += ["--set", s]
-    stage("04_finetune").main(args)
+    run_finetune(cfg, run, ticket, *sets)
 
 
 def load(path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DATA, TINY, run_cli, stage
+from conftest import DATA, TINY, interrupt_in_epoch, run_cli, stage
 from common.config import load_config
 from common.data import Stream, _gen, load_cifar10, normalize
 from common.dist import Comm, DistEnv, setup_distributed
@@ -182,19 +182,10 @@ def test_on_cuda_with_deterministic_kernels_resumed_equals_uninterrupted(tiny_co
                       dist={"device": "cuda", "deterministic": True})
     for name in ("a", "b"):
         pretrain.main(["--config", str(cfg), "--run-dir", str(tmp_path / name)])
-    import common.pretrain as P
-    real = P.Loft.train_epoch
-
-    def dies_in_epoch_3(self, epoch):
-        if epoch == 3:
-            self.run_round(self.round)
-            raise KeyboardInterrupt
-        return real(self, epoch)
-
-    monkeypatch.setattr(P.Loft, "train_epoch", dies_in_epoch_3)
+    undo = interrupt_in_epoch(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         pretrain.main(["--config", str(cfg), "--run-dir", str(tmp_path / "c")])
-    monkeypatch.setattr(P.Loft, "train_epoch", real)
+    undo()
     pretrain.main(["--config", str(cfg), "--run-dir", str(tmp_path / "c"), "--resume"])
     final = [torch.load(tmp_path / n / "pretrain/epoch_003.pt", weights_only=True)["model"] for n in "abc"]
     for k in final[0]:

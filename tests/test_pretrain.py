@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import CPU_RANKS, deepspeed_launcher, run_cli, stage
+from conftest import CPU_RANKS, deepspeed_launcher, interrupt_in_epoch, run_cli, stage
 
 pretrain = stage("01_pretrain_loft")
 
@@ -51,20 +51,11 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_config, tmp_path, mo
     cfg = tiny_config(pretrain={"epochs": 3})
     pretrain.main(["--config", str(cfg), "--run-dir", str(tmp_path / "full")])
 
-    import common.pretrain as P
-    real = P.Loft.train_epoch
-
-    def dies_in_epoch_3(self, epoch):
-        if epoch == 3:
-            self.run_round(self.round)  # some work of epoch 3 is lost, as in a crash
-            raise KeyboardInterrupt
-        return real(self, epoch)
-
-    monkeypatch.setattr(P.Loft, "train_epoch", dies_in_epoch_3)
+    undo = interrupt_in_epoch(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         pretrain.main(["--config", str(cfg), "--run-dir", str(tmp_path / "cut")])
     assert not (tmp_path / "cut/pretrain/epoch_003.pt").exists()
-    monkeypatch.setattr(P.Loft, "train_epoch", real)
+    undo()
     pretrain.main(["--config", str(cfg), "--run-dir", str(tmp_path / "cut"), "--resume"])
     for e in (2, 3):
         a = load(tmp_path / f"full/pretrain/epoch_{e:03d}.pt")["model"]
