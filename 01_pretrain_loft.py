@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from common.checkpoint import load_checkpoint, save_atomic, write_text_atomic
+from common.checkpoint import save_atomic, write_text_atomic
 from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.costs import analytic_bytes, flops_per_sample, split_params
@@ -21,7 +21,7 @@ from common.loft import draw_partition, worker_arch
 from common.emergence import EmergenceWatch
 from common.models import build_model, is_partitionable, partitioned_blocks, prunable_blocks
 from common.pretrain import METHODS, recal_stream
-from common.runs import check_resume_config, check_stage_dir, clear_stage_dir, finished, save_config, write_csv
+from common.runs import check_stage_dir, clear_stage_dir, finished, resume_point, save_config, write_csv
 from common.evaluation import accuracies, load_splits
 from common.tb import Scalars, epoch_lr
 from common.train import recalibrate_bn
@@ -53,7 +53,7 @@ def main(argv=None):
                                cfg.distance.emergence_eps, cfg.distance.emergence_window)
         watch.start(init)
     if resuming:
-        start, rows = resume(method, out / "last.pt", cfg, comm, watch)
+        start, rows = resume(method, out, cfg, comm, watch)
     elif env.is_main:
         clear_stage_dir(out)  # --force: only now that config, data and method have been checked
         save_config(cfg.to_dict(), out / "config.yaml")
@@ -108,17 +108,15 @@ def save_epoch(state, arch, epoch, cfg, train_set, test, env, out, train_flops: 
     return accs
 
 
-def resume(method, path, cfg, comm, watch):
-    ck = load_checkpoint(path, required=("model", "arch", "epoch", "method", "rows", "config"))
-    check_resume_config(ck["config"], cfg.to_dict(), path, section="pretrain")
-    method.load_state_dict(ck["method"], weights=ck["model"])
+def resume(method, out, cfg, comm, watch):
+    ck, start, rows = resume_point(out, method, cfg, "pretrain")
     if watch:
         watch.consecutive = list(ck["consecutive"])
         watch.start(ck["model"])
     comm.bytes_sent = int(ck["comm_bytes"]) if comm.env.is_main else 0  # the total lives on rank 0
     if comm.env.is_main:
         print(f"resuming after epoch {ck['epoch']}")
-    return int(ck["epoch"]) + 1, list(ck["rows"])
+    return start, rows
 
 
 def loft_blocks(model, cfg) -> list:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import load_checkpoint, save_atomic, write_text_atomic
+from common.checkpoint import save_atomic, write_text_atomic
 from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.data import input_shape
@@ -30,7 +30,7 @@ from common.finetune import (FINETUNE_STREAM, LockedUpdate, check_lineage, compl
 from common.models import build_model
 from common.pretrain import Dense
 from common.prune import check_tag, default_tag
-from common.runs import check_resume_config, check_stage_dir, clear_stage_dir, finished, save_config, write_csv
+from common.runs import check_stage_dir, clear_stage_dir, finished, resume_point, save_config, write_csv
 from common.tb import Scalars, epoch_lr
 
 
@@ -60,13 +60,10 @@ def main(argv=None):
                     stream_id=FINETUNE_STREAM, grad_hook=hook, schedule=schedule)
     start, rows = 1, []
     if resuming:
-        ck = load_checkpoint(out / "last.pt", required=("model", "method", "rows", "config", "epoch"))
-        check_resume_config(ck["config"], cfg.to_dict(), out / "last.pt", section="finetune")
+        ck, start, rows = resume_point(out, trainer, cfg, "finetune")
         if hashes(ck.get("lineage", lineage)) != hashes(lineage):
             raise UserError(f"--resume: {ticket_path} or its rewind checkpoint changed since {out} was "
                             "started (content hash differs); use --force to start over")
-        trainer.load_state_dict(ck["method"], weights=ck["model"])
-        start, rows = int(ck["epoch"]) + 1, list(ck["rows"])
     elif env.is_main:
         clear_stage_dir(out)  # --force: only now that ticket, lineage, data and trainer have been checked
         save_config(cfg.to_dict(), out / "config.yaml")

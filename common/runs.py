@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from common.checkpoint import cannot_write, write_text_atomic
+from common.checkpoint import cannot_write, load_checkpoint, write_text_atomic
 from common.errors import UserError
 
 
@@ -115,3 +115,14 @@ def check_analysis_dir(path: Path, now: dict, keys: tuple[str, ...], force: bool
             raise UserError(f"{path} holds results made with {shown}; pass --tag NAME to write beside it "
                             "or --force to replace it")
     check_writable(path)
+
+
+def resume_point(out: Path, trainer, cfg, section: str) -> tuple[dict, int, list]:
+    """The one resume of a training stage (01, 04): OUT/last.pt, checked to be made under this
+    config, loaded into `trainer` (weights, optimizer, counters). Returns (the checkpoint, the
+    epoch to continue with, the metrics rows so far)."""
+    path = out / "last.pt"
+    ck = load_checkpoint(path, required=("model", "epoch", "method", "rows", "config"))
+    check_resume_config(ck["config"], cfg.to_dict(), path, section=section)
+    trainer.load_state_dict(ck["method"], weights=ck["model"])
+    return ck, int(ck["epoch"]) + 1, list(ck["rows"])

@@ -45,8 +45,9 @@ class SGDStep:
     none. bf16 autocast applies on CUDA only (on the CPU it is ignored). `loss_fn` is `criterion`
     except for fused workers (common.fused), whose loss sums the workers' losses."""
 
-    def __init__(self, model: nn.Module, tcfg, device, schedule: Schedule, grad_hook=None, loss_fn=criterion):
-        self.tc, self.schedule, self.grad_hook, self.loss_fn = tcfg, schedule, grad_hook, loss_fn
+    def __init__(self, model: nn.Module, tcfg, device, schedule: Schedule, grad_hook=None, loss_fn=None):
+        self.tc, self.schedule, self.grad_hook = tcfg, schedule, grad_hook
+        self.loss_fn = loss_fn or criterion  # looked up here, not at import: an edited criterion takes effect
         device = torch.device(device)
         self.channels_last = tcfg.channels_last
         self.model = model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
