@@ -8,7 +8,8 @@
 
 Matrices (RUNS/MATRIX/seedS/...):
 - table1: PreActResNet-18 CIFAR-10 (yaml/preresnet18_c10.yaml): dense, GPipe-2/4, Local SGD-2/4,
-  LoFT-2/4 → L1 tickets at p = 50 / 80 % → 90-epoch fine-tune (finetune mode);
+  LoFT-2/4, and Local SGD-4 / LoFT-4 at equal compute (pretrain.data=shard) → L1 tickets at
+  p = 50 / 80 % → 90-epoch fine-tune (finetune mode); accuracy against lineage training FLOPs;
 - fig4: 02 (filter distance to the final epoch, emergence, early bird) on table1's dense, GPipe-4,
   LoFT-2 and LoFT-4 runs;
 - fig5: tickets at p = 50 % cut from pretraining epochs 5, 10, 15, 20 of table1's dense, GPipe-4 and
@@ -36,6 +37,10 @@ from lib import REPO, machine, mean_std
 from table1 import METHODS as TABLE1_BENCH_METHODS
 
 TABLE1_METHODS = {m: sets for m, sets in TABLE1_BENCH_METHODS.items() if not m.endswith("bf16")}  # bench/table1.py's
+TABLE1_METHODS.update({  # the same at equal compute: each worker walks its 1/S of every pass (pretrain.data=shard)
+    "localsgd-4-shard": {**TABLE1_METHODS["localsgd-4"], "pretrain.data": "shard"},
+    "loft-4-shard": {**TABLE1_METHODS["loft-4"], "pretrain.data": "shard"},
+})
 RATIOS = (0.5, 0.8)
 FINETUNE_EPOCHS = 90
 FIG4_METHODS = ("dense", "gpipe-4", "loft-2", "loft-4")
@@ -259,6 +264,19 @@ def save_plot(fig, ax, path: Path, **labels):
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
+def table1_flops_plot(rows: list, plt, out: Path):
+    """Ticket accuracy against the lineage's training FLOPs: the equal-compute reading of Table 1."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for p, marker in zip(RATIOS, "os"):
+        for i, method in enumerate(TABLE1_METHODS):  # a colour per method, a marker per ratio
+            sel = [r for r in rows if r["method"] == method and r["ratio"] == p]
+            if sel:
+                ax.scatter([sum(r["train_flops"] for r in sel) / len(sel)], [sum(r["acc"] for r in sel) / len(sel)],
+                           marker=marker, color=f"C{i % 10}", label=f"{method} p={round(100 * p)}%")
+    save_plot(fig, ax, out / "table1_flops.png", xlabel="lineage training FLOPs", ylabel="ticket accuracy (%)",
+              xscale="log", title="Table 1 at equal compute")
+
+
 def fig4_report(runs: Path, seeds, plt, out: Path) -> str:
     lines = ["| method | distance to final, each epoch | filter emergence epoch | early-bird epoch |", "|---|---|---:|---:|"]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -339,6 +357,7 @@ def report(args) -> int:
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t1, rows = table1_report(runs, args.seeds)
+    table1_flops_plot(rows, plt, out)
     times = [json.loads(line) for line in (runs / "paper_times.jsonl").read_text().splitlines()] \
         if (runs / "paper_times.jsonl").exists() else []
     per_matrix = {}
