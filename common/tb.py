@@ -11,11 +11,28 @@ import numbers
 from pathlib import Path
 
 
+def _summary_writer():
+    """torch's SummaryWriter, or None where the tensorboard package is missing (one note, once)."""
+    global _MISSING_NOTED
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter
+    except ImportError:
+        if not _MISSING_NOTED:
+            print("note: the tensorboard package is not installed, so no event files are written "
+                  "(pip install tensorboard); metrics.csv has every number")
+            _MISSING_NOTED = True
+        return None
+
+
+_MISSING_NOTED = False
+
+
 class Scalars:
     def __init__(self, folder: Path, enabled: bool, first_step: int = 0):
         self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+        SummaryWriter = _summary_writer() if enabled else None
+        if SummaryWriter is not None:
             # purge_step: after --resume, TensorBoard hides what a killed run logged past its last checkpoint
             self.writer = SummaryWriter(log_dir=str(folder), purge_step=first_step or None)
 

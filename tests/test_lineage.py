@@ -295,6 +295,7 @@ def test_a_relative_data_root_error_names_the_absolute_path(tiny_config, tmp_pat
 
 # ------------------------------------------------------------------ 9: seeing results
 def scalars(folder):
+    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(folder))
     acc.Reload()
