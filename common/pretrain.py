@@ -160,13 +160,11 @@ class Loft:
         self.steps_per_epoch = (len(train_set) // self.S if shard else len(train_set)) // pc.batch_size
         if self.K > self.steps_per_epoch:
             raise UserError(f"pretrain.local_iters={self.K} exceeds the {self.steps_per_epoch} steps of an epoch")
-        self.total_steps = pc.epochs * self.steps_per_epoch
         self.schedule = schedule_of(pc, self.steps_per_epoch, pc.local_iters)
         self.state = _to(init_state, env.device)
         self.plan = SlicePlan.of(self.blocks, self.state)
-        self.momentum = ({k: torch.zeros_like(v) for k, v in model.named_parameters()}
+        self.momentum = ({k: torch.zeros_like(v, device=env.device) for k, v in model.named_parameters()}
                          if pc.carry_momentum else None)
-        self.momentum = _to(self.momentum, env.device)
         self.round = 0
         part = draw_partition(self.blocks, self.S, cfg.seed, 0)  # sizes per worker are the same every round
         self.train_flops_per_step = pc.batch_size * sum(
@@ -297,7 +295,6 @@ class Dense:
         training FLOPs of a full-model trainer."""
         self.stream = Stream(train_set, tc.batch_size, cfg.seed, stream_id, device=self.env.device)
         self.steps_per_epoch = len(train_set) // tc.batch_size
-        self.total_steps = tc.epochs * self.steps_per_epoch
         self.schedule = schedule or schedule_of(tc, self.steps_per_epoch, getattr(tc, "local_iters", None))  # K: pretraining only
         self.step = 0
         self.train_flops_per_step = tc.batch_size * flops_per_sample(build_model(arch), input_shape(cfg.data.dataset),
