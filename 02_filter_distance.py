@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from common.checkpoint import write_text_atomic
-from common.cli import run_stage, stage_command
+from common.cli import python_command, run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.distance_plots import plot_compare, plot_distance_to_final, plot_heatmap, plot_mask_heatmap, safe_name
 from common.distance_series import analyse, consecutive_distances, distance_rows, load_series, mask_rows, to_final
@@ -48,7 +48,7 @@ def main(argv=None):
     marks = {"filter emergence": None if filt is None else ep[filt], "early bird": None if bird is None else ep[bird]}
     curves = {f"{run} ({series.method})": (ep, to_final(res))}
     for other in map(Path, args.compare):  # the same network-mean curve of every other run (paper Fig. 4)
-        s = load_series(other / "pretrain", f"python 01_pretrain_loft.py --config yaml/<NAME>.yaml --run-dir {other}")
+        s = load_series(other / "pretrain", f"{python_command()} 01_pretrain_loft.py --config yaml/<NAME>.yaml --run-dir {other}")
         curves[f"{other} ({s.method})"] = (s.epochs, to_final(analyse(s, cfg.prune.ratio)))
 
     save_config(cfg.to_dict(), out / "config.yaml")

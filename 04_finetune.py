@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from common.checkpoint import save_atomic, write_text_atomic
-from common.cli import run_stage, stage_command
+from common.cli import python_command, run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.data import input_shape
 from common.dist import Comm, setup_from_config, teardown
@@ -90,7 +90,7 @@ def main(argv=None):
     tb.close()
     if env.is_main:
         save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage)
-        finished(out, f"python bench/report.py {run.parent}")
+        finished(out, f"{python_command()} bench/report.py {run.parent}")
     teardown(env)  # after an error none: a barrier would wait for a peer that may be gone
 
 

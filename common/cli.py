@@ -14,10 +14,18 @@ FILESYSTEM_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno
                      errno.EISDIR, errno.EEXIST}
 
 
+def python_command() -> str:
+    """The interpreter running this stage, as hints name it: relative to the working folder when it
+    lies inside it (`.venv/bin/python` after the README's install), else its full path."""
+    exe = sys.executable or "python"
+    rel = os.path.relpath(exe)
+    return exe if rel.startswith("..") else rel
+
+
 def stage_command(script: str, args, *extra: str) -> str:
     """The full command line that runs `script` on the same config, run folder and overrides as
     `args` (a parsed stage command line), for hints that say which command makes a missing file."""
-    words = ["python", script, "--config", str(args.config)]
+    words = [python_command(), script, "--config", str(args.config)]
     if args.run_dir:
         words += ["--run-dir", str(args.run_dir)]
     for item in args.set:

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from common.checkpoint import cannot_write, load_checkpoint, write_text_atomic
+from common.cli import python_command
 from common.errors import UserError
 
 
@@ -98,7 +99,8 @@ def check_resume_config(saved: dict, now: dict, path: Path, section: str):
 
 def finished(out: Path, *next_commands: str):
     """A stage's last lines: where it wrote (TensorBoard reads the same folder) and what to run next."""
-    print(f"wrote {out}/  (scalars: tensorboard --logdir {out.parent})")
+    tensorboard = Path(python_command()).with_name("tensorboard")  # the one installed beside this Python
+    print(f"wrote {out}/  (scalars: {tensorboard if tensorboard.is_file() else 'tensorboard'} --logdir {out.parent})")
     for command in next_commands:
         print(f"next: {command}")
 

@@ -213,7 +213,7 @@ def test_compare_draws_several_runs_on_one_axis(quick_run):
 
 def test_missing_pretraining_is_one_line_quoting_the_command(tiny_config, tmp_path):
     cfg = tiny_config()
-    with pytest.raises(UserError, match=r"run: python 01_pretrain_loft\.py --config "):
+    with pytest.raises(UserError, match=r"run: \S*python 01_pretrain_loft\.py --config "):
         distance.main(["--config", str(cfg), "--run-dir", str(tmp_path / "none")])
     r = run_cli(["02_filter_distance.py", "--config", str(cfg), "--run-dir", str(tmp_path / "none")])
     lines = [l for l in r.stderr.splitlines() if l.strip()]

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from common.checkpoint import load_checkpoint, save_atomic, write_text_atomic
-from common.cli import run_stage
+from common.cli import python_command, run_stage
 from common.errors import UserError
 from common.models import build_model
 from conftest import REPO, TINY, _merge, run_cli, stage
@@ -340,7 +340,7 @@ def test_a_stage_logged_to_a_file_has_no_carriage_returns_and_one_line_per_epoch
     out, err = capfd.readouterr()
     assert "\r" not in out + err
     assert [l.split(":")[0] for l in out.splitlines() if l.startswith("epoch ")] == ["epoch 1", "epoch 2"]
-    assert f"wrote {tmp_path / 'r/pretrain'}/" in out and "next: python 02_filter_distance.py" in out
+    assert f"wrote {tmp_path / 'r/pretrain'}/" in out and f"next: {python_command()} 02_filter_distance.py" in out
 
 
 # ------------------------------------------------------------------ 10: the report over seeds
