@@ -14,7 +14,7 @@ import torch
 from common.checkpoint import save_atomic, write_text_atomic
 from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
-from common.costs import analytic_bytes, flops_per_sample, split_params
+from common.costs import analytic_bytes, flops_per_sample, split_params, train_flops_ratio_to_dense
 from common.data import NUM_CLASSES, TRAIN_SIZE, input_shape
 from common.dist import Comm, setup_from_config, teardown
 from common.loft import draw_partition, worker_arch
@@ -124,6 +124,10 @@ def loft_blocks(model, cfg) -> list:
     return partitioned_blocks(model, cfg.pretrain.partition_stage1) if is_partitionable(model) else []
 
 
+DATA_NOTE = {"full": "full: every worker walks the whole training set each epoch",
+             "shard": "shard: equal samples (each worker walks 1/S of each pass), not equal training FLOPs"}
+
+
 def dry_run_report(cfg, arch) -> dict:
     pc, shape = cfg.pretrain, input_shape(cfg.data.dataset)
     model = build_model(arch)
@@ -139,6 +143,11 @@ def dry_run_report(cfg, arch) -> dict:
         "flops_per_sample_dense": flops_per_sample(model, shape), "flops_per_sample_subnet": flops_per_sample(sub, shape),
         "analytic_bytes": analytic_bytes(model, blocks, pc.workers, pc.epochs, n_train, pc.batch_size,
                                          pc.local_iters, shape, shard=pc.data == "shard"),
+        "pretrain_data": DATA_NOTE[pc.data],
+        "train_flops_ratio_to_dense": {  # at this pretrain.data: shard equalises samples, not FLOPs
+            m: None if m == "loft" and not blocks else round(train_flops_ratio_to_dense(
+                arch, blocks, m, pc.workers, pc.epochs, n_train, pc.batch_size, pc.local_iters, shape,
+                shard=pc.data == "shard"), 4) for m in ("loft", "localsgd")},
     }
 
 
@@ -166,8 +175,12 @@ def write_comm_json(cfg, arch, n_train, measured_total, out, epochs_run: int):
     model = build_model(arch)
     analytic = analytic_bytes(model, loft_blocks(model, cfg), pc.workers, epochs_run, n_train, pc.batch_size,
                               pc.local_iters, input_shape(cfg.data.dataset), shard=pc.data == "shard")
+    blocks = loft_blocks(model, cfg) if pc.method == "loft" else []
+    ratio = train_flops_ratio_to_dense(arch, blocks, pc.method, pc.workers, epochs_run, n_train, pc.batch_size,
+                                       pc.local_iters, input_shape(cfg.data.dataset), shard=pc.data == "shard")
     report = {
         "method": pc.method, "workers": pc.workers, "wire_dtype": cfg.comm.wire_dtype,
+        "pretrain_data": DATA_NOTE[pc.data], "train_flops_ratio_to_dense": round(ratio, 4),
         "epochs_run": epochs_run, "epochs_configured": pc.epochs,
         "measured_payload_bytes": measured_total,
         "measured_note": "bytes handed to collectives, summed over ranks (one process: over workers); "

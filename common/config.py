@@ -75,7 +75,7 @@ class PretrainCfg(TrainCfg):
     partition_stage1: bool = opt(False)     # also split blocks[1:] of stage 1 (SPEC 1 default: no)
     bn_recal_batches: int = opt(20, lo=0)   # training batches used to re-estimate BN stats before eval/checkpoint
     stop_on_emergence: bool = opt(False)    # stop once the ticket has emerged (distance.emergence_* rule)
-    data: str = opt("full", choices=["full", "shard"])  # loft/localsgd: each worker walks the whole set per epoch, or its 1/S (equal compute with dense)
+    data: str = opt("full", choices=["full", "shard"])  # loft/localsgd: each worker walks the whole set per epoch, or its 1/S (equal samples with dense; training FLOPs: comm.json's ratio to dense)
     fused_workers: bool = opt(False)        # loft/localsgd: a device's workers train as one grouped module (common/fused.py); fast on GPUs
 
 

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from common.models import BlockRef
+from common.loft import draw_partition, worker_arch
+from common.models import BlockRef, build_model
 
 FP32 = 4
 
@@ -123,3 +124,30 @@ def analytic_bytes(model: nn.Module, blocks: list[BlockRef], workers: int, epoch
         "gpipe_fwd": gpipe_fwd,            # the paper's convention: forward activations once
         "gpipe_fwd_bwd": 2 * gpipe_fwd,    # real traffic: activations forward + gradients back
     }
+
+
+def pretrain_train_flops(arch: dict, blocks: list[BlockRef], method: str, workers: int, epochs: int, n_train: int,
+                         batch: int, local_iters: int, input_shape=(3, 32, 32), shard: bool = False) -> int:
+    """Forward+backward FLOPs of a pretraining run, counted as its trainer counts them (steps taken
+    x FLOPs of one step, common/pretrain.py). Dense and GPipe: N // B steps an epoch of the full
+    model. LoFT and Local SGD: whole rounds of K steps, each step a batch through every worker's
+    subnetwork (Local SGD: a full replica); N // B steps an epoch, (N // S) // B with `shard`."""
+    if method in ("dense", "gpipe"):
+        return epochs * (n_train // batch) * batch * flops_per_sample(build_model(arch), input_shape, backward=True)
+    steps = rounds_total(epochs, n_train // workers if shard else n_train, batch, local_iters) * local_iters
+    part = draw_partition(blocks, workers, 0, 0) if method == "loft" else {}  # sizes: the same every round
+    widths = [tuple(len(sets[w]) for sets in part.values()) for w in range(workers)]
+    cost = {wd: flops_per_sample(build_model(worker_arch(arch, part, widths.index(wd))), input_shape, backward=True)
+            for wd in set(widths)}  # workers differ by at most one channel a block: count each width once
+    return steps * batch * sum(cost[wd] for wd in widths)
+
+
+def train_flops_ratio_to_dense(arch: dict, blocks: list[BlockRef], method: str, workers: int, epochs: int,
+                               n_train: int, batch: int, local_iters: int, input_shape=(3, 32, 32),
+                               shard: bool = False) -> float:
+    """A run's training FLOPs over those of dense for the same epochs, data and batch size. With
+    `shard` (equal samples) LoFT-S spends about c_subnet / c_dense of dense, not 1: each sample
+    goes through one narrow subnetwork instead of the full model."""
+    run = pretrain_train_flops(arch, blocks, method, workers, epochs, n_train, batch, local_iters, input_shape, shard)
+    dense = pretrain_train_flops(arch, [], "dense", workers, epochs, n_train, batch, local_iters, input_shape)
+    return run / dense

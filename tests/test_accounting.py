@@ -11,7 +11,9 @@ from common.costs import epoch_end_round, train_flops_per_sample
 from common.data import load_cifar10
 from common.models import build_model
 from common.prune import maskable_weights
-from common.train import evaluate
+from common.config import load_config
+from common.evaluation import lossless_positions
+from common.train import correct_per_sample
 from conftest import DATA, pruned_lineage, run_finetune, stage
 
 FT = {"finetune": {"epochs": 1, "batch_size": 32, "lr": 0.05, "schedule": "cosine"},
@@ -103,6 +105,9 @@ def test_a_rewound_ticket_continues_the_pretraining_schedule_from_epoch_k(lineag
 
 
 def test_lossless_accuracy_is_the_part_of_the_subset_with_original_index_below_n(lineage):
+    """Which images count, by hand; then both accuracies as counts over the run's own per-image
+    decisions (re-evaluated where the run evaluated, in the same batch), so a CUDA run is checked
+    by the same equalities as a CPU one, never by float logits across devices."""
     cfg, run = lineage
     full = load_cifar10(DATA, train=False)
     # the class-balanced test subset of 200 takes the first 20 images of each class; count by hand
@@ -112,17 +117,21 @@ def test_lossless_accuracy_is_the_part_of_the_subset_with_original_index_below_n
         if seen[y] < 20:
             seen[y] += 1
             picked.append(i)
-    lossless = [i for i in picked if i < 180]
-    assert 0 < len(lossless) < 180 and len(picked) == 200
+    positions = [n for n, i in enumerate(picked) if i < 180]
+    assert 0 < len(positions) < 180 and len(picked) == 200
+    test_set = full.subset(torch.tensor(picked))
+    assert lossless_positions(load_config(cfg).data, test_set).tolist() == positions
     model = build_model({"name": "preresnet18", "num_classes": 10, "width": 0.125})
     ck = torch.load(run / "pretrain/epoch_002.pt", weights_only=True)
     model.load_state_dict(ck["model"])
-    acc_lossless, _ = evaluate(model, full.subset(torch.tensor(lossless)), 200, "cpu")
-    acc_all, _ = evaluate(model, full.subset(torch.tensor(picked)), 200, "cpu")
-    assert ck["test_acc_lossless"] == pytest.approx(acc_lossless) and ck["test_acc"] == pytest.approx(acc_all)
+    device = "cuda" if torch.cuda.is_available() else "cpu"   # where the tiny config's run evaluated
+    correct, _ = correct_per_sample(model, test_set, 200, device)
+    right_all, right_lossless = int(correct.sum()), int(correct[positions].sum())
+    assert ck["test_acc"] == 100.0 * right_all / 200
+    assert ck["test_acc_lossless"] == 100.0 * right_lossless / len(positions)
     header, *rows = (run / "pretrain/metrics.csv").read_text().splitlines()
     cols = header.split(",")
-    assert float(rows[-1].split(",")[cols.index("test_acc_lossless")]) == round(acc_lossless, 3)
+    assert float(rows[-1].split(",")[cols.index("test_acc_lossless")]) == round(100.0 * right_lossless / len(positions), 3)
     finetune(cfg, run, "prune_l1_p50")
     result = read(run / "finetune_l1_p50_finetune/result.json")
     assert 0 <= result["final_test_acc_lossless"] <= 100 and "best_test_acc_lossless" in result
@@ -141,3 +150,29 @@ def test_comm_json_counts_the_epochs_that_ran_after_an_early_stop(tiny_config, t
     from common.models import partitioned_blocks
     shared, part = split_params(model, partitioned_blocks(model))
     assert comm["analytic_ps_bytes"]["loft"] == rounds * 2 * (2 * shared + part) * 4
+
+
+@pytest.mark.parametrize("workers, expected", [(2, 0.796), (4, 0.690)])
+def test_sharded_loft_spends_a_fraction_of_dense_training_flops_not_the_same(workers, expected):
+    # PreResNet-18, CIFAR-10, batch 128, one epoch, K = 1 (whole rounds): with pretrain.data=shard
+    # each sample goes through one subnetwork, not the full model. The audit's figures: 0.796 / 0.690
+    # (S = 4 also drops the last 2 of 390 steps: 12,500 // 128 = 97 steps per worker).
+    from common.costs import train_flops_ratio_to_dense
+    from common.models import partitioned_blocks
+    arch = {"name": "preresnet18", "num_classes": 10, "width": 1.0}
+    blocks = partitioned_blocks(build_model(arch))
+    shard = train_flops_ratio_to_dense(arch, blocks, "loft", workers, 1, 50_000, 128, 1, shard=True)
+    assert shard == pytest.approx(expected, abs=5e-4)
+    full = train_flops_ratio_to_dense(arch, blocks, "loft", workers, 1, 50_000, 128, 1)
+    assert full == pytest.approx(shard * workers * 390 / (workers * (50_000 // workers // 128)))  # S x the samples
+
+
+def test_comm_json_ratio_to_dense_is_the_runs_counted_training_flops_over_dense(tiny_config, tmp_path):
+    cfg = tiny_config(pretrain={"epochs": 1, "data": "shard"})
+    stage("01_pretrain_loft").main(["--config", str(cfg), "--run-dir", str(tmp_path / "r")])
+    comm = read(tmp_path / "r/pretrain/comm.json")
+    assert comm["pretrain_data"].startswith("shard: equal samples")
+    counted = pretrain_flops(tmp_path / "r", 1)                   # what the LoFT trainer counted
+    dense = (640 // 32) * 32 * train_flops_per_sample(build_model({"name": "preresnet18", "num_classes": 10,
+                                                                    "width": 0.125}))
+    assert comm["train_flops_ratio_to_dense"] == round(counted / dense, 4) and 0.5 < counted / dense < 1
