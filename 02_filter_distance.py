@@ -44,7 +44,7 @@ def main(argv=None):
     res = analyse(series, cfg.prune.ratio)
     ep = series.epochs
     filt = emergence_epoch(consecutive_distances(res), cfg.distance.emergence_eps, cfg.distance.emergence_window)
-    bird = early_bird_epoch(res.mask_dist)
+    bird = early_bird_epoch(res.mask_dist, ep)
     marks = {"filter emergence": None if filt is None else ep[filt], "early bird": None if bird is None else ep[bird]}
     curves = {f"{run} ({series.method})": (ep, to_final(res))}
     for other in map(Path, args.compare):  # the same network-mean curve of every other run (paper Fig. 4)
@@ -69,7 +69,8 @@ def main(argv=None):
         "filter_emergence_rule": f"first e with network-mean normalised top-k F(e+j+1, e+j) < {cfg.distance.emergence_eps} "
                                  f"for j = 0..{cfg.distance.emergence_window - 1}",
         "early_bird_epoch": marks["early bird"],
-        "early_bird_rule": f"first e with mask distance <= {EB_EPS} to each of the previous {EB_HISTORY} epochs",
+        "early_bird_rule": f"first e with mask distance <= {EB_EPS} to each of the previous {EB_HISTORY} "
+                           "trained epochs (the queue starts at epoch 1)",
         "distance_to_final": {str(e): round(v, 5) for e, v in zip(ep, to_final(res))},
         "distance_to_final_weighted": {str(e): round(v, 5) for e, v in zip(ep, to_final(res, "network_weighted"))},
         "mask_distance_to_final": {str(e): round(v, 5) for e, v in zip(ep, res.mask_dist[-1].tolist())},

@@ -29,12 +29,16 @@ def emergence_epoch(consecutive: list[float], eps: float, window: int) -> int | 
     return None
 
 
-def early_bird_epoch(mask_dist: torch.Tensor, eps: float = EB_EPS, history: int = EB_HISTORY) -> int | None:
-    """You et al. 2019: the first checkpoint index e >= history whose mask distance to each of
-    the previous `history` checkpoints is <= eps (their queue of 5 masks, max distance <= 0.1)."""
-    for e in range(history, mask_dist.shape[0]):
-        if float(mask_dist[e, e - history:e].max()) <= eps:
-            return e
+def early_bird_epoch(mask_dist: torch.Tensor, epochs: list[int], eps: float = EB_EPS,
+                     history: int = EB_HISTORY) -> int | None:
+    """You et al. 2019: the index of the first checkpoint whose mask distance to each of the previous
+    `history` checkpoints is <= eps (their queue of 5 masks, max distance <= 0.1). `epochs[i]` is
+    checkpoint i's epoch: only trained epochs (>= 1) enter the queue, as theirs starts with the mask
+    after epoch 1; the init (epoch 0) is no early bird and no queue entry."""
+    trained = [i for i, e in enumerate(epochs) if e >= 1]
+    for j in range(history, len(trained)):
+        if float(mask_dist[trained[j], trained[j - history:j]].max()) <= eps:
+            return trained[j]
     return None
 
 

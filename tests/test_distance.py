@@ -149,13 +149,22 @@ def test_early_bird_global_mask_hamming_distance_and_rule():
     assert masks[2].tolist() == [True, True, True, False, False, False]
     md = mask_distances(masks)
     assert md[0, 1] == 0 and md[0, 2] == pytest.approx(2 / 6) and torch.equal(md, md.T)
-    # 7 epochs: e=4 sees distances 0.3 to epoch 0 (> 0.1), e=5 sees at most 0.1 to epochs 1..4
+    # epochs 0..6: the first with 4 trained predecessors is 5; its distance 0.1 to epoch 1 is <= eps
     dist = torch.zeros(7, 7, dtype=torch.float64)
-    dist[:, 0] = dist[0, :] = 0.3
-    dist[0, 0] = 0
     dist[5, 1] = dist[1, 5] = 0.1
-    assert early_bird_epoch(dist) == 5
-    assert early_bird_epoch(dist[:5, :5]) is None
+    assert early_bird_epoch(dist, list(range(7))) == 5
+    dist[5, 2] = dist[2, 5] = 0.11
+    assert early_bird_epoch(dist, list(range(7))) == 6        # 5 sees 0.11 to epoch 2; 6 sees 0 to 2..5
+    assert early_bird_epoch(dist[:6, :6], list(range(6))) is None
+
+
+def test_early_bird_queue_starts_at_epoch_1_not_at_the_init():
+    # identical masks at every checkpoint: You et al. fill their 5-mask queue with the masks after
+    # epochs 1..5, so the earliest early bird is epoch 5; the init (epoch 0) is no queue entry
+    same = torch.zeros(8, 8, dtype=torch.float64)
+    assert early_bird_epoch(same, list(range(8))) == 5
+    assert early_bird_epoch(same[:5, :5], list(range(5))) is None      # epochs 1..4: the queue is not full
+    assert early_bird_epoch(same[1:, 1:], list(range(1, 8))) == 4      # no epoch_000 file: index 4 is epoch 5
 
 
 # --------------------------------------------------------- 01 → 02, real data
