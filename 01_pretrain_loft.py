@@ -16,7 +16,7 @@ from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.costs import analytic_bytes, flops_per_sample, split_params, train_flops_ratio_to_dense
 from common.data import NUM_CLASSES, TRAIN_SIZE, input_shape
-from common.dist import Comm, setup_from_config, teardown
+from common.dist import Comm, agreed, on_main, setup_from_config, teardown
 from common.loft import draw_partition, worker_arch
 from common.emergence import EmergenceWatch
 from common.models import build_model, is_partitionable, partitioned_blocks, prunable_blocks
@@ -41,7 +41,7 @@ def main(argv=None):
         return
     out = run_dir_of(args, cfg) / "pretrain"
     env = setup_from_config(cfg.dist)
-    resuming = check_stage_dir(out, args.resume, args.force, env.is_main)
+    resuming = on_main(env, f"checking {out}", check_stage_dir, out, args.resume, args.force)  # rank 0's folder
     train_set, test_set, lossless = load_splits(cfg, env)
     torch.manual_seed(cfg.seed)
     init = build_model(arch).state_dict()
@@ -54,10 +54,12 @@ def main(argv=None):
         watch.start(init)
     if resuming:
         start, rows = resume(method, out, cfg, comm, watch)
-    elif env.is_main:
-        clear_stage_dir(out)  # --force: only now that config, data and method have been checked
-        save_config(cfg.to_dict(), out / "config.yaml")
-        save_epoch(init, arch, 0, cfg, train_set, (test_set, lossless), env, out, train_flops=0)
+    else:
+        with agreed(env, f"writing {out}"):
+            if env.is_main:
+                clear_stage_dir(out)  # --force: only now that config, data and method have been checked
+                save_config(cfg.to_dict(), out / "config.yaml")
+                save_epoch(init, arch, 0, cfg, train_set, (test_set, lossless), env, out, train_flops=0)
     epochs_run = start - 1
     tb = Scalars(out, env.is_main, first_step=start)
     for epoch in range(start, cfg.pretrain.epochs + 1):
@@ -67,28 +69,29 @@ def main(argv=None):
         train_flops = method.steps_done * method.train_flops_per_step
         emerged = watch.update(state) if watch else None  # same weights on every rank: same decision
         epochs_run = epoch
-        if env.is_main:
-            accs = save_epoch(state, arch, epoch, cfg, train_set, (test_set, lossless), env, out, train_flops)
-            acc = accs["test_acc"]
-            rows.append({"epoch": epoch, "rounds": getattr(method, "round", ""), "train_loss": round(loss, 5),
-                         **{k: round(v, 3) for k, v in accs.items()}, "comm_bytes": comm_total,
-                         "train_flops": train_flops,
-                         **({"emerged_at": "" if emerged is None else emerged} if watch else {})})
-            write_csv(rows, out / "metrics.csv")
-            tb.add({**rows[-1], "lr": epoch_lr(method, cfg.pretrain)}, epoch)
-            save_atomic({"model": state, "arch": arch, "epoch": epoch, "method": method.state_dict(),
-                         "rows": rows, "comm_bytes": comm_total, "config": cfg.to_dict(),
-                         "consecutive": watch.consecutive if watch else []}, out / "last.pt")
-            print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%  comm {comm_total / 1e6:.2f} MB")
-        comm.barrier()
+        with agreed(env, f"saving epoch {epoch}"):  # the barrier after rank 0's writes, carrying its status
+            if env.is_main:
+                accs = save_epoch(state, arch, epoch, cfg, train_set, (test_set, lossless), env, out, train_flops)
+                acc = accs["test_acc"]
+                rows.append({"epoch": epoch, "rounds": getattr(method, "round", ""), "train_loss": round(loss, 5),
+                             **{k: round(v, 3) for k, v in accs.items()}, "comm_bytes": comm_total,
+                             "train_flops": train_flops,
+                             **({"emerged_at": "" if emerged is None else emerged} if watch else {})})
+                write_csv(rows, out / "metrics.csv")
+                tb.add({**rows[-1], "lr": epoch_lr(method, cfg.pretrain)}, epoch)
+                save_atomic({"model": state, "arch": arch, "epoch": epoch, "method": method.state_dict(),
+                             "rows": rows, "comm_bytes": comm_total, "config": cfg.to_dict(),
+                             "consecutive": watch.consecutive if watch else []}, out / "last.pt")
+                print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%  comm {comm_total / 1e6:.2f} MB")
         if emerged is not None:
             if env.is_main:
                 print(f"ticket emerged at epoch {emerged} (filter-distance rule); stopping after epoch {epoch}")
             break
     tb.close()
-    if env.is_main:
-        write_comm_json(cfg, arch, len(train_set), comm_total, out, epochs_run)
-        finished(out, stage_command("02_filter_distance.py", args), stage_command("03_prune.py", args))
+    with agreed(env, f"writing {out / 'comm.json'}"):
+        if env.is_main:
+            write_comm_json(cfg, arch, len(train_set), comm_total, out, epochs_run)
+            finished(out, stage_command("02_filter_distance.py", args), stage_command("03_prune.py", args))
     teardown(env)  # after an error none: a barrier would wait for a peer that may be gone
 
 

@@ -21,7 +21,7 @@ from common.checkpoint import save_atomic, write_text_atomic
 from common.cli import python_command, run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.data import input_shape
-from common.dist import Comm, setup_from_config, teardown
+from common.dist import Comm, agreed, on_main, setup_from_config, teardown
 from common.costs import train_flops_per_sample
 from common.errors import UserError
 from common.evaluation import accuracies, load_splits
@@ -51,7 +51,7 @@ def main(argv=None):
     out = run / f"finetune_{check_tag(args.tag) if args.tag else default_folder(ticket_path, fc)}"
     weights = ticket_weights(ticket, fc.mode, fc.rewind_epoch, cfg.seed)
     env = setup_from_config(cfg.dist)
-    resuming = check_stage_dir(out, args.resume, args.force, env.is_main)
+    resuming = on_main(env, f"checking {out}", check_stage_dir, out, args.resume, args.force)  # rank 0's folder
     train_set, test_set, lossless = load_splits(cfg, env)
     epochs, schedule, schedule_note = ticket_schedule(ticket, fc, len(train_set))
     hook = LockedUpdate(ticket["mask"], fc.weight_decay) if ticket.get("mask") else None
@@ -64,33 +64,36 @@ def main(argv=None):
         if hashes(ck.get("lineage", lineage)) != hashes(lineage):
             raise UserError(f"--resume: {ticket_path} or its rewind checkpoint changed since {out} was "
                             "started (content hash differs); use --force to start over")
-    elif env.is_main:
-        clear_stage_dir(out)  # --force: only now that ticket, lineage, data and trainer have been checked
-        save_config(cfg.to_dict(), out / "config.yaml")
-        print(f"ticket {ticket_path}: {ticket['kind']}, {ticket.get('params_after', '?')} params; mode {fc.mode}; "
-              f"lr: {schedule_note}")
+    else:
+        with agreed(env, f"writing {out}"):
+            if env.is_main:
+                clear_stage_dir(out)  # --force: only now that ticket, lineage, data and trainer have been checked
+                save_config(cfg.to_dict(), out / "config.yaml")
+                print(f"ticket {ticket_path}: {ticket['kind']}, {ticket.get('params_after', '?')} params; "
+                      f"mode {fc.mode}; lr: {schedule_note}")
     tb = Scalars(out, env.is_main, first_step=start)
     for epoch in range(start, epochs + 1):
         loss = trainer.train_epoch(epoch)
         comm_total = int(comm.sum_metric(torch.tensor([comm.bytes_sent], dtype=torch.float64)).item())
-        if env.is_main:
-            accs = accuracies(trainer.model, test_set, cfg.data.eval_batch_size, env.device, lossless)
-            acc = accs["test_acc"]
-            rows.append({"epoch": epoch, "train_loss": round(loss, 5), **{k: round(v, 3) for k, v in accs.items()}})
-            write_csv(rows, out / "metrics.csv")
-            tb.add({**rows[-1], "lr": epoch_lr(trainer, fc), "comm_bytes": comm_total,
-                    "train_flops": int(ticket.get("train_flops", 0)) + trainer.steps_done * trainer.train_flops_per_step},
-                   epoch)
-            save_atomic({"model": {k: v.cpu() for k, v in trainer.global_state().items()}, "arch": ticket["arch"],
-                         "epoch": epoch, "rows": rows,
-                         "method": trainer.state_dict(), "config": cfg.to_dict(), "lineage": lineage},
-                        out / "last.pt")
-            print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%")
-        comm.barrier()
+        with agreed(env, f"saving epoch {epoch}"):  # the barrier after rank 0's writes, carrying its status
+            if env.is_main:
+                accs = accuracies(trainer.model, test_set, cfg.data.eval_batch_size, env.device, lossless)
+                acc = accs["test_acc"]
+                rows.append({"epoch": epoch, "train_loss": round(loss, 5), **{k: round(v, 3) for k, v in accs.items()}})
+                write_csv(rows, out / "metrics.csv")
+                tb.add({**rows[-1], "lr": epoch_lr(trainer, fc), "comm_bytes": comm_total,
+                        "train_flops": int(ticket.get("train_flops", 0))
+                        + trainer.steps_done * trainer.train_flops_per_step}, epoch)
+                save_atomic({"model": {k: v.cpu() for k, v in trainer.global_state().items()},
+                             "arch": ticket["arch"], "epoch": epoch, "rows": rows,
+                             "method": trainer.state_dict(), "config": cfg.to_dict(), "lineage": lineage},
+                            out / "last.pt")
+                print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%")
     tb.close()
-    if env.is_main:
-        save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage)
-        finished(out, f"{python_command()} bench/report.py {run.parent}")
+    with agreed(env, f"writing {out / 'final.pt'}"):
+        if env.is_main:
+            save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage)
+            finished(out, f"{python_command()} bench/report.py {run.parent}")
     teardown(env)  # after an error none: a barrier would wait for a peer that may be gone
 
 

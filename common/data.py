@@ -15,14 +15,20 @@ resumed at any round all draw exactly the same images.
 
 Where the data live (`data.root`): ROOT/cifar-10-batches-py/, ROOT/cifar-100-python/ (both
 downloaded through torchvision when absent), ROOT/imagenet/{train,val}/<class>/*.JPEG or
-ROOT/{train,val}/<class>/* (never downloaded; val/ sorted into class folders).
+ROOT/{train,val}/<class>/* (never downloaded; val/ sorted into class folders). A download goes to
+a hidden temporary folder and is renamed into place once complete, and a CIFAR folder missing
+any file of the release is refused, so an interrupted download or copy is never read as data.
+Under the launcher one rank per node prepares the data while the others wait (`prepare_data`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
+import os
 import pickle
+import shutil
+import tempfile
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.dist import agreed
 from common.errors import UserError
 
 CIFAR10_DIR = "cifar-10-batches-py"
@@ -86,25 +93,77 @@ def shown_root(root: Path) -> str:
     return f"{root}" if root.is_absolute() else f"{root} (= {root.absolute()})"
 
 
+# The release's other file, besides the train and test batches: a folder without it is incomplete.
+_CIFAR_META = {"cifar10": "batches.meta", "cifar100": "meta"}
+
+
+def release_files(dataset: str) -> list[str]:
+    """Every file of a CIFAR python release (what a complete folder holds)."""
+    _, _, train_files, test_files = _CIFAR[dataset][:4]
+    return [*train_files, *test_files, _CIFAR_META[dataset]]
+
+
+def _missing(folder: Path, dataset: str) -> list[str]:
+    return [name for name in release_files(dataset) if not (folder / name).is_file()]
+
+
 def _download(root: Path, dataset: str = "cifar10"):
-    folder, tv_class = _CIFAR[dataset][:2]
+    """Fetch the release through torchvision into a hidden temporary folder in `root`, then rename
+    it into place: never a half-extracted folder under the name that is read as data."""
+    name, tv_class = _CIFAR[dataset][:2]
     try:
-        import torchvision
-        getattr(torchvision.datasets, tv_class)(str(root), train=True, download=True)
-    except Exception as e:  # no network, disk full, ...: the user must point at a copy
-        raise UserError(f"data.root={shown_root(root)}: no {folder}/ there and the download failed "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                        f"point data.root at a folder holding {folder}/ (an absolute path works from any folder)") from None
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    except OSError as e:
+        raise UserError(f"data.root={shown_root(root)}: no {name}/ there and no folder can be made there to "
+                        f"download it ({e.strerror or type(e).__name__})") from None
+    try:
+        try:
+            import torchvision
+            getattr(torchvision.datasets, tv_class)(str(tmp), train=True, download=True)
+        except Exception as e:  # no network, disk full, ...: the user must point at a copy
+            raise UserError(f"data.root={shown_root(root)}: no {name}/ there and the download failed "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); point data.root "
+                            f"at a folder holding {name}/ (an absolute path works from any folder)") from None
+        missing = _missing(tmp / name, dataset)
+        if missing:
+            raise UserError(f"data.root={shown_root(root)}: the downloaded {name}/ lacks {', '.join(missing)}")
+        try:
+            os.rename(tmp / name, root / name)
+        except OSError:
+            if not (root / name).is_dir():  # else another node sharing this folder renamed its copy first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # also after an interrupt; only a kill leaves it (hidden, unread)
 
 
 def cifar_dir(root: str | Path, dataset: str, download: bool = True) -> Path:
+    """ROOT/<release folder>, downloaded when absent (if `download`); a folder missing any file of
+    the release is one line naming what is missing."""
     root = Path(root)
-    folder = root / _CIFAR[dataset][0]
+    name = _CIFAR[dataset][0]
+    folder = root / name
     if not folder.is_dir():
         if not download:
-            raise UserError(f"data.root={shown_root(root)}: no {_CIFAR[dataset][0]}/ folder there")
+            raise UserError(f"data.root={shown_root(root)}: no {name}/ folder there")
         _download(root, dataset)
+    missing = _missing(folder, dataset)
+    if missing:
+        raise UserError(f"{folder}: incomplete, no {', '.join(missing)} (an interrupted copy?); replace it with a "
+                        f"complete {name}/, or delete it to download it again")
     return folder
+
+
+def prepare_data(cfg_data, env):
+    """Have the configured dataset ready before any rank reads it: local rank 0 of each node
+    downloads or checks it while the node's other ranks wait; a failure ends every rank with one
+    line (common.dist.agreed). Plain `python`: just the check (or download)."""
+    with agreed(env, f"preparing data.root={cfg_data.root}"):
+        if env.local_rank == 0:
+            if cfg_data.dataset in _CIFAR:
+                cifar_dir(cfg_data.root, cfg_data.dataset)
+            elif cfg_data.dataset == "imagenet":
+                imagenet_dir(cfg_data.root)
 
 
 def cifar10_dir(root: str | Path, download: bool = True) -> Path:

@@ -12,14 +12,15 @@ import dataclasses
 
 import torch
 
-from common.data import balanced_subset, load_dataset, on_device
+from common.data import balanced_subset, load_dataset, on_device, prepare_data
 from common.errors import UserError
 from common.train import correct_per_sample
 
 
 def load_splits(cfg, env):
     """(train set, test set, positions of the lossless test images) of a stage, the sets moved to
-    the rank's device (common.data.on_device)."""
+    the rank's device (common.data.on_device). One rank per node prepares the data first."""
+    prepare_data(cfg.data, env)
     train_set, test_set = load_dataset(cfg.data, train=True), load_dataset(cfg.data, train=False)
     lossless = lossless_positions(cfg.data, test_set)
     return on_device(train_set, env), on_device(test_set, env), lossless

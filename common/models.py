@@ -136,6 +136,24 @@ def mid_bn_name(block: nn.Module) -> str | None:
     return getattr(block, "MID_BN", None) or MID_BN_OF.get(type(block))
 
 
+class GlobalAvgPool(nn.Module):
+    """N x C x H x W → N x C x 1 x 1, the mean over (H, W). Used instead of AdaptiveAvgPool2d(1),
+    whose CUDA backward has no deterministic kernel (an error under dist.deterministic); the mean
+    gives the same bits on the CPU, forward and backward."""
+
+    def forward(self, x):
+        return x.mean((2, 3), keepdim=True)
+
+
+def _global_pools_as_means(model: nn.Module) -> nn.Module:
+    """Every AdaptiveAvgPool2d to 1x1 in a torchvision model (head, squeeze-excitation) → GlobalAvgPool."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size in (1, (1, 1)):
+                setattr(parent, name, GlobalAvgPool())
+    return model
+
+
 class Head(nn.Module):
     """[optional final BN-ReLU] → global average pool → linear classifier."""
 
@@ -147,7 +165,7 @@ class Head(nn.Module):
     def forward(self, x):
         if self.bn is not None:
             x = F.relu(self.bn(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc(x.mean((2, 3)))  # global average pool (see GlobalAvgPool)
 
 
 # --------------------------------------------------------------------- networks
@@ -209,7 +227,7 @@ class TorchvisionResNet(tvm.ResNet):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         for i, (n, c) in enumerate(zip(layers, w)):
             setattr(self, f"layer{i + 1}", self._make_layer(block, c, n, stride=1 if i == 0 else 2))
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.avgpool = GlobalAvgPool()  # torchvision: AdaptiveAvgPool2d((1, 1)), same bits
         self.fc = nn.Linear(w[3] * block.expansion, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -243,6 +261,7 @@ class MobileNetV3Small(tvm.MobileNetV3):
     def __init__(self, num_classes: int, width: float = 1.0):
         setting, last_channel = _mobilenet_v3_conf("mobilenet_v3_small", width_mult=width)
         super().__init__(setting, last_channel, num_classes=num_classes)
+        _global_pools_as_means(self)
 
     def layer_list(self) -> list[nn.Module]:
         if "_groups" not in self.__dict__:

@@ -11,6 +11,7 @@ import yaml
 
 from common.checkpoint import cannot_write, load_checkpoint, write_text_atomic
 from common.cli import python_command
+from common.dist import on_main
 from common.errors import UserError
 
 
@@ -119,12 +120,18 @@ def check_analysis_dir(path: Path, now: dict, keys: tuple[str, ...], force: bool
     check_writable(path)
 
 
+def _checked_resume_state(path: Path, config: dict, section: str) -> dict:
+    ck = load_checkpoint(path, required=("model", "epoch", "method", "rows", "config"))
+    check_resume_config(ck["config"], config, path, section=section)
+    return ck
+
+
 def resume_point(out: Path, trainer, cfg, section: str) -> tuple[dict, int, list]:
     """The one resume of a training stage (01, 04): OUT/last.pt, checked to be made under this
     config, loaded into `trainer` (weights, optimizer, counters). Returns (the checkpoint, the
-    epoch to continue with, the metrics rows so far)."""
+    epoch to continue with, the metrics rows so far). Rank 0 reads it and hands it to the other
+    ranks, which need not see the run folder (no shared file system across nodes)."""
     path = out / "last.pt"
-    ck = load_checkpoint(path, required=("model", "epoch", "method", "rows", "config"))
-    check_resume_config(ck["config"], cfg.to_dict(), path, section=section)
+    ck = on_main(trainer.env, f"reading {path}", _checked_resume_state, path, cfg.to_dict(), section)
     trainer.load_state_dict(ck["method"], weights=ck["model"])
     return ck, int(ck["epoch"]) + 1, list(ck["rows"])

@@ -2,6 +2,7 @@
 CIFAR-10 images: a cifar-100-python release of relabelled images, an ImageFolder tree of upscaled
 JPEG/PNG files."""
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,14 +88,17 @@ def test_cifar100_missing_download_and_its_failure(tmp_path, cifar10_test, monke
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", Offline)
     with pytest.raises(UserError, match=r"no cifar-100-python/ there and the download failed \(RuntimeError"):
         load_dataset(DataCfg(dataset="cifar100", root=str(tmp_path)), train=True)
-    assert calls == [(str(tmp_path), True, True)]
+    assert len(calls) == 1 and calls[0][1:] == (True, True)
+    assert Path(calls[0][0]).parent == tmp_path and Path(calls[0][0]).name.startswith(".cifar-100-python.")
+    assert list(tmp_path.iterdir()) == []  # the temporary download folder is gone
 
-    class Online:  # what torchvision does when it can download: the release appears under root
+    class Online:  # what torchvision does when it can download: the release appears under the root it is given
         def __init__(self, root, train, download):
-            write_cifar100(tmp_path, cifar10_test)
+            write_cifar100(Path(root), cifar10_test)
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", Online)
     assert len(load_dataset(DataCfg(dataset="cifar100", root=str(tmp_path)), train=False)) == 100
+    assert [p.name for p in tmp_path.iterdir()] == ["cifar-100-python"]
 
 
 # --------------------------------------------------------------------- ImageNet
