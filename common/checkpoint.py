@@ -47,7 +47,7 @@ def _failed_write(e: RuntimeError) -> OSError | None:
     if cause is not None:
         return cause
     if TORCH_WRITE_FAILED.search(str(e)):
-        return OSError(f"write failed, is the disk full? ({str(e).split('] . ')[-1]})")
+        return OSError(f"{str(e).split('] . ')[-1]}; is the disk full?")
     return None
 
 
