@@ -1,0 +1,510 @@
+"""Channel groups discovered from the traced graph (SPEC section 8; rules in docs/discovery.md).
+
+A channel group is a set of C channels that producers (output channels of a Conv or Linear)
+hand only through per-channel operations (BatchNorm, activations, pooling, a depthwise conv, a
+squeeze-excitation gate, a flatten) to consumers that read them as input channels. Nothing here
+names a layer: Torch-Pruning's `DependencyGraph` traces one forward and lists, for every
+Conv/Linear, every (node, dimension) its output channels touch; `discover` keeps the Torch-Pruning
+groups whose every node is per-channel and records, for the others, which place ends them and why
+(an add, a concat, a reshape into heads, a norm over the channels, a grouped conv, the model
+output, an unknown op or a custom autograd function).
+
+    found = discover(model, input_shape=(3, 32, 32))
+    found.groups          # [ChannelGroup(name="layer2.1.conv1", width=32, producers=..., ...), ...]
+    found.rejected        # [("conv1", "add"), ("fc", "model output"), ...]
+    small = narrow(model, found.groups, {"layer2.1.conv1": kept_indices})
+    reference = masked(model, found.groups, {"layer2.1.conv1": kept_indices})  # same outputs
+
+`paper_preset` is the LoFT paper's choice among the zoo's groups (SPEC section 1).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+import traceback
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch_pruning as tp
+from torch_pruning import ops as tp_ops
+
+from common.errors import UserError
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)   # transposed convs are not producers or consumers here
+ROOT_TYPES = (*CONV_TYPES, nn.Linear)
+
+
+# ---------------------------------------------------------------------------- the group
+@dataclass(frozen=True)
+class ChannelGroup:
+    """One set of channels, by the modules that hold its slices.
+
+    producers: (module, dim of its weight and bias holding the group's output channels)
+    consumers: (module, dim of its weight holding the input channels, repeat): a consumer behind a
+               flatten reads each channel `repeat` times, as `repeat` consecutive input columns
+    members:   per-channel modules between them (BN, depthwise conv, PReLU): every tensor, dim 0"""
+    name: str
+    width: int
+    producers: tuple[tuple[str, int], ...]
+    consumers: tuple[tuple[str, int, int], ...]
+    members: tuple[str, ...] = ()
+
+    def entries(self, state: dict) -> dict[str, tuple[int, int]]:
+        """State-dict keys of `state` that live on the group's channels → (dim, repeat)."""
+        out = {}
+        for module, dim in self.producers:
+            out.update({f"{module}.{leaf}": (dim, 1) for leaf in ("weight", "bias")})
+        for module, dim, repeat in self.consumers:
+            out[f"{module}.weight"] = (dim, repeat)
+        for module in self.members:
+            out.update({f"{module}.{leaf}": (0, 1) for leaf in ("weight", "bias", "running_mean", "running_var")})
+        return {k: v for k, v in out.items() if k in state}
+
+
+def channel_columns(channels: torch.Tensor, repeat: int) -> torch.Tensor:
+    """Indices along a dimension that holds each channel `repeat` times in a row (after a flatten)."""
+    if repeat == 1:
+        return channels
+    return (channels[:, None] * repeat + torch.arange(repeat, device=channels.device)).reshape(-1)
+
+
+@dataclass
+class Discovery:
+    """What `discover` found: the groups (in module order) and the places that are not groups."""
+    groups: list[ChannelGroup]
+    rejected: list[tuple[str, str]]    # (place: the producers' name, reason(s) joined by "; ")
+
+    def by_name(self) -> dict[str, ChannelGroup]:
+        return {g.name: g for g in self.groups}
+
+
+# ----------------------------------------------------------------------------- discovery
+def discover(model: nn.Module, input_shape=(3, 32, 32), example: torch.Tensor | None = None) -> Discovery:
+    """Trace one eval-mode forward and return the model's channel groups and rejected places.
+
+    `example` (default: a batch of 2 random inputs of `input_shape`) fixes the shapes the graph
+    is read at (e.g. how many positions a flatten repeats each channel over)."""
+    _refuse_data_dependent_control_flow(model)
+    if example is None:
+        device = next(model.parameters()).device
+        example = torch.randn(2, *input_shape, device=device)
+    trace = _Trace()
+    was_training = model.training
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # Torch-Pruning warns about ops it does not know; we judge them below
+            graph = tp.DependencyGraph().build_dependency(
+                model, example, forward_fn=trace.forward, verbose=False)
+            tp_groups = list(graph.get_all_groups(root_module_types=ROOT_TYPES))
+    except UserError:
+        raise
+    except Exception as e:  # the user's forward or the tracer failed: one line, not a traceback
+        raise UserError(f"cannot trace {type(model).__name__} on an input of shape {tuple(example.shape)}: "
+                        f"{type(e).__name__}: {e}".splitlines()[0]) from None
+    finally:
+        model.train(was_training)
+
+    names = {m: n for n, m in model.named_modules()}
+    order = {n: i for i, n in enumerate(names.values())}
+    internal = trace.internal_nodes(graph, names)
+    groups, rejected = [], []
+    for tp_group in tp_groups:
+        judged = _judge(tp_group, graph, names, internal, trace)
+        if isinstance(judged, ChannelGroup):
+            groups.append(judged)
+        else:
+            rejected.append(judged)
+    groups.sort(key=lambda g: order[g.name])
+    rejected.sort(key=lambda r: order.get(r[0], len(order)))
+    return Discovery(groups, rejected)
+
+
+class _Trace:
+    """The forward Torch-Pruning traces, recording what its graph leaves out: each module call's
+    input autograd nodes (to tell a module's own inner ops, e.g. the view + addmm + view of a
+    Linear on 3-D input, from ops between modules) and the model's output nodes."""
+
+    def __init__(self):
+        self.inputs: dict[nn.Module, set] = {}
+        self.outputs: set = set()
+
+    def forward(self, model: nn.Module, example: torch.Tensor):
+        def record(module, args, kwargs):
+            tensors = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t)]
+            self.inputs.setdefault(module, set()).update(t.grad_fn for t in tensors if t.grad_fn is not None)
+        hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()]
+        try:
+            out = model(example)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.outputs = {t.grad_fn for t in tp.utils.flatten_as_list(out) if torch.is_tensor(t) and t.grad_fn}
+        return out
+
+    def internal_nodes(self, graph, names: dict) -> dict:
+        """grad_fn of an op inside a module's forward → that module's name."""
+        module_out = {node.grad_fn for m, node in graph.module2node.items() if m in names}
+        owner = {}
+        for module, node in graph.module2node.items():
+            if module not in names or module not in self.inputs:
+                continue
+            stop = self.inputs[module] | (module_out - {node.grad_fn})
+            todo = [f for f, _ in node.grad_fn.next_functions if f is not None]
+            while todo:
+                f = todo.pop()
+                if f in stop or f in owner or type(f).__name__ == "AccumulateGrad":
+                    continue
+                owner[f] = names[module]
+                todo.extend(g for g, _ in f.next_functions if g is not None)
+        return owner
+
+
+def _refuse_data_dependent_control_flow(model: nn.Module) -> None:
+    """Torch-Pruning records the one path the example input takes; a branch on tensor values could
+    take another path later, so such a model is refused (found by torch.fx, which cannot trace it).
+    Other things fx cannot trace are fine: the graph comes from an eager forward."""
+    try:
+        torch.fx.symbolic_trace(model)
+    except torch.fx.proxy.TraceError as e:
+        if "control flow" not in str(e):
+            return
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename]
+        where = f" at {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
+        raise UserError(f"cannot trace {type(model).__name__}: its forward branches on tensor values{where}; "
+                        "channel groups need one graph for every input (use torch.where or a shape test)") from None
+    except Exception:
+        return
+
+
+# ---------------------------------------------------------------- judging one TP group
+# Autograd node names (without "Backward<N>") of ops that act on each channel by itself.
+PER_CHANNEL_OPS = {"Relu", "Hardtanh", "Hardswish", "Hardsigmoid", "Sigmoid", "Silu", "Gelu", "Tanh",
+                   "LeakyRelu", "Elu", "Celu", "Selu", "Softplus", "Mish", "Threshold", "Clamp", "ClampMin",
+                   "ClampMax", "Neg", "Abs", "Exp", "Clone", "Alias", "ToCopy"}
+SPATIAL_POOLS = {"MaxPool1DWithIndices", "MaxPool2DWithIndices", "MaxPool3DWithIndices", "AvgPool1D", "AvgPool2D",
+                 "AvgPool3D", "AdaptiveAvgPool1D", "AdaptiveAvgPool2D", "AdaptiveAvgPool3D", "AdaptiveMaxPool1D",
+                 "AdaptiveMaxPool2D", "AdaptiveMaxPool3D", "UpsampleNearest2D", "UpsampleBilinear2D"}
+REDUCTIONS = {"Mean", "Sum"}
+RESHAPES = {"View", "Reshape", "UnsafeView", "ReshapeAlias", "Squeeze", "Unsqueeze"}
+PRODUCTS = {"Mul", "Div"}
+OP_REASONS = {"Add": "add", "Sub": "add", "Cat": "concat", "Stack": "concat", "Split": "split",
+              "SplitWithSizes": "split", "Unbind": "split", "Select": "slice", "Slice": "slice",
+              "Index": "slice", "Permute": "layout change", "Transpose": "layout change",
+              "ScaledDotProductFlashAttentionForCpu": "attention", "ScaledDotProductAttention": "attention",
+              "Softmax": "attention", "Bmm": "attention"}
+NORMS_OVER_CHANNELS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+REASON_ORDER = ["add", "concat", "split", "slice", "reshape into heads", "reshape", "layout change", "attention",
+                "norm over channels", "grouped conv", "model output", "custom autograd function", "unknown op"]
+
+
+def _op_name(grad_fn) -> str:
+    return re.sub(r"Backward\d*$", "", type(grad_fn).__name__)
+
+
+def _judge(tp_group, graph, names: dict, internal: dict, trace: _Trace):
+    """A ChannelGroup, or (place, reasons) saying what in the Torch-Pruning group is not per-channel."""
+    producers, consumers, members, reasons = [], [], [], []
+    root = tp_group[0].dep.target.module
+    width = graph.get_out_channels(root)
+    nodes = {}   # node → role, the group's nodes outside modules' inner ops
+    for dep, _ in tp_group:
+        node = dep.target
+        if node.grad_fn in internal:
+            continue
+        into = dep.handler.__name__ == "prune_in_channels"
+        nodes[node] = "in" if into else nodes.get(node, "out")
+    for node, role in nodes.items():
+        module = node.module
+        name = names.get(module)
+        if role == "out" and (node.grad_fn in trace.outputs or node.type == tp_ops.OPTYPE.OUTPUT):
+            reasons.append(("model output", name))
+        if isinstance(module, ROOT_TYPES) and name is not None:
+            kind = _layer_role(module, role, width)
+            if kind == "producer":
+                producers.append(name)
+            elif kind == "consumer":
+                consumers.append(name)
+            elif kind == "member":
+                members.append(name)
+            else:
+                reasons.append((kind, f"{name}, groups={module.groups}" if kind == "grouped conv" else name))
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.num_features == width:
+            members.append(name)
+        elif isinstance(module, nn.PReLU):
+            if module.num_parameters > 1:
+                members.append(name)
+        elif isinstance(module, NORMS_OVER_CHANNELS):
+            reasons.append(("norm over channels", f"{type(module).__name__} {name}"))
+        elif isinstance(module, nn.MultiheadAttention):
+            reasons.append(("attention", name))
+        elif isinstance(module, nn.Parameter):
+            reasons.append(("unknown op", f"parameter {graph._param_to_name.get(module, '')} outside a layer"))
+        elif name is not None:
+            reasons.append(("unknown op", f"{type(module).__name__} {name}"))
+        elif node.type != tp_ops.OPTYPE.OUTPUT:
+            reason = _op_reason(node, width, nodes)
+            if reason:
+                reasons.append(reason)
+    if not reasons:
+        consumers_repeat = _consumer_repeats(consumers, names, width, nodes, reasons)
+    if reasons:
+        return _place(producers or [names.get(root, "?")], names), _join(reasons)
+    producer_dims = tuple((p, 0) for p in _in_module_order(producers, names))
+    consumer_dims = tuple((c, 1, consumers_repeat[c]) for c in _in_module_order(consumers, names))
+    return ChannelGroup(_place(producers, names), width, producer_dims, consumer_dims,
+                        tuple(_in_module_order(members, names)))
+
+
+def _layer_role(module: nn.Module, role: str, width: int) -> str:
+    """What a Conv/Linear is to the group: producer, consumer, member (depthwise) or a reason."""
+    if isinstance(module, nn.Linear):
+        return "consumer" if role == "in" else "producer"
+    if module.groups == 1:
+        return "consumer" if role == "in" else "producer"
+    if module.groups == module.in_channels == module.out_channels == width:
+        return "member"
+    return "grouped conv"
+
+
+def _consumer_repeats(consumers, names, width, nodes, reasons) -> dict[str, int]:
+    """Each consumer's repeat (input columns per channel); a mismatch becomes a reason."""
+    modules = {n: m for m, n in names.items()}
+    flatten = any(_op_name(n.grad_fn) in RESHAPES for n in nodes if names.get(n.module) is None)
+    out = {}
+    for c in consumers:
+        m = modules[c]
+        fan_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
+        if fan_in % width or (fan_in != width and not flatten):
+            reasons.append(("unknown op", f"{c} reads {fan_in} inputs from {width} channels"))
+        out[c] = max(1, fan_in // width)
+    return out
+
+
+def _op_reason(node, width: int, nodes: dict):
+    """None if an op outside modules acts on each channel by itself, else (reason, detail)."""
+    grad_fn = node.grad_fn
+    if isinstance(grad_fn, torch.autograd.function.BackwardCFunction):
+        return ("custom autograd function", re.sub(r"Backward$", "", type(grad_fn).__name__))
+    name = _op_name(grad_fn)
+    if name in PER_CHANNEL_OPS or (name in SPATIAL_POOLS and _channel_axis(_input_shape(grad_fn), width) == 1):
+        return None
+    if name in REDUCTIONS:
+        shape = list(_input_shape(grad_fn) or [])
+        dims = [d - 2 ** 64 if d >= 2 ** 63 else d for d in getattr(grad_fn, "_saved_dim", ())]
+        axis = _channel_axis(shape, width)
+        if axis is not None and axis not in [d % len(shape) for d in dims]:
+            return None
+        return ("unknown op", f"{name} over the channels")
+    if name in RESHAPES:
+        return _reshape_reason(grad_fn, width)
+    if name in PRODUCTS:
+        return _product_reason(grad_fn, width)
+    if name in OP_REASONS:
+        return (OP_REASONS[name], None)
+    return ("unknown op", type(grad_fn).__name__)
+
+
+def _input_shape(grad_fn):
+    """Shape of the op's (first) input, from what autograd saved or the producing node's metadata."""
+    for attr in ("_saved_self_sym_sizes", "_saved_self_sizes"):
+        if hasattr(grad_fn, attr):
+            return list(getattr(grad_fn, attr))
+    saved = getattr(grad_fn, "_saved_self", None)
+    if torch.is_tensor(saved):
+        return list(saved.shape)
+    f, i = grad_fn.next_functions[0]
+    return list(f._input_metadata[i].shape) if f is not None and hasattr(f, "_input_metadata") else None
+
+
+def _output_shape(grad_fn):
+    return list(grad_fn._input_metadata[0].shape)
+
+
+def _channel_axis(shape, width: int):
+    """Where a traced (batch of 2) tensor holds the group: dim 1 for channels-first maps, the last
+    dim for a Linear's tokens; None if neither has the group's width."""
+    if not shape:
+        return None
+    if len(shape) >= 2 and shape[1] == width:
+        return 1
+    return len(shape) - 1 if shape[-1] == width else None
+
+
+def _reshape_reason(grad_fn, width: int):
+    """A flatten (each channel becomes `repeat` consecutive columns) or a reshape that only adds or
+    drops unit dims is per-channel; a split of the channel dim is a reshape into heads."""
+    before, after = _input_shape(grad_fn), _output_shape(grad_fn)
+    if before is None:
+        return ("reshape", None)
+    if [s for s in before if s != 1] == [s for s in after if s != 1]:
+        return None
+    if len(before) >= 3 and before[1] == width and after == [before[0], math.prod(before[1:])]:
+        return None
+    if before[-1] == width and after[:-2] == before[:-1] and after[-2] * after[-1] == width:
+        return ("reshape into heads", f"{width} → {after[-2]} x {after[-1]}")
+    return ("reshape", f"{before} → {after}")
+
+
+def _product_reason(grad_fn, width: int):
+    """A product of two tensors of the group (an SE gate) or by a single number is per-channel; by a
+    constant tensor (which narrowing could not slice) or broadcast across the channels it is not."""
+    graph_inputs = [(f, i) for f, i in grad_fn.next_functions if f is not None]
+    if len(graph_inputs) < len(grad_fn.next_functions):     # one side is a constant
+        consts = [getattr(grad_fn, a, None) for a in ("_saved_other", "_saved_self")]
+        if all(c is None or not torch.is_tensor(c) or c.numel() == 1 for c in consts):
+            return None
+        return ("unknown op", "product with a constant tensor")
+    shapes = [list(f._input_metadata[i].shape) for f, i in graph_inputs]
+    out = _output_shape(grad_fn)
+    axis = _channel_axis(out, width)
+    if axis is not None:
+        from_end = len(out) - axis   # broadcasting aligns shapes at their last dim
+        if all(len(s) >= from_end and s[-from_end] == width for s in shapes):
+            return None
+    return ("unknown op", f"product broadcast across the channels {shapes}")
+
+
+def _join(reasons: list[tuple[str, str | None]]) -> str:
+    """'add; norm over channels (LayerNorm ln_1, LayerNorm ln_2, +3 more)': one entry per kind."""
+    details: dict[str, list[str]] = {}
+    for kind, detail in reasons:
+        details.setdefault(kind, [])
+        if detail and detail not in details[kind]:
+            details[kind].append(detail)
+    parts = []
+    for kind in sorted(details, key=lambda k: REASON_ORDER.index(k) if k in REASON_ORDER else len(REASON_ORDER)):
+        d = details[kind]
+        more = f", +{len(d) - 2} more" if len(d) > 2 else ""
+        parts.append(f"{kind} ({', '.join(d[:2])}{more})" if d else kind)
+    return "; ".join(parts)
+
+
+def _in_module_order(module_names, names: dict) -> list[str]:
+    order = {n: i for i, n in enumerate(names.values())}
+    return sorted(set(module_names), key=order.__getitem__)
+
+
+def _place(producers, names: dict) -> str:
+    """A group's name: its first producer in module order (stable across runs and widths)."""
+    return _in_module_order(producers, names)[0]
+
+
+def reason_kinds(reason: str) -> list[str]:
+    """The kinds in a rejected place's reason string, e.g. ['add', 'model output']."""
+    return [part.split(" (")[0] for part in reason.split("; ")]
+
+
+# ------------------------------------------------------------------------------- narrowing
+def _check_keep(groups: list[ChannelGroup], keep: dict) -> dict[str, torch.Tensor]:
+    by_name = {g.name: g for g in groups}
+    out = {}
+    for name, idx in keep.items():
+        if name not in by_name:
+            raise UserError(f"no channel group named {name!r} (groups: {', '.join(by_name) or 'none'})")
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        width = by_name[name].width
+        if idx.numel() == 0 or idx.unique().numel() != idx.numel() or idx.min() < 0 or idx.max() >= width:
+            raise UserError(f"group {name}: kept channels must be distinct indices in [0, {width}), at least one")
+        out[name] = idx.sort().values
+    return out
+
+
+@torch.no_grad()
+def narrow(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, torch.Tensor]) -> nn.Module:
+    """A physically smaller copy of `model`: every group in `keep` reduced to its kept channels
+    (ascending order) in its producers, members and consumers (Torch-Pruning's per-layer pruners)."""
+    keep = _check_keep(groups, keep)
+    small = copy.deepcopy(model)
+    modules = dict(small.named_modules())
+    for g in groups:
+        if g.name not in keep:
+            continue
+        removed = _removed(g.width, keep[g.name])
+        if not removed:
+            continue
+        for name, _ in g.producers:
+            m = modules[name]
+            (tp.prune_linear_out_channels if isinstance(m, nn.Linear) else tp.prune_conv_out_channels)(m, removed)
+        for name, _, repeat in g.consumers:
+            m = modules[name]
+            columns = channel_columns(torch.tensor(removed), repeat).tolist()
+            (tp.prune_linear_in_channels if isinstance(m, nn.Linear) else tp.prune_conv_in_channels)(m, columns)
+        for name in g.members:
+            m = modules[name]
+            if isinstance(m, CONV_TYPES):
+                tp.prune_depthwise_conv_out_channels(m, removed)
+            elif isinstance(m, nn.PReLU):
+                tp.prune_prelu_out_channels(m, removed)
+            else:
+                tp.prune_batchnorm_out_channels(m, removed)
+    return small
+
+
+def _removed(width: int, kept: torch.Tensor) -> list[int]:
+    return sorted(set(range(width)) - set(kept.tolist()))
+
+
+def masked(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, torch.Tensor]) -> nn.Module:
+    """The reference for `narrow`: a copy of `model` whose consumers see the removed channels as
+    zeros (a forward pre-hook multiplies their input by a 0/1 mask on the channel dimension)."""
+    keep = _check_keep(groups, keep)
+    ref = copy.deepcopy(model)
+    modules = dict(ref.named_modules())
+    for g in groups:
+        if g.name not in keep:
+            continue
+        mask = torch.zeros(g.width)
+        mask[keep[g.name]] = 1.0
+        for name, _, repeat in g.consumers:
+            m = modules[name]
+            columns = mask.repeat_interleave(repeat)
+            m.register_forward_pre_hook(_mask_input(columns, channel_dim=-1 if isinstance(m, nn.Linear) else 1))
+    return ref
+
+
+def _mask_input(columns: torch.Tensor, channel_dim: int):
+    def hook(module, args):
+        x = args[0]
+        shape = [1] * x.dim()
+        shape[channel_dim] = -1
+        return (x * columns.to(x).view(shape), *args[1:])
+    return hook
+
+
+# --------------------------------------------------------------------------------- presets
+BLOCK_NAME = re.compile(r"layer(\d+)\.(\d+)\.")   # a group inside block j of residual stage s
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which groups a preset prunes and partitions, and why each other group is left alone."""
+    prunable: tuple[str, ...]
+    partitioned: tuple[str, ...]
+    why_not: dict[str, str] = field(default_factory=dict)   # group → why it is not partitioned
+
+
+def paper_preset(groups: list[ChannelGroup], partition_stage1: bool = False) -> Selection:
+    """The LoFT paper's choice (SPEC section 1): prune the groups of blocks [1:] of every residual
+    stage `layerS` (the first block of a stage is the strided or widening one: kept whole) and
+    partition those of stages 2..last (stage 1 too if `partition_stage1`)."""
+    prunable, partitioned, why_not = [], [], {}
+    for g in groups:
+        m = BLOCK_NAME.match(g.name)
+        if m is None:
+            why_not[g.name] = "not inside a residual block layerS.J"
+        elif int(m.group(2)) == 0:
+            why_not[g.name] = "first block of its stage (strided or widening)"
+        else:
+            prunable.append(g.name)
+            if int(m.group(1)) > 1 or partition_stage1:
+                partitioned.append(g.name)
+            else:
+                why_not[g.name] = "stage 1 (partitioned only if asked)"
+    return Selection(tuple(prunable), tuple(partitioned), why_not)
+
+
+PRESETS = {"paper": paper_preset}
