@@ -252,18 +252,33 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
+def read_mapping(path: Path, label: str) -> dict:
+    """The top-level mapping of a YAML file; anything else (no file, a folder, bytes that are not
+    UTF-8, a read error, invalid YAML, a list or a scalar) is one error line starting with `label`."""
+    if not path.exists():
+        raise UserError(f"{label}: no such file")
+    if path.is_dir():
+        raise UserError(f"{label}: is a directory, not a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{label}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                        "save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{label}: cannot read ({e.strerror or type(e).__name__})") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{label}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if values is None:  # an empty file: every key at its default
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"{label}: top level must be a mapping, not {type(values).__name__}")
+    return values
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
-    values: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"--config {path}: no such file")
-        try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise UserError(f"--config {path}: top level must be a mapping")
+    values = read_mapping(Path(path), f"--config {path}") if path is not None else {}
     values = _merge(values, parse_set(overrides))
     cfg = Config()
     _fill(cfg, values)
@@ -277,13 +292,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 def section_from_file(path: str | os.PathLike, section: str):
     """One validated section (e.g. the pretraining schedule) of a run's saved config.yaml."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise UserError(f"{p}: no saved config (it is written by the stage that made that folder)")
-    try:
-        values = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(values, dict) or not isinstance(values.get(section), dict):
+    values = read_mapping(p, str(p))
+    if not isinstance(values.get(section), dict):
         raise UserError(f"{p}: has no {section} section")
     cfg = Config()
     _fill(cfg, {section: values[section]})
