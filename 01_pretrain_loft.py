@@ -21,7 +21,8 @@ from common.loft import draw_partition, worker_arch
 from common.emergence import EmergenceWatch
 from common.models import build_model, is_partitionable, partitioned_blocks, prunable_blocks
 from common.pretrain import METHODS, recal_stream
-from common.runs import check_stage_dir, clear_stage_dir, finished, resume_point, save_config, write_csv
+from common.runs import (check_stage_dir, clear_stage_dir, finished, finished_before, resume_point, save_config,
+                         write_csv)
 from common.evaluation import accuracies, load_splits
 from common.tb import Scalars, epoch_lr
 from common.train import recalibrate_bn
@@ -53,7 +54,10 @@ def main(argv=None):
                                cfg.distance.emergence_eps, cfg.distance.emergence_window)
         watch.start(init)
     if resuming:
-        start, rows = resume(method, out, cfg, comm, watch)
+        start, rows, comm_total, done = resume(method, out, cfg, comm, watch)
+        if done and on_main(env, f"checking {out}", finished_before, out, "comm.json"):
+            teardown(env)  # a finished run: every file of it stays as it is
+            return
     else:
         with agreed(env, f"writing {out}"):
             if env.is_main:
@@ -112,14 +116,17 @@ def save_epoch(state, arch, epoch, cfg, train_set, test, env, out, train_flops: 
 
 
 def resume(method, out, cfg, comm, watch):
+    """(epoch to continue with, metrics rows, bytes sent so far, whether no epoch is left: the
+    last one ran or the ticket emerged)."""
     ck, start, rows = resume_point(out, method, cfg, "pretrain")
     if watch:
         watch.consecutive = list(ck["consecutive"])
         watch.start(ck["model"])
     comm.bytes_sent = int(ck["comm_bytes"]) if comm.env.is_main else 0  # the total lives on rank 0
-    if comm.env.is_main:
+    done = start > cfg.pretrain.epochs or (watch is not None and rows and rows[-1].get("emerged_at", "") != "")
+    if comm.env.is_main and not done:
         print(f"resuming after epoch {ck['epoch']}")
-    return start, rows
+    return start, rows, comm.bytes_sent, done
 
 
 def loft_blocks(model, cfg) -> list:

@@ -30,7 +30,8 @@ from common.finetune import (FINETUNE_STREAM, LockedUpdate, check_lineage, compl
 from common.models import build_model
 from common.pretrain import Dense
 from common.prune import check_tag, default_tag
-from common.runs import check_stage_dir, clear_stage_dir, finished, resume_point, save_config, write_csv
+from common.runs import (check_stage_dir, clear_stage_dir, finished, finished_before, resume_point, save_config,
+                         write_csv)
 from common.tb import Scalars, epoch_lr
 
 
@@ -64,6 +65,9 @@ def main(argv=None):
         if hashes(ck.get("lineage", lineage)) != hashes(lineage):
             raise UserError(f"--resume: {ticket_path} or its rewind checkpoint changed since {out} was "
                             "started (content hash differs); use --force to start over")
+        if start > epochs and on_main(env, f"checking {out}", finished_before, out, "result.json"):
+            teardown(env)  # a finished run: every file of it stays as it is
+            return
     else:
         with agreed(env, f"writing {out}"):
             if env.is_main:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,12 +35,30 @@ def check_stage_dir(path: Path, resume: bool, force: bool, is_main: bool = True)
 
 
 def check_writable(folder: Path):
+    """Prove that files can be made in `folder` now, creating nothing: a missing folder is tried in
+    its nearest existing parent, where the first write will create it. So a stage that fails
+    before writing leaves no empty folder behind, and never touches one that was there before."""
+    existing = Path(folder).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
         raise cannot_write(folder, e) from None
+
+
+def finished_before(out: Path, last_output: str) -> bool:
+    """--resume of a run with no epoch left (rank 0 asks): True when it also wrote `last_output`,
+    its final file, so the stage returns at once and every file stays as it is (comm.json's
+    measured bytes above all). Without that file the run was stopped just before writing it, and
+    the stage finishes it."""
+    if not (out / last_output).is_file():
+        return False
+    print(f"{out}: already finished ({last_output} written, no epoch left); nothing to resume")
+    return True
 
 
 def clear_stage_dir(path: Path):
