@@ -2,21 +2,34 @@
 
     python bench/paper.py run --data-root $LOFT_DATA --budget-s 540            # all matrices, in slices
     python bench/paper.py run --only table1 --seeds 0,1 --data-root $LOFT_DATA
+    python bench/paper.py run --only table1:preresnet18_c10,fig4:cifar10     # single panels
     python bench/paper.py run --only rise --epochs-scale 0.25                   # the same matrix, shorter
+    python bench/paper.py run --epochs-scale 0.3 --finetune-epochs-scale 0.07 --set model.width=0.25 \
+        --set data.train_subset=4000 --set data.test_subset=2000               # the same matrix at CPU scale
     python bench/paper.py report                                                # tables and plots so far
     python bench/paper.py run --smoke --runs /tmp/p --out /tmp/p/out            # tiny sizes (the suite)
 
-Matrices (RUNS/MATRIX/seedS/...):
-- table1: PreActResNet-18 CIFAR-10 (yaml/preresnet18_c10.yaml): dense, GPipe-2/4, Local SGD-2/4,
-  LoFT-2/4, and Local SGD-4 / LoFT-4 at equal compute (pretrain.data=shard) → L1 tickets at
-  p = 50 / 80 % → 90-epoch fine-tune (finetune mode); accuracy against lineage training FLOPs;
-- fig4: 02 (filter distance to the final epoch, emergence, early bird) on table1's dense, GPipe-4,
-  LoFT-2 and LoFT-4 runs;
-- fig5: tickets at p = 50 % cut from pretraining epochs 5, 10, 15, 20 of table1's dense, GPipe-4 and
-  LoFT-4 runs, each fine-tuned: ticket accuracy against the epoch it was drawn at;
-- rise: ResNet-32 CIFAR-10 (yaml/resnet32_c10.yaml), dense 180 epochs; one-shot global magnitude
-  masks keeping R = 10 / 25 / 50 %; 1-LOT-R (`rewind`) and RISE-R (`rise`) from k = 1, 5, 10, 20,
-  each continuing the pretraining schedule; the full model as reference.
+Matrices and their panels (runs in RUNS/MATRIX/PANEL/seedS/METHOD/):
+- table1: every row of LoFT Table 1, each from its config yaml/ROW.yaml: PreResNet-18, PreResNet-34
+  and ResNet-34 on CIFAR-10 and on CIFAR-100, PreResNet-18 on ImageNet. Per row the methods the
+  paper lists (GPipe-2/4, Local SGD-2/4, LoFT-2/4; ImageNet has no Local SGD-2) → L1 tickets at
+  p = 80 / 50 % (ImageNet also 30 %) → fine-tune (finetune mode), and the Dense Model cell: dense
+  pretraining, no pruning (p = 0), fine-tuned the same way. Row preresnet18_c10 adds Local SGD-4 and
+  LoFT-4 at equal samples (pretrain.data=shard; their training FLOPs are not dense's: the report
+  gives the ratio). Accuracy against lineage training FLOPs, a plot per row;
+- fig4: 02 (filter distance to the final epoch, emergence, early bird) on the dense, GPipe-4, LoFT-2
+  and LoFT-4 runs of PreResNet-18, a panel per dataset: cifar100 and imagenet (the paper's two
+  panels) and cifar10; the runs are table1's;
+- fig5: tickets at p = 50 % cut from pretraining epochs 5, 10, 15, 20 of table1's PreResNet-18
+  CIFAR-10 dense, GPipe-4 and LoFT-4 runs, each fine-tuned: ticket accuracy against the epoch;
+- rise: RISE Fig. 4's three models (yaml/resnet32_c10.yaml, mobilenetv3_small_c10.yaml,
+  resnet18_in.yaml): dense reference run; one-shot global magnitude masks keeping R = 10 / 25 / 50 %;
+  1-LOT-R (`rewind`) and RISE-R (`rise`) from k = 1, 5, 10, 20, each continuing the pretraining
+  schedule; accuracy against training complexity.
+Scale: every matrix runs at any scale through the same flags. `--epochs-scale` multiplies every
+epoch count (epoch milestones, warm-ups, fig5's draws and rise's k with it), `--finetune-epochs-scale`
+the fine-tuning ones alone, `--set KEY=VALUE` sets a key in every job (width, images, ...; the
+matrix's own keys win), `--smoke` is a tiny preset of all three (and rise's two extreme R).
 Every job is one stage command in its own process, run as a user would. A finished job (its
 output file exists) is skipped; an interrupted one resumes from its last.pt. `--budget-s` ends the
 run before a wall-clock limit: a stage still running then is stopped (its checkpoints are atomic)
@@ -35,19 +48,44 @@ from pathlib import Path
 
 from lib import REPO, machine, mean_std
 from table1 import METHODS as TABLE1_BENCH_METHODS
+from common.config import load_config
 
-TABLE1_METHODS = {m: sets for m, sets in TABLE1_BENCH_METHODS.items() if not m.endswith("bf16")}  # bench/table1.py's
-TABLE1_METHODS.update({  # the same at equal compute: each worker walks its 1/S of every pass (pretrain.data=shard)
-    "localsgd-4-shard": {**TABLE1_METHODS["localsgd-4"], "pretrain.data": "shard"},
-    "loft-4-shard": {**TABLE1_METHODS["loft-4"], "pretrain.data": "shard"},
+METHOD_SETS = {m: sets for m, sets in TABLE1_BENCH_METHODS.items() if not m.endswith("bf16")}  # bench/table1.py's
+METHOD_SETS.update({  # equal samples: each worker walks its 1/S of every pass (pretrain.data=shard)
+    "localsgd-4-shard": {**METHOD_SETS["localsgd-4"], "pretrain.data": "shard"},
+    "loft-4-shard": {**METHOD_SETS["loft-4"], "pretrain.data": "shard"},
 })
-RATIOS = (0.5, 0.8)
-FINETUNE_EPOCHS = 90
+CIFAR_METHODS = ("dense", "gpipe-2", "localsgd-2", "loft-2", "gpipe-4", "localsgd-4", "loft-4")
+IMAGENET_METHODS = ("dense", "gpipe-2", "loft-2", "gpipe-4", "localsgd-4", "loft-4")  # the paper ran no Local SGD-2
+CIFAR_RATIOS, IMAGENET_RATIOS = (0.8, 0.5), (0.8, 0.5, 0.3)
+
+
+@dataclass(frozen=True)
+class Table1Row:
+    config: str
+    methods: tuple
+    ratios: tuple
+
+
+TABLE1_ROWS = {  # LoFT Table 1, top to bottom; "dense" is the Dense Model column (pruning ratio 0)
+    "preresnet18_c10": Table1Row("yaml/preresnet18_c10.yaml", CIFAR_METHODS + ("localsgd-4-shard", "loft-4-shard"),
+                                 CIFAR_RATIOS),
+    "preresnet34_c10": Table1Row("yaml/preresnet34_c10.yaml", CIFAR_METHODS, CIFAR_RATIOS),
+    "resnet34_c10": Table1Row("yaml/r34_c10.yaml", CIFAR_METHODS, CIFAR_RATIOS),
+    "preresnet18_c100": Table1Row("yaml/preresnet18_c100.yaml", CIFAR_METHODS, CIFAR_RATIOS),
+    "preresnet34_c100": Table1Row("yaml/preresnet34_c100.yaml", CIFAR_METHODS, CIFAR_RATIOS),
+    "resnet34_c100": Table1Row("yaml/r34_c100.yaml", CIFAR_METHODS, CIFAR_RATIOS),
+    "preresnet18_in": Table1Row("yaml/preresnet18_in.yaml", IMAGENET_METHODS, IMAGENET_RATIOS),
+}
+FIG4_PANELS = {"cifar10": "preresnet18_c10", "cifar100": "preresnet18_c100", "imagenet": "preresnet18_in"}  # → table1 row
 FIG4_METHODS = ("dense", "gpipe-4", "loft-2", "loft-4")
-FIG5_METHODS, FIG5_EPOCHS = ("dense", "gpipe-4", "loft-4"), (5, 10, 15, 20)
+FIG5_ROW, FIG5_METHODS, FIG5_EPOCHS = "preresnet18_c10", ("dense", "gpipe-4", "loft-4"), (5, 10, 15, 20)
+RISE_MODELS = {"resnet32_c10": "yaml/resnet32_c10.yaml", "mobilenetv3_small_c10": "yaml/mobilenetv3_small_c10.yaml",
+               "resnet18_in": "yaml/resnet18_in.yaml"}
 RISE_KEEP, RISE_K = (0.10, 0.25, 0.50), (1, 5, 10, 20)
-MATRICES = ("table1", "fig4", "fig5", "rise")
-ANALYTIC_KEY = {"loft": "loft", "localsgd": "localsgd", "gpipe": "gpipe_fwd_bwd"}  # comm.json's analytic entry
+PANELS = {"table1": tuple(TABLE1_ROWS), "fig4": tuple(FIG4_PANELS), "fig5": (FIG5_ROW,), "rise": tuple(RISE_MODELS)}
+MATRICES = tuple(PANELS)
+ANALYTIC_KEY = {"loft": "loft", "localsgd": "localsgd", "gpipe": "gpipe_fwd"}  # comm.json's, the paper's convention
 SMOKE = {"model.width": 0.125, "data.train_subset": 640, "data.test_subset": 200, "data.eval_batch_size": 200,
          "pretrain.batch_size": 32, "pretrain.local_iters": 5, "pretrain.bn_recal_batches": 2,
          "finetune.batch_size": 32, "dist.threads_per_rank": 1}
@@ -75,108 +113,197 @@ class Job:
 
 
 class Plan:
-    """The sizes a matrix runs at: the paper's, scaled (`--epochs-scale`) or tiny (`--smoke`)."""
+    """The sizes a matrix runs at: the paper's, scaled (`--epochs-scale`, `--set`) or tiny (`--smoke`)."""
 
     def __init__(self, args):
         self.smoke, self.scale = args.smoke, args.epochs_scale
-        self.machine = {"data.root": args.data_root, "data.lossless_test": 1000 if not args.smoke else 180}
-        if args.smoke:
-            self.machine.update(SMOKE)
+        self.finetune_scale = args.epochs_scale if args.finetune_epochs_scale is None else args.finetune_epochs_scale
+        self.machine = {"data.root": args.data_root, **(SMOKE if args.smoke else {}), **args.set}
+
+    def base(self, cfg) -> dict:
+        """Every job's keys: the machine and scale; lossless accuracy where the data has it (the
+        shared CIFAR-10's test images 0-999)."""
+        lossless = {"data.lossless_test": 180 if self.smoke else 1000} if cfg.data.dataset == "cifar10" else {}
+        return {**lossless, **self.machine}
 
     def epochs(self, e: int) -> int:
         return 2 if self.smoke else max(1, round(e * self.scale))
 
     def finetune_epochs(self, e: int) -> int:
-        return 1 if self.smoke else max(1, round(e * self.scale))
+        return 1 if self.smoke else max(1, round(e * self.finetune_scale))
+
+    def keeps(self, keeps) -> tuple:
+        """rise's R values: the smoke runs the two ends only."""
+        return (keeps[0], keeps[-1]) if self.smoke else keeps
 
     def epoch_points(self, points) -> list[int]:
         """Pretraining epochs (fig5's draws, rise's k) at this scale, distinct, at least 1."""
         return [1, 2] if self.smoke else sorted({max(1, round(p * self.scale)) for p in points})
 
 
-def pretrain_job(matrix, plan, config, run_dir, sets) -> Job:
-    sets = {**plan.machine, **sets}
-    return Job(f"{matrix}:{run_dir.name}:pretrain", "01_pretrain_loft.py", config, run_dir, sets,
+def section_sets(section, prefix: str, epochs: int) -> dict:
+    """`prefix.epochs` and what scales with it: epoch milestones and the warm-up (rounds stay)."""
+    sets = {f"{prefix}.epochs": epochs}
+    if epochs != section.epochs:
+        factor = epochs / section.epochs
+        if section.schedule == "multistep" and section.milestone_unit == "epochs":
+            sets[f"{prefix}.milestones"] = sorted({max(1, round(m * factor)) for m in section.milestones})
+        if section.warmup_epochs:
+            sets[f"{prefix}.warmup_epochs"] = round(section.warmup_epochs * factor, 4)
+    return sets
+
+
+def job_name(matrix: str, runs: Path, run_dir: Path, what: str) -> str:
+    """e.g. fig4:preresnet18_c100/seed0/loft-4:distance (the run's folder below RUNS/MATRIX)."""
+    return f"{matrix}:{'/'.join(run_dir.relative_to(runs).parts[1:])}:{what}"
+
+
+def pretrain_job(matrix, runs, config, run_dir, sets) -> Job:
+    return Job(job_name(matrix, runs, run_dir, "pretrain"), "01_pretrain_loft.py", config, run_dir, sets,
                done=run_dir / "pretrain/comm.json", resumable=run_dir / "pretrain/last.pt")
 
 
-def ticket_jobs(matrix, plan, config, run_dir, sets, tag, source, finetune_sets, ft_tag) -> list[Job]:
-    prune = Job(f"{matrix}:{run_dir.name}:prune {tag}", "03_prune.py", config, run_dir, {**plan.machine, **sets},
+def ticket_jobs(matrix, runs, config, run_dir, sets, tag, source, finetune_sets, ft_tag) -> list[Job]:
+    prune = Job(job_name(matrix, runs, run_dir, f"prune {tag}"), "03_prune.py", config, run_dir, sets,
                 ["--tag", tag, "--force"] + (["--from", str(source)] if source else []),
                 done=run_dir / f"prune_{tag}/ticket.pt")
-    tune = Job(f"{matrix}:{run_dir.name}:finetune {ft_tag}", "04_finetune.py", config, run_dir,
-               {**plan.machine, **sets, **finetune_sets},
+    tune = Job(job_name(matrix, runs, run_dir, f"finetune {ft_tag}"), "04_finetune.py", config, run_dir, {**sets, **finetune_sets},
                ["--ticket", str(run_dir / f"prune_{tag}/ticket.pt"), "--tag", ft_tag],
                done=run_dir / f"finetune_{ft_tag}/result.json", resumable=run_dir / f"finetune_{ft_tag}/last.pt")
     return [prune, tune]
 
 
-def table1_run(runs, seed, method) -> Path:
-    return runs / "table1" / f"seed{seed}" / method
+def table1_run(runs, row, seed, method) -> Path:
+    return runs / "table1" / row / f"seed{seed}" / method
 
 
-def matrix_jobs(matrix: str, plan: Plan, runs: Path, seeds: list[int]) -> list[Job]:
-    jobs, config = [], "yaml/preresnet18_c10.yaml"
-    E = plan.epochs(20)
-    ft = {"finetune.mode": "finetune", "finetune.epochs": plan.finetune_epochs(FINETUNE_EPOCHS)}
-    for seed in seeds:
-        if matrix in ("table1", "fig4", "fig5"):
-            methods = {"table1": TABLE1_METHODS, "fig4": FIG4_METHODS, "fig5": FIG5_METHODS}[matrix]
-            for method in methods:
-                run, sets = table1_run(runs, seed, method), {**TABLE1_METHODS[method], "seed": seed, "pretrain.epochs": E}
-                jobs.append(pretrain_job("table1", plan, config, run, sets))
-                if matrix == "table1":
-                    for p in RATIOS:
-                        tag = f"l1_p{round(100 * p)}"
-                        jobs += ticket_jobs("table1", plan, config, run, {**sets, "prune.kind": "l1", "prune.ratio": p},
-                                            tag, None, ft, f"{tag}_finetune")
-                elif matrix == "fig4":
-                    jobs.append(Job(f"fig4:{run.name}:distance", "02_filter_distance.py", config, run,
-                                    {**plan.machine, **sets}, ["--force"],
-                                    done=run / "distance/summary.json"))
-                else:
-                    for e in plan.epoch_points(FIG5_EPOCHS):
-                        if e <= E:
-                            tag = f"l1_p50_e{e:03d}"
-                            jobs += ticket_jobs("fig5", plan, config, run, {**sets, "prune.kind": "l1", "prune.ratio": 0.5},
-                                                tag, run / f"pretrain/epoch_{e:03d}.pt", ft, f"{tag}_finetune")
-        elif matrix == "rise":
-            rise_cfg, E_rise = "yaml/resnet32_c10.yaml", plan.epochs(180)
-            run = runs / "rise" / f"seed{seed}" / "dense"
-            ks = [k for k in plan.epoch_points(RISE_K) if k < E_rise]
-            sets = {"seed": seed, "pretrain.method": "dense", "pretrain.epochs": E_rise, "finetune.rewind_epoch": ks[0]}
-            if E_rise != 180:  # milestones 80/120 of 180 scale with the run
-                ms = sorted({max(1, round(m * E_rise / 180)) for m in (80, 120)})
-                sets.update({"pretrain.milestones": ms, "finetune.milestones": ms})
-            jobs.append(pretrain_job("rise", plan, rise_cfg, run, sets))
-            for keep in RISE_KEEP:
-                tag = f"mag_r{round(100 * keep)}"
-                for k in ks:
-                    for mode in ("rewind", "rise"):
-                        mode_sets = {"finetune.mode": mode, "finetune.rewind_epoch": k, "finetune.epochs": 0}
-                        jobs += ticket_jobs("rise", plan, rise_cfg, run,
-                                            {**sets, "prune.kind": "magnitude", "prune.ratio": round(1 - keep, 4)},
-                                            tag, None, mode_sets, f"{tag}_{mode}_k{k}")
+def ticket_tag(ratio: float) -> str:
+    return f"l1_p{round(100 * ratio)}"
+
+
+def table1_pretrain(matrix, plan, runs, row, seed, method) -> tuple[Job, dict, object]:
+    """The pretraining job of one Table 1 run (shared by table1, fig4, fig5), its keys and config."""
+    config = TABLE1_ROWS[row].config
+    cfg = load_config(REPO / config)
+    sets = {**plan.base(cfg), **METHOD_SETS[method], "seed": seed,
+            **section_sets(cfg.pretrain, "pretrain", plan.epochs(cfg.pretrain.epochs))}
+    run = table1_run(runs, row, seed, method)
+    return pretrain_job(matrix, runs, config, run, sets), sets, cfg
+
+
+def table1_jobs(plan, runs, row, seed) -> list[Job]:
+    jobs, spec = [], TABLE1_ROWS[row]
+    for method in spec.methods:
+        job, sets, cfg = table1_pretrain("table1", plan, runs, row, seed, method)
+        ft = {"finetune.mode": "finetune", **section_sets(cfg.finetune, "finetune",
+                                                          plan.finetune_epochs(cfg.finetune.epochs))}
+        jobs.append(job)
+        ratios = ((0.0,) if method == "dense" else ()) + spec.ratios  # dense: the no-prune cell, then its tickets
+        for p in ratios:
+            jobs += ticket_jobs("table1", runs, spec.config, job.run_dir, {**sets, "prune.kind": "l1", "prune.ratio": p},
+                                ticket_tag(p), None, ft, f"{ticket_tag(p)}_finetune")
     return jobs
 
 
+def fig4_jobs(plan, runs, panel, seed) -> list[Job]:
+    jobs, row = [], FIG4_PANELS[panel]
+    for method in FIG4_METHODS:
+        job, sets, _ = table1_pretrain("fig4", plan, runs, row, seed, method)
+        jobs += [job, Job(job_name("fig4", runs, job.run_dir, "distance"), "02_filter_distance.py",
+                          TABLE1_ROWS[row].config, job.run_dir, sets, ["--force"],
+                          done=job.run_dir / "distance/summary.json")]
+    return jobs
+
+
+def fig5_jobs(plan, runs, seed) -> list[Job]:
+    jobs = []
+    for method in FIG5_METHODS:
+        job, sets, cfg = table1_pretrain("fig5", plan, runs, FIG5_ROW, seed, method)
+        ft = {"finetune.mode": "finetune", **section_sets(cfg.finetune, "finetune",
+                                                          plan.finetune_epochs(cfg.finetune.epochs))}
+        jobs.append(job)
+        for e in plan.epoch_points(FIG5_EPOCHS):
+            if e <= sets["pretrain.epochs"]:
+                tag = f"l1_p50_e{e:03d}"
+                jobs += ticket_jobs("fig5", runs, TABLE1_ROWS[FIG5_ROW].config, job.run_dir,
+                                    {**sets, "prune.kind": "l1", "prune.ratio": 0.5}, tag,
+                                    job.run_dir / f"pretrain/epoch_{e:03d}.pt", ft, f"{tag}_finetune")
+    return jobs
+
+
+def rise_run(runs, model, seed) -> Path:
+    return runs / "rise" / model / f"seed{seed}" / "dense"
+
+
+def rise_jobs(plan, runs, model, seed) -> list[Job]:
+    config = RISE_MODELS[model]
+    cfg = load_config(REPO / config)
+    E = plan.epochs(cfg.pretrain.epochs)
+    ks = [k for k in plan.epoch_points(RISE_K) if k < E]
+    sets = {**plan.base(cfg), "seed": seed, "pretrain.method": "dense", "finetune.rewind_epoch": ks[0],
+            **section_sets(cfg.pretrain, "pretrain", E)}
+    run = rise_run(runs, model, seed)
+    jobs = [pretrain_job("rise", runs, config, run, sets)]
+    for keep in plan.keeps(RISE_KEEP):
+        tag = f"mag_r{round(100 * keep)}"
+        for k in ks:
+            for mode in ("rewind", "rise"):  # both continue the pretraining schedule from k (finetune.epochs 0)
+                mode_sets = {"finetune.mode": mode, "finetune.rewind_epoch": k, "finetune.epochs": 0}
+                jobs += ticket_jobs("rise", runs, config, run,
+                                    {**sets, "prune.kind": "magnitude", "prune.ratio": round(1 - keep, 4)},
+                                    tag, None, mode_sets, f"{tag}_{mode}_k{k}")
+    return jobs
+
+
+def matrix_jobs(matrix: str, plan: Plan, runs: Path, seeds: list[int], panels=None) -> list[Job]:
+    """The jobs of one matrix, for the given panels (default: all of them)."""
+    jobs = []
+    for seed in seeds:
+        for panel in panels or PANELS[matrix]:
+            if matrix == "table1":
+                jobs += table1_jobs(plan, runs, panel, seed)
+            elif matrix == "fig4":
+                jobs += fig4_jobs(plan, runs, panel, seed)
+            elif matrix == "fig5":
+                jobs += fig5_jobs(plan, runs, seed)
+            else:
+                jobs += rise_jobs(plan, runs, panel, seed)
+    return jobs
+
+
+def selection(only: str | None) -> dict[str, list[str]] | str:
+    """--only MATRIX[:PANEL],... → {matrix: panels}; an error line for a name that is none."""
+    chosen: dict[str, list[str]] = {}
+    for item in (only.split(",") if only else MATRICES):
+        matrix, _, panel = item.partition(":")
+        if matrix not in PANELS:
+            return f"--only {item}: {matrix!r} is not one of {', '.join(MATRICES)}"
+        if panel and panel not in PANELS[matrix]:
+            return f"--only {item}: {matrix} has panels {', '.join(PANELS[matrix])}"
+        chosen.setdefault(matrix, [])
+        if panel:
+            chosen[matrix].append(panel)
+    return {m: p or list(PANELS[m]) for m, p in chosen.items()}
+
+
 def unique(jobs: list[Job]) -> list[Job]:
+    """Each output once: table1, fig4 and fig5 share their pretraining runs."""
     seen, out = set(), []
     for j in jobs:
-        if j.name not in seen:
-            seen.add(j.name)
+        if j.done not in seen:
+            seen.add(j.done)
             out.append(j)
     return out
 
 
 def run(args) -> int:
     plan, runs = Plan(args), Path(args.runs)
-    names = args.only.split(",") if args.only else MATRICES
-    for n in names:
-        if n not in MATRICES:
-            print(f"error: --only {n}: not one of {', '.join(MATRICES)}", file=sys.stderr)
-            return 2
-    jobs = unique([j for n in names for j in matrix_jobs(n, plan, runs, args.seeds)])
+    chosen = selection(args.only)
+    if isinstance(chosen, str):
+        print(f"error: {chosen}", file=sys.stderr)
+        return 2
+    names = list(chosen)
+    jobs = unique([j for m, panels in chosen.items() for j in matrix_jobs(m, plan, runs, args.seeds, panels)])
     start, log = time.time(), runs / "paper_log.txt"
     runs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -229,32 +356,46 @@ def results_under(folder: Path, pattern: str) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(folder.glob(pattern))}
 
 
-def table1_report(runs: Path, seeds) -> tuple[str, list]:
-    rows = []
+def byte_cells(method: str, comm: dict) -> tuple[str, str, str]:
+    """(measured, analytic in the paper's Table 1 convention, GPipe's analytic forward+backward).
+    LoFT / Local SGD measure one push per worker and round: doubled to the paper's pull+push.
+    GPipe: the paper counts forward activations once; the real traffic adds the gradients back."""
+    kind, analytic = method.split("-")[0], comm["analytic_ps_bytes"]
+    measured = comm["measured_payload_bytes"] * (2 if kind in ("loft", "localsgd") else 1)
+    paper = analytic.get(ANALYTIC_KEY.get(kind, ""))  # dense: no analytic count
+    return (si(measured, "B"), si(paper, "B") if paper else "—",
+            si(analytic["gpipe_fwd_bwd"], "B") if kind == "gpipe" else "—")
+
+
+def table1_report(runs: Path, row: str, seeds) -> tuple[str, list]:
+    """One Table 1 row: a line per method and pruning ratio (p = 0: the Dense Model cell)."""
+    spec, rows = TABLE1_ROWS[row], []
     for seed in seeds:
-        for method in TABLE1_METHODS:
-            run = table1_run(runs, seed, method)
+        for method in spec.methods:
+            run = table1_run(runs, row, seed, method)
             comm = read_json(run / "pretrain/comm.json")
-            for p in RATIOS:
-                res = read_json(run / f"finetune_l1_p{round(100 * p)}_finetune/result.json")
+            for p in ((0.0,) if method == "dense" else ()) + spec.ratios:
+                res = read_json(run / f"finetune_{ticket_tag(p)}_finetune/result.json")
                 if res and comm:
-                    rows.append({"seed": seed, "method": method, "ratio": p, "acc": res["final_test_acc"],
-                                 "acc_lossless": res.get("final_test_acc_lossless"),
-                                 "measured": comm["measured_payload_bytes"],
-                                 "analytic": comm["analytic_ps_bytes"], "train_flops": res["train_flops"]})
-    lines = ["| method | p | ticket acc. (%) | lossless acc. (%) | measured bytes | analytic bytes | lineage training FLOPs | seeds |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for method in TABLE1_METHODS:
-        for p in RATIOS:
+                    rows.append({"row": row, "seed": seed, "method": method, "ratio": p, "acc": res["final_test_acc"],
+                                 "acc_lossless": res.get("final_test_acc_lossless"), "comm": comm,
+                                 "train_flops": res["train_flops"]})
+    lines = ["| method | p | ticket acc. (%) | lossless acc. (%) | measured bytes (LoFT/Local SGD pull+push, GPipe "
+             "fwd+bwd) | analytic bytes (paper's convention; GPipe fwd) | GPipe analytic fwd+bwd | pretraining "
+             "FLOPs ÷ dense | lineage training FLOPs | seeds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for method in spec.methods:
+        for p in ((0.0,) if method == "dense" else ()) + spec.ratios:
             sel = [r for r in rows if r["method"] == method and r["ratio"] == p]
             if not sel:
                 continue
-            analytic = sel[0]["analytic"].get(ANALYTIC_KEY.get(method.split("-")[0], ""))
+            comm = sel[0]["comm"]
             lossless = [r["acc_lossless"] for r in sel if r["acc_lossless"] is not None]
-            lines.append(f"| {method} | {round(100 * p)} % | {mean_std([r['acc'] for r in sel])} | "
-                         f"{mean_std(lossless) if lossless else '—'} | {si(sel[0]['measured'], 'B')} | "
-                         f"{si(analytic, 'B') if analytic else '—'} | {si(sel[0]['train_flops'], 'FLOP')} | "
-                         f"{len(sel)} |")
+            flops_ratio = comm.get("train_flops_ratio_to_dense")
+            lines.append(f"| {method} | {'0 % (Dense Model)' if p == 0 else f'{round(100 * p)} %'} | "
+                         f"{mean_std([r['acc'] for r in sel])} | {mean_std(lossless) if lossless else '—'} | "
+                         f"{' | '.join(byte_cells(method, comm))} | {dash(flops_ratio)} | "
+                         f"{si(sel[0]['train_flops'], 'FLOP')} | {len(sel)} |")
     return "\n".join(lines), rows
 
 
@@ -264,32 +405,33 @@ def save_plot(fig, ax, path: Path, **labels):
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def table1_flops_plot(rows: list, plt, out: Path):
-    """Ticket accuracy against the lineage's training FLOPs: the equal-compute reading of Table 1."""
+def table1_flops_plot(row: str, rows: list, plt, out: Path):
+    """Ticket accuracy against the lineage's training FLOPs: Table 1 read at equal compute."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for p, marker in zip(RATIOS, "os"):
-        for i, method in enumerate(TABLE1_METHODS):  # a colour per method, a marker per ratio
+    spec = TABLE1_ROWS[row]
+    for p, marker in zip((0.0,) + spec.ratios, "Dos^"):
+        for i, method in enumerate(spec.methods):  # a colour per method, a marker per ratio
             sel = [r for r in rows if r["method"] == method and r["ratio"] == p]
             if sel:
                 ax.scatter([sum(r["train_flops"] for r in sel) / len(sel)], [sum(r["acc"] for r in sel) / len(sel)],
                            marker=marker, color=f"C{i % 10}", label=f"{method} p={round(100 * p)}%")
-    save_plot(fig, ax, out / "table1_flops.png", xlabel="lineage training FLOPs", ylabel="ticket accuracy (%)",
-              xscale="log", title="Table 1 at equal compute")
+    save_plot(fig, ax, out / f"table1_flops_{row}.png", xlabel="lineage training FLOPs",
+              ylabel="ticket accuracy (%)", xscale="log", title=f"Table 1, {row}: accuracy vs training FLOPs")
 
 
-def fig4_report(runs: Path, seeds, plt, out: Path) -> str:
+def fig4_report(runs: Path, panel: str, seeds, plt, out: Path) -> str:
     lines = ["| method | distance to final, each epoch | filter emergence epoch | early-bird epoch |", "|---|---|---:|---:|"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in FIG4_METHODS:
-        s = read_json(table1_run(runs, seeds[0], method) / "distance/summary.json")
+        s = read_json(table1_run(runs, FIG4_PANELS[panel], seeds[0], method) / "distance/summary.json")
         if not s:
             continue
         d = {int(e): v for e, v in s["distance_to_final"].items()}
         ax.plot(sorted(d), [d[e] for e in sorted(d)], marker="o", label=method)
         lines.append(f"| {method} | {' '.join(f'{d[e]:.3f}' for e in sorted(d))} | "
                      f"{dash(s.get('filter_emergence_epoch'))} | {dash(s.get('early_bird_epoch'))} |")
-    save_plot(fig, ax, out / "fig4.png", xlabel="pretraining epoch", ylabel="filter distance to the final epoch",
-              title="Fig. 4")
+    save_plot(fig, ax, out / f"fig4_{panel}.png", xlabel="pretraining epoch",
+              ylabel="filter distance to the final epoch", title=f"Fig. 4, {panel} ({FIG4_PANELS[panel]})")
     return "\n".join(lines)
 
 
@@ -299,31 +441,31 @@ def fig5_report(runs: Path, seeds, plt, out: Path) -> str:
     for method in FIG5_METHODS:
         by_epoch = {}
         for seed in seeds:
-            for name, res in results_under(table1_run(runs, seed, method), "finetune_l1_p50_e*_finetune/result.json").items():
+            run = table1_run(runs, FIG5_ROW, seed, method)
+            for name, res in results_under(run, "finetune_l1_p50_e*_finetune/result.json").items():
                 by_epoch.setdefault(int(name.split("_e")[1][:3]), []).append(res["final_test_acc"])
         for e in sorted(by_epoch):
             lines.append(f"| {method} | {e} | {mean_std(by_epoch[e])} | {len(by_epoch[e])} |")
         if by_epoch:
             ax.plot(sorted(by_epoch), [sum(v) / len(v) for _, v in sorted(by_epoch.items())], marker="o", label=method)
     save_plot(fig, ax, out / "fig5.png", xlabel="pretraining epoch the ticket is drawn at",
-              ylabel="ticket accuracy (%)", title="Fig. 5 (p = 50 %)")
+              ylabel="ticket accuracy (%)", title=f"Fig. 5 ({FIG5_ROW}, p = 50 %)")
     return "\n".join(lines)
 
 
-def rise_report(runs: Path, seeds, plt, out: Path) -> str:
+def rise_report(runs: Path, model: str, seeds, plt, out: Path) -> str:
     lines = ["| R (kept) | mode | k | acc. (%) | training complexity | seeds |", "|---|---|---:|---:|---:|---:|"]
     fig, ax = plt.subplots(figsize=(6, 4))
     full = []
     for seed in seeds:
-        run = runs / "rise" / f"seed{seed}" / "dense"
-        ck = last_metrics(run / "pretrain/metrics.csv")
+        ck = last_metrics(rise_run(runs, model, seed) / "pretrain/metrics.csv")
         if ck:
             full.append((float(ck["test_acc"]), float(ck["train_flops"])))
     for keep in RISE_KEEP:
         for mode in ("rewind", "rise"):
             pts = {}
             for seed in seeds:
-                run = runs / "rise" / f"seed{seed}" / "dense"
+                run = rise_run(runs, model, seed)
                 for name, res in results_under(run, f"finetune_mag_r{round(100 * keep)}_{mode}_k*/result.json").items():
                     pts.setdefault(int(name.rsplit("_k", 1)[1]), []).append((res["final_test_acc"], res["train_flops"]))
             for k in sorted(pts):
@@ -337,8 +479,8 @@ def rise_report(runs: Path, seeds, plt, out: Path) -> str:
     if full:
         ax.axhline(sum(a for a, _ in full) / len(full), color="k", lw=0.8, label="full model")
         lines.append(f"| 100 % | full model | — | {mean_std([a for a, _ in full])} | {si(full[0][1], 'FLOP')} | {len(full)} |")
-    save_plot(fig, ax, out / "rise_fig4.png", xlabel="training complexity (FLOPs)", ylabel="test accuracy (%)",
-              xscale="log", title="RISE Fig. 4 (ResNet-32)")
+    save_plot(fig, ax, out / f"rise_fig4_{model}.png", xlabel="training complexity (FLOPs)", ylabel="test accuracy (%)",
+              xscale="log", title=f"RISE Fig. 4 ({model})")
     return "\n".join(lines)
 
 
@@ -356,22 +498,31 @@ def report(args) -> int:
     import matplotlib.pyplot as plt
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t1, rows = table1_report(runs, args.seeds)
-    table1_flops_plot(rows, plt, out)
+    sections, all_rows = [f"# Paper-scale results\n\n{machine()}" + (f"; GPU {gpu_name()}" if gpu_name() else "")], []
+    for row in TABLE1_ROWS:
+        text, rows = table1_report(runs, row, args.seeds)
+        if rows:
+            table1_flops_plot(row, rows, plt, out)
+            sections.append(f"## Table 1, {row} ({TABLE1_ROWS[row].config})\n\n" + text)
+            all_rows += [{k: v for k, v in r.items() if k != "comm"} for r in rows]
+    for panel, row in FIG4_PANELS.items():
+        if (table1_run(runs, row, args.seeds[0], "loft-4") / "distance/summary.json").exists():
+            sections.append(f"## Fig. 4, {panel} ({row})\n\n" + fig4_report(runs, panel, args.seeds, plt, out))
+    if (table1_run(runs, FIG5_ROW, args.seeds[0], "loft-4")).exists():
+        sections.append("## Fig. 5\n\n" + fig5_report(runs, args.seeds, plt, out))
+    for model in RISE_MODELS:
+        if rise_run(runs, model, args.seeds[0]).exists():
+            sections.append(f"## RISE Fig. 4, {model}\n\n" + rise_report(runs, model, args.seeds, plt, out))
     times = [json.loads(line) for line in (runs / "paper_times.jsonl").read_text().splitlines()] \
         if (runs / "paper_times.jsonl").exists() else []
     per_matrix = {}
     for t in times:
         per_matrix[t["job"].split(":")[0]] = per_matrix.get(t["job"].split(":")[0], 0) + t["seconds"]
-    text = "\n\n".join([f"# Paper-scale results\n\n{machine()}" + (f"; GPU {gpu_name()}" if gpu_name() else ""),
-                        "## Table 1 (PreActResNet-18, CIFAR-10)\n\n" + t1,
-                        "## Fig. 4\n\n" + fig4_report(runs, args.seeds, plt, out),
-                        "## Fig. 5\n\n" + fig5_report(runs, args.seeds, plt, out),
-                        "## RISE Fig. 4\n\n" + rise_report(runs, args.seeds, plt, out),
-                        "## Wall time per matrix (stage processes)\n\n" +
-                        "\n".join(f"- {m}: {s / 60:.1f} min" for m, s in per_matrix.items())])
+    sections.append("## Wall time per matrix (stage processes)\n\n" +
+                    "\n".join(f"- {m}: {s / 60:.1f} min" for m, s in per_matrix.items()))
+    text = "\n\n".join(sections)
     (out / "paper.md").write_text(text + "\n")
-    (out / "table1.json").write_text(json.dumps(rows, indent=1))
+    (out / "table1.json").write_text(json.dumps(all_rows, indent=1))
     print(text)
     return 0
 
@@ -381,18 +532,36 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-def main(argv=None) -> int:
+def key_value(item: str) -> tuple[str, str]:
+    key, eq, value = item.partition("=")
+    if not eq or not key:
+        raise argparse.ArgumentTypeError(f"{item!r}: expected dotted.key=value")
+    return key, value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("action", choices=["run", "report"])
-    p.add_argument("--only", default=None, help=f"comma-separated matrices ({', '.join(MATRICES)})")
+    p.add_argument("--only", default=None, help="comma-separated MATRIX or MATRIX:PANEL (" +
+                   "; ".join(f"{m}: {', '.join(ps)}" for m, ps in PANELS.items()) + ")")
     p.add_argument("--seeds", default="0", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--epochs-scale", type=float, default=1.0, help="every epoch count times this (same matrix, shorter)")
+    p.add_argument("--finetune-epochs-scale", type=float, default=None,
+                   help="fine-tuning epochs times this instead (default: --epochs-scale)")
+    p.add_argument("--set", action="append", default=[], type=key_value, metavar="KEY=VALUE",
+                   help="a config key for every job, e.g. model.width=0.25 (repeatable; the matrix's own keys win)")
     p.add_argument("--budget-s", type=float, default=0, help="stop before this many seconds of wall time (0: no limit)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the driver in minutes")
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--runs", default=str(REPO / "runs/paper"))
     p.add_argument("--out", default=str(REPO / "bench/results/paper"))
     args = p.parse_args(argv)
+    args.set = dict(args.set)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     return run(args) if args.action == "run" else report(args)
 
 

@@ -1,6 +1,9 @@
 """The benchmarks' smoke forms run the real pipelines end to end and produce their tables."""
 import importlib.util
 import json
+from pathlib import Path
+
+import pytest
 
 from conftest import DATA, REPO
 
@@ -62,19 +65,165 @@ def test_perf_prints_ratios(tmp_path):
 
 def test_paper_driver_stops_at_its_budget_resumes_skips_and_reports(tmp_path, capsys):
     paper = bench("paper")
-    base = ["--smoke", "--only", "rise", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+    base = ["--smoke", "--only", "rise:resnet32_c10", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
             "--data-root", str(DATA)]
     assert paper.main(["run", *base, "--budget-s", "3"]) == 0          # stopped inside the first stage
-    assert "budget of 3.0 s reached during rise:dense:pretrain" in capsys.readouterr().out
-    assert not (tmp_path / "runs/rise/seed0/dense/pretrain/comm.json").exists()
+    assert "budget of 3.0 s reached during rise:resnet32_c10/seed0/dense:pretrain" in capsys.readouterr().out
+    assert not (tmp_path / "runs/rise/resnet32_c10/seed0/dense/pretrain/comm.json").exists()
     assert paper.main(["run", *base]) == 0                              # continues and finishes
-    assert "all 10 jobs of rise done" in capsys.readouterr().out
+    assert "all 7 jobs of rise done" in capsys.readouterr().out     # pretrain; R = 10, 50 %: prune, 1-LOT, RISE
     assert paper.main(["run", *base]) == 0                              # nothing left to do
     out = capsys.readouterr().out
-    assert out.count("(done)") == 10
+    assert out.count("(done)") == 7
     assert paper.main(["report", *base]) == 0
     md = (tmp_path / "out/paper.md").read_text()
-    for row in ("| 10 % | RISE-R | 1 |", "| 50 % | 1-LOT-R | 1 |", "| 100 % | full model |"):
+    for row in ("## RISE Fig. 4, resnet32_c10", "| 10 % | RISE-R | 1 |", "| 50 % | 1-LOT-R | 1 |", "| 100 % | full model |"):
         assert row in md, row
-    assert (tmp_path / "out/rise_fig4.png").stat().st_size > 0
+    assert (tmp_path / "out/rise_fig4_resnet32_c10.png").stat().st_size > 0
     assert paper.main(["run", "--only", "nope", *base[3:]]) == 2
+    assert paper.main(["run", "--only", "rise:resnet20", *base[3:]]) == 2
+
+
+# ------------------------------------------------------- the matrices' job lists
+PAPER_CIFAR = {("dense", 1), ("gpipe", 2), ("localsgd", 2), ("loft", 2), ("gpipe", 4), ("localsgd", 4), ("loft", 4)}
+TABLE1 = {  # LoFT Table 1, top to bottom: (model, dataset) → methods (with the Dense Model column), pruning ratios
+    ("preresnet18", "cifar10"): (PAPER_CIFAR, {0.8, 0.5}),
+    ("preresnet34", "cifar10"): (PAPER_CIFAR, {0.8, 0.5}),
+    ("resnet34", "cifar10"): (PAPER_CIFAR, {0.8, 0.5}),
+    ("preresnet18", "cifar100"): (PAPER_CIFAR, {0.8, 0.5}),
+    ("preresnet34", "cifar100"): (PAPER_CIFAR, {0.8, 0.5}),
+    ("resnet34", "cifar100"): (PAPER_CIFAR, {0.8, 0.5}),
+    ("preresnet18_in", "imagenet"): (PAPER_CIFAR - {("localsgd", 2)}, {0.8, 0.5, 0.3}),  # the paper ran no Local SGD-2
+}
+FIG4_PANELS = ("cifar10", "cifar100", "imagenet")          # the paper draws cifar100 and imagenet
+RISE_MODELS = {("resnet32", "cifar10"): 180, ("mobilenetv3_small", "cifar10"): 100, ("resnet18_in", "imagenet"): 90}
+
+
+def jobs_of(paper, *argv):
+    """{matrix: its jobs, each with its resolved config} as `run` would run them with these flags."""
+    from common.config import load_config
+    args = paper.parse_args(["run", "--data-root", "/nowhere", *argv])
+    plan, out = paper.Plan(args), {}
+    for matrix, panels in paper.selection(args.only).items():
+        jobs = paper.unique(paper.matrix_jobs(matrix, plan, Path("/runs"), args.seeds, panels))
+        out[matrix] = [(j, load_config(REPO / j.config, [f"{k}={v}" for k, v in j.sets.items()])) for j in jobs]
+    return out
+
+
+def method_of(cfg):
+    pc = cfg.pretrain
+    return (pc.method, 1 if pc.method == "dense" else pc.workers)
+
+
+def test_table1_matrix_runs_every_row_of_the_paper_with_its_methods_ratios_and_the_dense_cell():
+    paper = bench("paper")
+    jobs = jobs_of(paper, "--only", "table1")["table1"]
+    rows = {}
+    for job, cfg in jobs:
+        row = rows.setdefault((cfg.model.arch, cfg.data.dataset), {})
+        if job.script == "01_pretrain_loft.py" and cfg.pretrain.data == "full":
+            assert cfg.pretrain.epochs == 20 and cfg.model.width == 1.0
+            row.setdefault(method_of(cfg), set())
+        if job.script == "04_finetune.py" and cfg.pretrain.data == "full":
+            assert cfg.finetune.mode == "finetune" and cfg.finetune.epochs == 90 and cfg.prune.kind == "l1"
+            row.setdefault(method_of(cfg), set()).add(cfg.prune.ratio)
+    assert set(rows) == set(TABLE1)
+    for key, (methods, ratios) in TABLE1.items():
+        assert set(rows[key]) == methods, key
+        for method, tickets in rows[key].items():
+            assert tickets == (ratios | {0.0} if method[0] == "dense" else ratios), (key, method)  # 0: no pruning
+    shard = {method_of(cfg) for job, cfg in jobs if cfg.pretrain.data == "shard" and job.script == "01_pretrain_loft.py"}
+    assert shard == {("localsgd", 4), ("loft", 4)}                        # equal samples, PreResNet-18 C10 only
+
+
+def test_fig4_fig5_and_rise_matrices_cover_the_papers_panels():
+    paper = bench("paper")
+    jobs = jobs_of(paper, "--only", "fig4,fig5,rise,table1")
+    pretrained = {j.run_dir for j, _ in jobs["table1"] if j.script == "01_pretrain_loft.py"}
+    panels = {}
+    for job, cfg in jobs["fig4"]:
+        if job.script == "02_filter_distance.py":
+            assert job.run_dir in pretrained                               # table1's runs, measured again
+            panels.setdefault(cfg.data.dataset, set()).add((cfg.model.arch, *method_of(cfg)))
+    assert set(panels) == set(FIG4_PANELS)
+    for dataset, runs in panels.items():
+        arch = "preresnet18_in" if dataset == "imagenet" else "preresnet18"
+        assert runs == {(arch, "dense", 1), (arch, "gpipe", 4), (arch, "loft", 2), (arch, "loft", 4)}, dataset
+    draws = {}
+    for job, cfg in jobs["fig5"]:
+        if job.script == "03_prune.py":
+            assert (cfg.model.arch, cfg.data.dataset, cfg.prune.ratio) == ("preresnet18", "cifar10", 0.5)
+            source = Path(job.flags[job.flags.index("--from") + 1])
+            draws.setdefault(method_of(cfg), set()).add(source.name)
+    assert draws == {m: {"epoch_005.pt", "epoch_010.pt", "epoch_015.pt", "epoch_020.pt"}
+                     for m in (("dense", 1), ("gpipe", 4), ("loft", 4))}
+    models = {}
+    for job, cfg in jobs["rise"]:
+        model = models.setdefault((cfg.model.arch, cfg.data.dataset), {"epochs": set(), "tickets": set()})
+        model["epochs"].add(cfg.pretrain.epochs)
+        if job.script == "04_finetune.py":
+            assert cfg.finetune.epochs == 0 and cfg.pretrain.method == "dense"  # the rest of the schedule from k
+            model["tickets"].add((cfg.finetune.mode, round(1 - cfg.prune.ratio, 2), cfg.finetune.rewind_epoch))
+    assert set(models) == set(RISE_MODELS)
+    for key, epochs in RISE_MODELS.items():
+        assert models[key]["epochs"] == {epochs}
+        assert models[key]["tickets"] == {(m, r, k) for m in ("rewind", "rise") for r in (0.1, 0.25, 0.5)
+                                          for k in (1, 5, 10, 20)}, key
+
+
+def test_every_matrix_scales_through_the_same_flags():
+    paper = bench("paper")
+    jobs = jobs_of(paper, "--epochs-scale", "0.25", "--finetune-epochs-scale", "0.1", "--set", "model.width=0.25",
+                   "--set", "data.train_subset=4000", "--set", "pretrain.method=dense")
+    assert set(jobs) == {"table1", "fig4", "fig5", "rise"}
+    for job, cfg in (x for js in jobs.values() for x in js):
+        assert cfg.model.width == 0.25 and cfg.data.train_subset == 4000
+    t1 = {method_of(c) for j, c in jobs["table1"]}
+    assert ("loft", 4) in t1                                   # the matrix's own keys win over --set
+    for job, cfg in jobs["table1"]:
+        assert cfg.pretrain.epochs == 5 and (job.script != "04_finetune.py" or cfg.finetune.epochs == 9)
+    resnet32 = [c for j, c in jobs["rise"] if c.model.arch == "resnet32"]
+    assert {c.pretrain.epochs for c in resnet32} == {45}
+    assert {tuple(c.pretrain.milestones) for c in resnet32} == {(20, 30)}      # 80 / 120 of 180 epochs
+    assert {c.finetune.rewind_epoch for c in resnet32 if c.finetune.epochs == 0} == {1, 2, 5}  # k 1 5 10 20, / 4
+    mobilenet = [c for j, c in jobs["rise"] if c.model.arch == "mobilenetv3_small"]
+    assert {c.pretrain.warmup_epochs for c in mobilenet} == {1.25}             # 5 of 100 epochs
+    assert {int(j.flags[j.flags.index("--from") + 1][-6:-3]) for j, _ in jobs["fig5"] if j.script == "03_prune.py"} \
+        == {1, 2, 4, 5}                                                          # epochs 5..20, / 4, rounded
+
+
+def test_table1_report_gives_gpipe_in_the_papers_convention_with_fwd_bwd_beside_it(tmp_path):
+    # comm.json as 01 writes it for the paper's PreResNet-18 CIFAR-10 setting (S = 4, 20 epochs,
+    # batch 128, K = 25): the report's analytic column must be the paper's Table 1 convention
+    # (GPipe-4 659.42 G, forward activations once; LoFT-4 64.57 G), fwd+bwd beside it for GPipe
+    from common.costs import analytic_bytes
+    from common.models import build_model, partitioned_blocks
+    paper = bench("paper")
+    model = build_model({"name": "preresnet18", "num_classes": 10, "width": 1.0})
+    analytic = analytic_bytes(model, partitioned_blocks(model), 4, 20, 50_000, 128, 25)
+    for method in ("gpipe-4", "loft-4"):
+        run = paper.table1_run(tmp_path, "preresnet18_c10", 0, method)
+        (run / "pretrain").mkdir(parents=True)
+        (run / "pretrain/comm.json").write_text(json.dumps({"measured_payload_bytes": 1000, "analytic_ps_bytes": analytic,
+                                                            "train_flops_ratio_to_dense": 0.5}))
+        for tag in ("l1_p80", "l1_p50"):
+            (run / f"finetune_{tag}_finetune").mkdir()
+            (run / f"finetune_{tag}_finetune/result.json").write_text(json.dumps({"final_test_acc": 90.0,
+                                                                                  "train_flops": 1e15}))
+    text, rows = paper.table1_report(tmp_path, "preresnet18_c10", [0])
+    header, _, *lines = text.splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    cells = {(c[0], c[1]): dict(zip(columns, c)) for c in ([x.strip() for x in l.strip("|").split("|")] for l in lines)}
+    assert len(rows) == 4 and set(cells) == {("gpipe-4", "80 %"), ("gpipe-4", "50 %"), ("loft-4", "80 %"), ("loft-4", "50 %")}
+
+    def giga(cell):
+        number, unit = cell.split()
+        return float(number) * {"GB": 1, "TB": 1e3}[unit]
+    paper_col = "analytic bytes (paper's convention; GPipe fwd)"
+    gpipe, loft = cells[("gpipe-4", "50 %")], cells[("loft-4", "50 %")]
+    assert giga(gpipe[paper_col]) == pytest.approx(659.42, rel=0.01)
+    assert giga(gpipe["GPipe analytic fwd+bwd"]) == pytest.approx(2 * giga(gpipe[paper_col]), rel=0.01)
+    assert giga(loft[paper_col]) == pytest.approx(64.57, rel=0.01) and loft["GPipe analytic fwd+bwd"] == "—"
+    measured = "measured bytes (LoFT/Local SGD pull+push, GPipe fwd+bwd)"
+    assert (gpipe[measured], loft[measured]) == ("1.00 kB", "2.00 kB")           # LoFT: one push measured, x 2
+    assert loft["pretraining FLOPs ÷ dense"] == "0.5"
