@@ -157,9 +157,14 @@ class Loft:
         self.blocks = self.split_blocks(model)
         self.my_workers = workers_of_rank(self.S, env)
         shard = pc.data == "shard"
-        self.steps_per_epoch = (len(train_set) // self.S if shard else len(train_set)) // pc.batch_size
+        per_pass = len(train_set) // self.S if shard else len(train_set)  # the images a worker walks per epoch
+        self.steps_per_epoch = per_pass // pc.batch_size
+        walked = f"{per_pass} training images" + (f" (1/{self.S} of {len(train_set)}: pretrain.data=shard)" if shard else "")
+        if self.steps_per_epoch == 0:
+            raise UserError(f"pretrain.batch_size={pc.batch_size} exceeds the {walked} a worker walks per epoch")
         if self.K > self.steps_per_epoch:
-            raise UserError(f"pretrain.local_iters={self.K} exceeds the {self.steps_per_epoch} steps of an epoch")
+            raise UserError(f"pretrain.local_iters={self.K} exceeds the {self.steps_per_epoch} steps of an epoch "
+                            f"({walked} in batches of pretrain.batch_size={pc.batch_size})")
         self.schedule = schedule_of(pc, self.steps_per_epoch, pc.local_iters)
         self.state = _to(init_state, env.device)
         self.plan = SlicePlan.of(self.blocks, self.state)
