@@ -64,11 +64,24 @@ def mean_std(xs: list[float]) -> str:
 def machine() -> str:
     import os
     import platform
-    import subprocess
     import torch
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"commit {commit or '?'}")
+            f"commit {commit()}")
+
+
+def commit() -> str:
+    """The repository's short commit hash for result stamps; "unknown" (with one note on stderr) where
+    git is not installed or this is no git checkout, e.g. a copied tree on a lent GPU machine."""
+    import subprocess
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    except OSError as e:  # no git executable
+        print(f"note: commit stamp 'unknown' (git: {e.strerror or type(e).__name__})", file=sys.stderr)
+        return "unknown"
+    if done.returncode != 0 or not done.stdout.strip():
+        print("note: commit stamp 'unknown' (not a git checkout here)", file=sys.stderr)
+        return "unknown"
+    return done.stdout.strip()
 
 
 def bench_args(doc: str, name: str, config: str, smoke_sets: dict, argv=None):
