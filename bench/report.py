@@ -61,7 +61,16 @@ def read_run(folder: Path) -> dict:
             "FLOPs/sample": res.get("flops_per_sample_sparse") or res.get("flops_per_sample"),
             "comm. bytes": comm.get("measured_payload_bytes"), "training FLOPs": res.get("train_flops")}
     return {"folder": folder, "config": cfg, "seed": cfg.get("seed"), "tickets": tickets,
-            "pretrain acc": number(pre.get("test_acc")), "pretrain lossless": number(pre.get("test_acc_lossless"))}
+            "pretrain acc": number(pre.get("test_acc")), "pretrain lossless": number(pre.get("test_acc_lossless")),
+            "flops ratio": comm.get("train_flops_ratio_to_dense")}
+
+
+def pretraining_cost(cfg: dict, ratios: list) -> str:
+    """What pretrain.data equalises, and the training FLOPs it spent against dense (comm.json)."""
+    data = cfg.get("pretrain.data", "full")
+    what = {"full": "every worker walks the whole set", "shard": "equal samples, not equal FLOPs"}[data]
+    ratios = [r for r in ratios if r is not None]
+    return f"Pretraining data `{data}` ({what})" + (f": training FLOPs {ratios[0]}× dense's." if ratios else ".")
 
 
 def configuration(cfg: dict) -> tuple:
@@ -117,7 +126,8 @@ def report(root: Path) -> tuple[str, list[dict]]:
                   f"{', '.join(str(r['folder']) for r in group)}); pretraining test accuracy "
                   f"{mean_std([r['pretrain acc'] for r in group])} %"
                   + (f", lossless {mean_std([r['pretrain lossless'] for r in group])} %"
-                     if any(r["pretrain lossless"] is not None for r in group) else "") + ".", ""]
+                     if any(r["pretrain lossless"] is not None for r in group) else "") + ". "
+                  + pretraining_cost(cfg, [r["flops ratio"] for r in group]), ""]
         rows = sorted({name for r in group for name in r["tickets"]})
         if not rows:
             lines += ["(no fine-tuned tickets yet)", ""]

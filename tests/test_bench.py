@@ -227,3 +227,18 @@ def test_table1_report_gives_gpipe_in_the_papers_convention_with_fwd_bwd_beside_
     measured = "measured bytes (LoFT/Local SGD pull+push, GPipe fwd+bwd)"
     assert (gpipe[measured], loft[measured]) == ("1.00 kB", "2.00 kB")           # LoFT: one push measured, x 2
     assert loft["pretraining FLOPs ÷ dense"] == "0.5"
+
+
+def test_run_report_names_shard_equal_samples_with_the_flops_ratio_to_dense(tiny_config, tmp_path):
+    import yaml
+    from common.config import load_config
+    report = bench("report")
+    for name, data, ratio in (("full", "full", 1.59), ("shard", "shard", 0.79)):
+        run = tmp_path / "runs" / name
+        (run / "pretrain").mkdir(parents=True)
+        cfg = load_config(tiny_config(pretrain={"data": data})).to_dict()
+        (run / "pretrain/config.yaml").write_text(yaml.safe_dump(cfg))
+        (run / "pretrain/comm.json").write_text(json.dumps({"train_flops_ratio_to_dense": ratio}))
+    text, _ = report.report(tmp_path / "runs")
+    assert "Pretraining data `shard` (equal samples, not equal FLOPs): training FLOPs 0.79× dense's." in text
+    assert "Pretraining data `full` (every worker walks the whole set): training FLOPs 1.59× dense's." in text
