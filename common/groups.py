@@ -94,6 +94,9 @@ def discover(model: nn.Module, input_shape=(3, 32, 32), example: torch.Tensor | 
         example = torch.randn(2, *input_shape, device=device)
     trace = _Trace()
     was_training = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]   # the graph is read from autograd
+    for p in frozen:
+        p.requires_grad_(True)
     try:
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")   # Torch-Pruning warns about ops it does not know; we judge them below
@@ -107,6 +110,8 @@ def discover(model: nn.Module, input_shape=(3, 32, 32), example: torch.Tensor | 
                         f"{type(e).__name__}: {e}".splitlines()[0]) from None
     finally:
         model.train(was_training)
+        for p in frozen:
+            p.requires_grad_(False)
 
     names = {m: n for n, m in model.named_modules()}
     order = {n: i for i, n in enumerate(names.values())}
@@ -198,7 +203,8 @@ OP_REASONS = {"Add": "add", "Sub": "add", "Cat": "concat", "Stack": "concat", "S
               "Softmax": "attention", "Bmm": "attention"}
 NORMS_OVER_CHANNELS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 REASON_ORDER = ["add", "concat", "split", "slice", "reshape into heads", "reshape", "layout change", "attention",
-                "norm over channels", "grouped conv", "model output", "custom autograd function", "unknown op"]
+                "norm over channels", "grouped conv", "model input", "model output", "custom autograd function",
+                "unknown op"]
 
 
 def _op_name(grad_fn) -> str:
@@ -217,6 +223,8 @@ def _judge(tp_group, graph, names: dict, internal: dict, trace: _Trace):
             continue
         into = dep.handler.__name__ == "prune_in_channels"
         nodes[node] = "in" if into else nodes.get(node, "out")
+    # Convs hold channels at dim 1 (N, C, ...); a group of Linears only, at the last dim (tokens).
+    channels_first = any(isinstance(n.module, CONV_TYPES) for n in nodes)
     for node, role in nodes.items():
         module = node.module
         name = names.get(module)
@@ -232,7 +240,7 @@ def _judge(tp_group, graph, names: dict, internal: dict, trace: _Trace):
                 members.append(name)
             else:
                 reasons.append((kind, f"{name}, groups={module.groups}" if kind == "grouped conv" else name))
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.num_features == width:
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and _output_shape(node.grad_fn)[1] == width:
             members.append(name)
         elif isinstance(module, nn.PReLU):
             if module.num_parameters > 1:
@@ -246,9 +254,13 @@ def _judge(tp_group, graph, names: dict, internal: dict, trace: _Trace):
         elif name is not None:
             reasons.append(("unknown op", f"{type(module).__name__} {name}"))
         elif node.type != tp_ops.OPTYPE.OUTPUT:
-            reason = _op_reason(node, width, nodes)
+            reason = _op_reason(node.grad_fn, width, channels_first)
             if reason:
                 reasons.append(reason)
+    if not producers:
+        reasons.append(("model input", "the channels come from the input, not from a Conv or Linear"))
+    if not consumers and not reasons:
+        reasons.append(("unknown op", "no Conv or Linear reads the channels"))
     if not reasons:
         consumers_repeat = _consumer_repeats(consumers, names, width, nodes, reasons)
     if reasons:
@@ -284,25 +296,24 @@ def _consumer_repeats(consumers, names, width, nodes, reasons) -> dict[str, int]
     return out
 
 
-def _op_reason(node, width: int, nodes: dict):
+def _op_reason(grad_fn, width: int, channels_first: bool):
     """None if an op outside modules acts on each channel by itself, else (reason, detail)."""
-    grad_fn = node.grad_fn
     if isinstance(grad_fn, torch.autograd.function.BackwardCFunction):
         return ("custom autograd function", re.sub(r"Backward$", "", type(grad_fn).__name__))
     name = _op_name(grad_fn)
-    if name in PER_CHANNEL_OPS or (name in SPATIAL_POOLS and _channel_axis(_input_shape(grad_fn), width) == 1):
+    if name in PER_CHANNEL_OPS or (name in SPATIAL_POOLS and channels_first):
         return None
     if name in REDUCTIONS:
         shape = list(_input_shape(grad_fn) or [])
         dims = [d - 2 ** 64 if d >= 2 ** 63 else d for d in getattr(grad_fn, "_saved_dim", ())]
-        axis = _channel_axis(shape, width)
+        axis = _channel_axis(shape, width, channels_first)
         if axis is not None and axis not in [d % len(shape) for d in dims]:
             return None
         return ("unknown op", f"{name} over the channels")
     if name in RESHAPES:
         return _reshape_reason(grad_fn, width)
     if name in PRODUCTS:
-        return _product_reason(grad_fn, width)
+        return _product_reason(grad_fn, width, channels_first)
     if name in OP_REASONS:
         return (OP_REASONS[name], None)
     return ("unknown op", type(grad_fn).__name__)
@@ -324,14 +335,13 @@ def _output_shape(grad_fn):
     return list(grad_fn._input_metadata[0].shape)
 
 
-def _channel_axis(shape, width: int):
-    """Where a traced (batch of 2) tensor holds the group: dim 1 for channels-first maps, the last
-    dim for a Linear's tokens; None if neither has the group's width."""
-    if not shape:
+def _channel_axis(shape, width: int, channels_first: bool):
+    """Where a traced tensor holds the group's channels: dim 1 for conv maps (N, C, ...), the last
+    dim for a Linear's tokens (N, ..., C); None if that dim does not have the group's width."""
+    if len(shape) < 2:
         return None
-    if len(shape) >= 2 and shape[1] == width:
-        return 1
-    return len(shape) - 1 if shape[-1] == width else None
+    axis = 1 if channels_first else len(shape) - 1
+    return axis if shape[axis] == width else None
 
 
 def _reshape_reason(grad_fn, width: int):
@@ -349,7 +359,7 @@ def _reshape_reason(grad_fn, width: int):
     return ("reshape", f"{before} → {after}")
 
 
-def _product_reason(grad_fn, width: int):
+def _product_reason(grad_fn, width: int, channels_first: bool):
     """A product of two tensors of the group (an SE gate) or by a single number is per-channel; by a
     constant tensor (which narrowing could not slice) or broadcast across the channels it is not."""
     graph_inputs = [(f, i) for f, i in grad_fn.next_functions if f is not None]
@@ -360,7 +370,7 @@ def _product_reason(grad_fn, width: int):
         return ("unknown op", "product with a constant tensor")
     shapes = [list(f._input_metadata[i].shape) for f, i in graph_inputs]
     out = _output_shape(grad_fn)
-    axis = _channel_axis(out, width)
+    axis = _channel_axis(out, width, channels_first)
     if axis is not None:
         from_end = len(out) - axis   # broadcasting aligns shapes at their last dim
         if all(len(s) >= from_end and s[-from_end] == width for s in shapes):

@@ -344,10 +344,29 @@ def test_forward_failure_and_bad_kept_channels_are_one_line():
 
 
 def test_discovery_leaves_the_model_as_it_was():
+    """Training mode, values and frozen parameters are as before (the trace needs eval and grads)."""
     torch.manual_seed(0)
     model = build_model(zoo_arch("resnet20")).train()
+    model.conv1.weight.requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    discover(model)
-    assert model.training
+    assert len(discover(model).groups) == 9
+    assert model.training and not model.conv1.weight.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "conv1.weight")
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class InputDepthwise(nn.Module):
+    """A depthwise conv straight on the image: its channels are the input's, produced by no layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw, self.conv = nn.Conv2d(3, 3, 3, groups=3), nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(self.dw(x)).mean((2, 3))
+
+
+def test_channels_of_the_input_are_no_group():
+    found = discover(InputDepthwise())
+    assert found.groups == [] and "model input" in reason_kinds(dict(found.rejected)["dw"])
