@@ -101,6 +101,58 @@ def test_cifar100_missing_download_and_its_failure(tmp_path, cifar10_test, monke
     assert [p.name for p in tmp_path.iterdir()] == ["cifar-100-python"]
 
 
+# ------------------------------------------------------------ CIFAR-10 download and completeness
+def link_release(folder, skip=()):
+    """folder/ holding links to the real CIFAR-10 files, except those named in `skip`."""
+    folder.mkdir(parents=True)
+    for f in sorted((DATA / "cifar-10-batches-py").iterdir()):
+        if f.name not in skip:
+            (folder / f.name).symlink_to(f)
+
+
+def test_a_cifar10_folder_missing_one_file_is_one_line_naming_it(tmp_path):
+    link_release(tmp_path / "cifar-10-batches-py", skip=("data_batch_3",))
+    for train in (True, False):  # the test split alone would not read data_batch_3: refused all the same
+        with pytest.raises(UserError, match=r"cifar-10-batches-py: incomplete, no data_batch_3 ") as e:
+            load_dataset(DataCfg(root=str(tmp_path)), train=train)
+        assert "\n" not in str(e.value)
+
+
+def test_an_interrupted_download_leaves_no_folder_that_is_read_as_data(tmp_path, monkeypatch, cifar10_test):
+    class Interrupted:  # torchvision's CIFAR10(root, download=True) stopped half-way through extracting
+        def __init__(self, root, train, download):
+            link_release(Path(root) / "cifar-10-batches-py", skip=("data_batch_4", "data_batch_5", "test_batch"))
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_cifar10(tmp_path, train=False)
+    assert list(tmp_path.iterdir()) == []  # neither the release's name nor the temporary folder
+    with pytest.raises(UserError, match="no cifar-10-batches-py/ folder"):
+        load_cifar10(tmp_path, train=False, download=False)
+
+    # a kill -9 mid-download leaves its hidden temporary folder behind: never read, the next run downloads
+    link_release(tmp_path / ".cifar-10-batches-py.killed.tmp/cifar-10-batches-py", skip=("test_batch",))
+
+    class Complete:
+        def __init__(self, root, train, download):
+            link_release(Path(root) / "cifar-10-batches-py")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Complete)
+    test = load_cifar10(tmp_path, train=False)
+    assert torch.equal(test.images, cifar10_test.images) and torch.equal(test.labels, cifar10_test.labels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cifar-10-batches-py.killed.tmp", "cifar-10-batches-py"]
+
+    class Incomplete:  # a download that ends without error but lacks a file is refused, not moved into place
+        def __init__(self, root, train, download):
+            link_release(Path(root) / "cifar-10-batches-py", skip=("batches.meta",))
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Incomplete)
+    with pytest.raises(UserError, match="the downloaded cifar-10-batches-py/ lacks batches.meta"):
+        load_cifar10(tmp_path / "other", train=False)
+    assert list((tmp_path / "other").iterdir()) == []
+
+
 # --------------------------------------------------------------------- ImageNet
 CLASSES = ["n01440764", "n01443537", "n01484850", "n01491361"]
 
