@@ -24,7 +24,7 @@ from common.importance import is_structured
 from common.models import build_model
 from common.prune import (check_tag, default_tag, format_table, format_totals, nonzero_params, prune_filters,
                           prune_magnitude, sparse_flops)
-from common.lineage import epoch_files, pretrain_hashes, record
+from common.lineage import epoch_files, paths_relative_to_run, paths_resolved, pretrain_hashes, record
 from common.runs import check_writable, finished, save_config
 from common.tb import Scalars
 
@@ -70,7 +70,7 @@ def main(argv=None):
         before["flops_sparse"], after["flops_sparse"] = ticket["flops_before_sparse"], ticket["flops_after_sparse"]
     print(format_totals(before, after))
     save_config(cfg.to_dict(), out / "config.yaml")
-    save_atomic(ticket, out / "ticket.pt")
+    save_atomic(paths_relative_to_run(ticket, out / "ticket.pt"), out / "ticket.pt")  # the run folder may move
     tb = Scalars(out, True)
     tb.add({k: ticket[k] for k in ("params_before", "params_after", "flops_before", "flops_after")}, 0)
     tb.close()
@@ -93,8 +93,8 @@ def last_epoch(folder: Path, made_by: str) -> Path:
 def load_source(path: Path, cfg, made_by: str) -> dict:
     """A pretraining epoch checkpoint or a fine-tuned ticket; its architecture must be the config's."""
     ticket_like = "finetune_" in str(path) or "prune_" in str(path)
-    src = load_checkpoint(path, required=("model", "arch", "epoch"), wanted="checkpoint or ticket",
-                          made_by=None if ticket_like else made_by)
+    src = paths_resolved(load_checkpoint(path, required=("model", "arch", "epoch"), wanted="checkpoint or ticket",
+                                         made_by=None if ticket_like else made_by), path)
     arch = src["arch"]
     if arch["name"] != cfg.model.arch or float(arch["width"]) != cfg.model.width:
         raise UserError(f"{path} holds a {arch['name']} of width {arch['width']}, but the config says "

@@ -27,6 +27,7 @@ from common.errors import UserError
 from common.evaluation import accuracies, load_splits
 from common.finetune import (FINETUNE_STREAM, LockedUpdate, check_lineage, complexity_base, load_ticket, param_counts,
                              ticket_schedule, ticket_weights)
+from common.lineage import paths_relative_to_run
 from common.models import build_model
 from common.pretrain import Dense
 from common.prune import check_tag, default_tag
@@ -141,7 +142,7 @@ def save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage):
                   **{k: last[k] for k in ("test_acc", "test_acc_lossless") if k in last},
                   "finetune_mode": fc.mode, "ticket": str(ticket_path), "config": cfg.to_dict(),
                   "finetune_lineage": lineage})
-    save_atomic(final, out / "final.pt")
+    save_atomic(paths_relative_to_run(final, out / "final.pt"), out / "final.pt")  # the run folder may move
     result = {
         "mode": fc.mode, "ticket": str(ticket_path), "kind": ticket["kind"], "ratio": ticket.get("ratio"),
         "best_test_acc": max(r["test_acc"] for r in rows), "final_test_acc": last["test_acc"],

@@ -6,10 +6,15 @@ rewound to; a fine-tuned result records its ticket and its rewind checkpoint. A 
 re-hashes the files it is about to use and refuses, in one line, when a hash differs: after
 `01 --force` with another seed, an old ticket's kept indices no longer belong to the new run's
 epoch-k weights, and pairing them would give a silently meaningless result.
+
+A ticket (and a fine-tuned final.pt) stores its paths relative to its run folder, the folder
+above its own (RUN/prune_TAG/ticket.pt: RUN), so a run tree copied, moved or unpacked elsewhere
+reads its own files, and the hashes tell whether they are still the ones it was made from.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
@@ -42,3 +47,38 @@ def check_unchanged(path: str | Path, sha256: str, user: str, remake: str):
     if file_sha256(path) != sha256:
         raise UserError(f"{path} changed since {user} was made from it (content hash differs); "
                         f"remake it: {remake}")
+
+
+RELATIVE_TO_RUN = "run folder"  # the value of a ticket's "paths_relative_to"
+PATH_KEYS = ("source", "pretrain_dir")  # a ticket's paths, besides lineage.source.path
+
+
+def run_folder(artefact: str | Path) -> Path:
+    return Path(artefact).absolute().parent.parent
+
+
+def _map_paths(ticket: dict, change) -> dict:
+    out = {**ticket, **{k: change(ticket[k]) for k in PATH_KEYS if k in ticket}}
+    source = ticket.get("lineage", {}).get("source")
+    if source:
+        out["lineage"] = {**ticket["lineage"], "source": {**source, "path": change(source["path"])}}
+    return out
+
+
+def paths_relative_to_run(ticket: dict, artefact: str | Path) -> dict:
+    """`ticket` (its paths as this process opens them) as it is to be saved at `artefact`."""
+    run = run_folder(artefact)
+    out = _map_paths(ticket, lambda p: os.path.relpath(Path(p).absolute(), run))
+    out["paths_relative_to"] = RELATIVE_TO_RUN
+    return out
+
+
+def paths_resolved(ticket: dict, artefact: str | Path) -> dict:
+    """A ticket loaded from `artefact`, with paths this process can open. Tickets saved before
+    paths were stored relative keep them as they were recorded."""
+    if ticket.get("paths_relative_to") != RELATIVE_TO_RUN:
+        return ticket
+    run = run_folder(artefact)
+    out = _map_paths(ticket, lambda p: os.path.normpath(run / p))
+    del out["paths_relative_to"]
+    return out

@@ -53,8 +53,8 @@ def lineage(tmp_path_factory):
 
 @pytest.fixture
 def own_copy(lineage, tmp_path):
-    """A copy for tests that add outputs; its tickets still point at the shared pretraining run
-    (their recorded paths), so a test that changes pretraining makes its own lineage."""
+    """A copy for tests that add outputs; its tickets read the copy's own pretraining run (paths
+    are stored relative to the run folder)."""
     cfg, run = lineage
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
