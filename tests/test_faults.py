@@ -20,18 +20,17 @@ def saved_epoch(path):
         return -1
 
 
-def kill_after_epoch(cmd, last_pt, epoch, seed, group=False, timeout=300):
-    """Start `cmd`, wait until last.pt has `epoch`, then SIGKILL it at a random moment soon after."""
-    p = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=group)
-    t0 = time.time()
-    while saved_epoch(last_pt) < epoch:
-        assert p.poll() is None, "the run ended before it could be killed"
-        assert time.time() - t0 < timeout
-        time.sleep(0.05)
-    time.sleep(random.Random(seed).uniform(0.0, 1.5))
-    os.killpg(p.pid, signal.SIGKILL) if group else p.kill()
-    p.wait()
+def killed_in_epoch_2(cmd, last_pt, steps_per_epoch, seed, launcher=None):
+    """Run `cmd` (a stage script and its arguments) under tests/kill_at_step.py, which SIGKILLs
+    the process group at a seeded step inside epoch 2; check that it died there, by the signal,
+    with epoch 1's checkpoint written and epoch 2's not."""
+    step = steps_per_epoch + random.Random(seed).randrange(steps_per_epoch)
+    full = (launcher or [sys.executable]) + [str(REPO / "tests/kill_at_step.py")] + cmd
+    p = subprocess.run(full, cwd=REPO, env={**ENV, "KILL_AT_STEP": str(step)}, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, start_new_session=True, timeout=300)
+    # a launcher outlives its killed ranks and reports them with its own non-zero exit
+    assert p.returncode == -signal.SIGKILL if launcher is None else p.returncode != 0, p.returncode
+    assert saved_epoch(last_pt) == 1 and not list(last_pt.parent.glob("epoch_003.pt"))
 
 
 def same_weights(a, b):
@@ -45,13 +44,13 @@ def test_kill_9_of_01_in_one_process_and_under_two_ranks_then_resume(tiny_config
     ref = tmp_path / "ref"
     assert run_cli(base + ["--run-dir", str(ref)]).returncode == 0
     one = tmp_path / "one"
-    kill_after_epoch([sys.executable] + base + ["--run-dir", str(one)], one / "pretrain/last.pt", 1, seed=1)
+    killed_in_epoch_2(base + ["--run-dir", str(one)], one / "pretrain/last.pt", 20, seed=1)
     r = run_cli(base + ["--run-dir", str(one), "--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert same_weights(ref / "pretrain/epoch_003.pt", one / "pretrain/epoch_003.pt")
     two = tmp_path / "two"
-    kill_after_epoch(deepspeed_launcher(2) + base + ["--run-dir", str(two)], two / "pretrain/last.pt", 1,
-                     seed=2, group=True)
+    killed_in_epoch_2(base + ["--run-dir", str(two)], two / "pretrain/last.pt", 20, seed=2,
+                      launcher=deepspeed_launcher(2))
     r = run_cli(base + ["--run-dir", str(two), "--resume"], deepspeed_launcher(2))
     assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
     assert same_weights(ref / "pretrain/epoch_003.pt", two / "pretrain/epoch_003.pt")
@@ -67,7 +66,7 @@ def test_kill_9_of_04_then_resume(tiny_config, tmp_path):
     ref = tmp_path / "ref.pt"
     (run / "finetune_l1_p50_finetune/final.pt").rename(ref)
     out = run / "finetune_l1_p50_finetune"
-    kill_after_epoch([sys.executable] + base + ["--force"], out / "last.pt", 1, seed=3)
+    killed_in_epoch_2(base + ["--force"], out / "last.pt", 20, seed=3)
     r = run_cli(base + ["--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert same_weights(ref, out / "final.pt")
