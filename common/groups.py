@@ -88,7 +88,6 @@ def discover(model: nn.Module, input_shape=(3, 32, 32), example: torch.Tensor | 
 
     `example` (default: a batch of 2 random inputs of `input_shape`) fixes the shapes the graph
     is read at (e.g. how many positions a flatten repeats each channel over)."""
-    _refuse_data_dependent_control_flow(model)
     if example is None:
         device = next(model.parameters()).device
         example = torch.randn(2, *input_shape, device=device)
@@ -98,6 +97,8 @@ def discover(model: nn.Module, input_shape=(3, 32, 32), example: torch.Tensor | 
     for p in frozen:
         p.requires_grad_(True)
     try:
+        model.eval()
+        _refuse_data_dependent_control_flow(model, example)
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")   # Torch-Pruning warns about ops it does not know; we judge them below
             graph = tp.DependencyGraph().build_dependency(
@@ -168,20 +169,31 @@ class _Trace:
         return owner
 
 
-def _refuse_data_dependent_control_flow(model: nn.Module) -> None:
+def _refuse_data_dependent_control_flow(model: nn.Module, example: torch.Tensor) -> None:
     """Torch-Pruning records the one path the example input takes; a branch on tensor values could
-    take another path later, so such a model is refused (found by torch.fx, which cannot trace it).
-    Other things fx cannot trace are fine: the graph comes from an eager forward."""
+    take another path on another input, so such a model is refused in one line naming the branch.
+
+    torch.fx's symbolic trace is the quick test; it also stops at things that are fine here (a test
+    on a shape, iterating over sizes), so a model it cannot trace is traced again with fake tensors
+    (static shapes, unknown values), which stops only where a value decides the path."""
     try:
         torch.fx.symbolic_trace(model)
-    except torch.fx.proxy.TraceError as e:
-        if "control flow" not in str(e):
-            return
-        frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename]
+        return
+    except Exception:
+        pass
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    try:
+        make_fx(lambda s, x: torch.func.functional_call(model, s, (x,)), tracing_mode="fake")(state, example)
+    except (GuardOnDataDependentSymNode, DataDependentOutputException) as e:
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if "/torch/" not in f.filename and f.filename != __file__]
         where = f" at {frames[-1].filename}:{frames[-1].lineno} ({frames[-1].line})" if frames else ""
         raise UserError(f"cannot trace {type(model).__name__}: its forward branches on tensor values{where}; "
                         "channel groups need one graph for every input (use torch.where or a shape test)") from None
-    except Exception:
+    except Exception:   # anything else fake tensors cannot run: the eager trace decides
         return
 
 

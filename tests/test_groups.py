@@ -370,3 +370,53 @@ class InputDepthwise(nn.Module):
 def test_channels_of_the_input_are_no_group():
     found = discover(InputDepthwise())
     assert found.groups == [] and "model input" in reason_kinds(dict(found.rejected)["dw"])
+
+
+class LinearSE(nn.Module):
+    """Squeeze-excitation written with Linears and a view back to (N, C, 1, 1), then a spatial gate
+    (a mean over the channels broadcast back over them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.expand, self.bn, self.project = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 6, 3)
+        self.fc1, self.fc2 = nn.Linear(8, 4), nn.Linear(4, 8)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.expand(x)))
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))
+        x = self.project(x * gate.view(*gate.shape, 1, 1))   # not view(-1, 8, 1, 1): narrowed, 8 is wrong
+        x = x * torch.sigmoid(x.mean(1, keepdim=True))
+        return self.head(x.mean((2, 3)))
+
+
+def test_se_with_linears_is_one_group_and_a_spatial_gate_is_not():
+    model = randomised(LinearSE())
+    found = discover(model)
+    by = found.by_name()
+    assert sorted(by) == ["expand", "fc1"]
+    assert by["expand"].producers == (("expand", 0), ("fc2", 0))
+    assert by["expand"].consumers == (("project", 1, 1), ("fc1", 1, 1))
+    assert "unknown op" in reason_kinds(dict(found.rejected)["project"])
+    keep = random_halves(found.groups)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close_1e5(narrow(model, found.groups, keep)(x), masked(model, found.groups, keep)(x))
+
+
+class ShapeBranch(nn.Module):
+    """Branches on a shape (fixed for a given input size): torch.fx cannot trace it, which is fine."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.shape[-1] > 3:
+            x = torch.relu(x)
+        return self.conv2(x).mean((2, 3))
+
+
+def test_a_branch_on_a_shape_is_fine():
+    assert [g.name for g in discover(ShapeBranch()).groups] == ["conv"]
