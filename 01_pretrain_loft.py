@@ -9,23 +9,15 @@ model), last.pt (resume state), metrics.csv, comm.json. Next: 02_filter_distance
 """
 import json
 
-import torch
-
 from common.checkpoint import save_atomic, write_text_atomic
 from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
-from common.costs import analytic_bytes, flops_per_sample, split_params, train_flops_ratio_to_dense
-from common.data import NUM_CLASSES, TRAIN_SIZE, input_shape
-from common.dist import Comm, agreed, on_main, setup_from_config, teardown
-from common.loft import draw_partition, worker_arch
-from common.emergence import EmergenceWatch
-from common.models import build_model, is_partitionable, partitioned_blocks, prunable_blocks
-from common.pretrain import METHODS, recal_stream
 from common.runs import (check_stage_dir, clear_stage_dir, finished, finished_before, resume_point, save_config,
                          write_csv)
-from common.evaluation import accuracies, load_splits
 from common.tb import Scalars, epoch_lr
-from common.train import recalibrate_bn
+
+# torch, DeepSpeed and the modules built on them take seconds to load: each function imports them
+# where it needs them, so a config error is one line before any of that
 
 
 def main(argv=None):
@@ -36,6 +28,14 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="start over in a folder that holds a run")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.set)
+    # the config is valid: only now load torch, DeepSpeed and the training modules
+    import torch
+    from common.data import NUM_CLASSES
+    from common.dist import Comm, agreed, on_main, setup_from_config, teardown
+    from common.emergence import EmergenceWatch
+    from common.evaluation import load_splits
+    from common.models import build_model, prunable_blocks
+    from common.pretrain import METHODS
     arch = {"name": cfg.model.arch, "num_classes": NUM_CLASSES[cfg.data.dataset], "width": cfg.model.width}
     if args.dry_run:
         print(comm_table(cfg, arch) if args.table else json.dumps(dry_run_report(cfg, arch), indent=1))
@@ -104,6 +104,10 @@ def save_epoch(state, arch, epoch, cfg, train_set, test, env, out, train_flops: 
     LoFT needs this (statistics from narrow subnetworks don't describe the full net); the other
     methods get it too, so every method's checkpoints are made alike (and data-parallel ranks
     agree on them). `test` = (test set, positions of its lossless images or None)."""
+    from common.evaluation import accuracies
+    from common.models import build_model
+    from common.pretrain import recal_stream
+    from common.train import recalibrate_bn
     model = build_model(arch).to(env.device)
     model.load_state_dict(state)
     if epoch > 0:
@@ -131,6 +135,7 @@ def resume(method, out, cfg, comm, watch):
 
 def loft_blocks(model, cfg) -> list:
     """The blocks LoFT would split; none for a model that is not partitionable (e.g. MobileNetV3)."""
+    from common.models import is_partitionable, partitioned_blocks
     return partitioned_blocks(model, cfg.pretrain.partition_stage1) if is_partitionable(model) else []
 
 
@@ -139,6 +144,10 @@ DATA_NOTE = {"full": "full: every worker walks the whole training set each epoch
 
 
 def dry_run_report(cfg, arch) -> dict:
+    from common.costs import analytic_bytes, flops_per_sample, split_params, train_flops_ratio_to_dense
+    from common.data import TRAIN_SIZE, input_shape
+    from common.loft import draw_partition, worker_arch
+    from common.models import build_model
     pc, shape = cfg.pretrain, input_shape(cfg.data.dataset)
     model = build_model(arch)
     blocks = loft_blocks(model, cfg)
@@ -163,6 +172,9 @@ def dry_run_report(cfg, arch) -> dict:
 
 def comm_table(cfg, arch) -> str:
     """The paper's Table 1 cost columns for this config: G = 1e9 bytes, ratio to LoFT-S."""
+    from common.costs import analytic_bytes
+    from common.data import TRAIN_SIZE, input_shape
+    from common.models import build_model
     pc, model, shape = cfg.pretrain, build_model(arch), input_shape(cfg.data.dataset)
     blocks = loft_blocks(model, cfg)
     n_train = cfg.data.train_subset or TRAIN_SIZE[cfg.data.dataset]
@@ -181,6 +193,9 @@ def comm_table(cfg, arch) -> str:
 def write_comm_json(cfg, arch, n_train, measured_total, out, epochs_run: int):
     """Measured and analytic bytes of the epochs that ran (fewer than configured after
     stop_on_emergence)."""
+    from common.costs import analytic_bytes, train_flops_ratio_to_dense
+    from common.data import input_shape
+    from common.models import build_model
     pc = cfg.pretrain
     model = build_model(arch)
     analytic = analytic_bytes(model, loft_blocks(model, cfg), pc.workers, epochs_run, n_train, pc.batch_size,

@@ -17,12 +17,11 @@ from pathlib import Path
 from common.checkpoint import write_text_atomic
 from common.cli import python_command, run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
-from common.distance_plots import plot_compare, plot_distance_to_final, plot_heatmap, plot_mask_heatmap, safe_name
-from common.distance_series import analyse, consecutive_distances, distance_rows, load_series, mask_rows, to_final
-from common.emergence import EB_EPS, EB_HISTORY, early_bird_epoch, emergence_epoch
-from common.prune import check_tag
 from common.runs import check_analysis_dir, finished, save_config, write_csv
 from common.tb import Scalars
+
+# torch, DeepSpeed and the modules built on them take seconds to load: each function imports them
+# where it needs them, so a config error is one line before any of that
 
 
 def main(argv=None):
@@ -33,6 +32,11 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="replace a distance folder made with other settings")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.set)
+    # the config is valid: only now load torch, DeepSpeed and the training modules
+    from common.distance_plots import plot_compare, plot_distance_to_final, plot_heatmap, plot_mask_heatmap, safe_name
+    from common.distance_series import analyse, consecutive_distances, distance_rows, load_series, mask_rows, to_final
+    from common.emergence import EB_EPS, EB_HISTORY, early_bird_epoch, emergence_epoch
+    from common.prune import check_tag
     run = run_dir_of(args, cfg)
     out = run / (f"distance_{check_tag(args.tag)}" if args.tag else "distance")
     made_by = stage_command("01_pretrain_loft.py", args)

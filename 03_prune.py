@@ -17,16 +17,13 @@ from pathlib import Path
 from common.checkpoint import load_checkpoint, save_atomic
 from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
-from common.costs import flops_per_sample
-from common.data import input_shape
 from common.errors import UserError
-from common.importance import is_structured
-from common.models import build_model
-from common.prune import (check_tag, default_tag, format_table, format_totals, nonzero_params, prune_filters,
-                          prune_magnitude, sparse_flops)
 from common.lineage import epoch_files, paths_relative_to_run, paths_resolved, pretrain_hashes, record
 from common.runs import check_writable, finished, save_config
 from common.tb import Scalars
+
+# torch, DeepSpeed and the modules built on them take seconds to load: each function imports them
+# where it needs them, so a config error is one line before any of that
 
 
 def main(argv=None):
@@ -37,6 +34,10 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="overwrite an existing ticket")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.set)
+    # the config is valid: only now load torch, DeepSpeed and the training modules
+    from common.importance import is_structured
+    from common.models import build_model
+    from common.prune import check_tag, default_tag, format_table, format_totals, prune_filters, prune_magnitude
     pc, run = cfg.prune, run_dir_of(args, cfg)
     out = run / f"prune_{check_tag(args.tag) if args.tag else default_tag(pc.kind, pc.ratio)}"
     if (out / "ticket.pt").exists() and not args.force:
@@ -104,6 +105,10 @@ def load_source(path: Path, cfg, made_by: str) -> dict:
 
 def make_ticket(src: dict, src_path: Path, model, pruned, cfg) -> dict:
     """The ticket dict (plain values and tensors only; loads with weights_only=True)."""
+    from common.costs import flops_per_sample
+    from common.data import input_shape
+    from common.importance import is_structured
+    from common.prune import nonzero_params, sparse_flops
     pc, old_mask, shape = cfg.prune, src.get("mask"), input_shape(cfg.data.dataset)
     ticket = {
         "model": {k: v.detach().clone() for k, v in pruned.model.state_dict().items()},

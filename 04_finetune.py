@@ -15,25 +15,17 @@ Formulas and the file contract: docs/method.md, docs/files.md.
 import json
 from pathlib import Path
 
-import torch
-
 from common.checkpoint import save_atomic, write_text_atomic
 from common.cli import python_command, run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
-from common.data import input_shape
-from common.dist import Comm, agreed, on_main, setup_from_config, teardown
-from common.costs import train_flops_per_sample
 from common.errors import UserError
-from common.evaluation import accuracies, load_splits
-from common.finetune import (FINETUNE_STREAM, LockedUpdate, check_lineage, complexity_base, load_ticket, param_counts,
-                             ticket_schedule, ticket_weights)
 from common.lineage import paths_relative_to_run
-from common.models import build_model
-from common.pretrain import Dense
-from common.prune import check_tag, default_tag
 from common.runs import (check_stage_dir, clear_stage_dir, finished, finished_before, resume_point, save_config,
                          write_csv)
 from common.tb import Scalars, epoch_lr
+
+# torch, DeepSpeed and the modules built on them take seconds to load: each function imports them
+# where it needs them, so a config error is one line before any of that
 
 
 def main(argv=None):
@@ -44,6 +36,14 @@ def main(argv=None):
     p.add_argument("--tag", default=None, help="output folder finetune_TAG (default: finetune_<ticket>_<mode>[_k<K>])")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.set)
+    # the config is valid: only now load torch, DeepSpeed and the training modules
+    import torch
+    from common.dist import Comm, agreed, on_main, setup_from_config, teardown
+    from common.evaluation import accuracies, load_splits
+    from common.finetune import (FINETUNE_STREAM, LockedUpdate, check_lineage, load_ticket, ticket_schedule,
+                                 ticket_weights)
+    from common.pretrain import Dense
+    from common.prune import check_tag, default_tag
     fc, run = cfg.finetune, run_dir_of(args, cfg)
     ticket_path = Path(args.ticket) if args.ticket else \
         run / f"prune_{default_tag(cfg.prune.kind, cfg.prune.ratio)}" / "ticket.pt"
@@ -129,6 +129,10 @@ def save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage):
     for finetune, 0 for scratch), ticket = steps x batch x the masked per-sample cost. Whatever
     else the lineage spent (pretraining past k, earlier rounds) only found the mask in hindsight:
     `mask_search_flops`, beside it."""
+    from common.costs import train_flops_per_sample
+    from common.data import input_shape
+    from common.finetune import complexity_base, param_counts
+    from common.models import build_model
     fc = cfg.finetune
     base = complexity_base(ticket, fc.mode, fc.rewind_epoch)
     per_sample = train_flops_per_sample(build_model(ticket["arch"]), input_shape(cfg.data.dataset), ticket.get("mask"))

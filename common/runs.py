@@ -13,7 +13,6 @@ import yaml
 
 from common.checkpoint import cannot_write, load_checkpoint, write_text_atomic
 from common.cli import python_command
-from common.dist import on_main
 from common.errors import UserError
 
 
@@ -151,6 +150,7 @@ def resume_point(out: Path, trainer, cfg, section: str) -> tuple[dict, int, list
     config, loaded into `trainer` (weights, optimizer, counters). Returns (the checkpoint, the
     epoch to continue with, the metrics rows so far). Rank 0 reads it and hands it to the other
     ranks, which need not see the run folder (no shared file system across nodes)."""
+    from common.dist import on_main  # torch: imported once a stage's config has been checked
     path = out / "last.pt"
     ck = on_main(trainer.env, f"reading {path}", _checked_resume_state, path, cfg.to_dict(), section)
     trainer.load_state_dict(ck["method"], weights=ck["model"])
