@@ -530,3 +530,39 @@ def paper_preset(groups: list[ChannelGroup], partition_stage1: bool = False) -> 
 
 
 PRESETS = {"paper": paper_preset}
+
+
+# ------------------------------------------------------------------------ the dry-run table
+def format_groups(found: Discovery, chosen: Selection | None = None) -> str:
+    """The table `01 --dry-run` prints: every group (name, width, producers, consumers, chosen or
+    not and why), then every place that is no group, with its reasons."""
+    def chosen_text(name: str) -> str:
+        if chosen is None:
+            return ""
+        if name in chosen.partitioned:
+            return "partition + prune"
+        if name in chosen.prunable:
+            return f"prune only: {chosen.why_not.get(name, '')}"
+        return f"no: {chosen.why_not.get(name, 'not selected')}"
+
+    rows = [("group", "width", "producers", "consumers", "chosen" if chosen else "")]
+    for g in found.groups:
+        consumers = ", ".join(c if r == 1 else f"{c} (x{r})" for c, _, r in g.consumers)
+        rows.append((g.name, str(g.width), ", ".join(p for p, _ in g.producers), consumers, chosen_text(g.name)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:<{widths[3]}}  {r[4]}".rstrip()
+             for r in rows]
+    lines.append(f"{len(found.groups)} channel groups; not groups (shared channels), {len(found.rejected)} places:")
+    place = max((len(p) for p, _ in found.rejected), default=0)
+    lines += [f"  {p:<{place}}  {reason}" for p, reason in found.rejected]
+    return "\n".join(lines)
+
+
+def describe(model: nn.Module, input_shape=(3, 32, 32), preset: str | None = "paper",
+             partition_stage1: bool = False) -> str:
+    """Discover `model`'s groups and format them with the named preset's choice (None: no choice)."""
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown group preset {preset!r} (choose from {', '.join(PRESETS)})")
+    found = discover(model, input_shape)
+    chosen = PRESETS[preset](found.groups, partition_stage1=partition_stage1) if preset else None
+    return format_groups(found, chosen)

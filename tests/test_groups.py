@@ -420,3 +420,21 @@ class ShapeBranch(nn.Module):
 
 def test_a_branch_on_a_shape_is_fine():
     assert [g.name for g in discover(ShapeBranch()).groups] == ["conv"]
+
+
+def test_dry_run_table_lists_every_group_with_its_choice_and_every_rejected_place():
+    from common.groups import describe
+    model, found = built("resnet20")
+    lines = describe(model).splitlines()
+    assert lines[0].split() == ["group", "width", "producers", "consumers", "chosen"]
+    rows = {line.split()[0]: line for line in lines[1:1 + len(found.groups)]}
+    assert list(rows) == [g.name for g in found.groups]
+    assert rows["layer2.1.conv1"].split()[1:4] == ["16", "layer2.1.conv1", "layer2.1.conv2"]
+    assert rows["layer2.1.conv1"].endswith("partition + prune")
+    assert rows["layer1.1.conv1"].endswith("prune only: stage 1 (partitioned only if asked)")
+    assert rows["layer3.0.conv1"].endswith("no: first block of its stage (strided or widening)")
+    assert lines[1 + len(found.groups)] == "9 channel groups; not groups (shared channels), 2 places:"
+    assert [line.split()[0] for line in lines[2 + len(found.groups):]] == ["conv1", "head.fc"]
+    assert "classifier.0 (x49)" in describe(built("tv_vgg11_bn")[0], preset=None)
+    with pytest.raises(UserError, match="unknown group preset 'nope'"):
+        describe(model, preset="nope")
