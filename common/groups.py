@@ -10,8 +10,8 @@ groups whose every node is per-channel and records, for the others, which place 
 output, an unknown op or a custom autograd function).
 
     found = discover(model, input_shape=(3, 32, 32))
-    found.groups          # [ChannelGroup(name="layer2.1.conv1", width=32, producers=..., ...), ...]
-    found.rejected        # [("conv1", "add"), ("fc", "model output"), ...]
+    found.groups          # [ChannelGroup(name="layer2.1.conv1", width=128, producers=..., ...), ...]
+    found.rejected        # [("layer1.0.conv3", "add"), ("fc", "model output (fc)"), ...]
     small = narrow(model, found.groups, {"layer2.1.conv1": kept_indices})
     reference = masked(model, found.groups, {"layer2.1.conv1": kept_indices})  # same outputs
 
@@ -212,7 +212,7 @@ OP_REASONS = {"Add": "add", "Sub": "add", "Cat": "concat", "Stack": "concat", "S
               "SplitWithSizes": "split", "Unbind": "split", "Select": "slice", "Slice": "slice",
               "Index": "slice", "Permute": "layout change", "Transpose": "layout change",
               "ScaledDotProductFlashAttentionForCpu": "attention", "ScaledDotProductAttention": "attention",
-              "Softmax": "attention", "Bmm": "attention"}
+              "ScaledDotProductEfficientAttention": "attention", "ScaledDotProductFlashAttention": "attention"}
 NORMS_OVER_CHANNELS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 REASON_ORDER = ["add", "concat", "split", "slice", "reshape into heads", "reshape", "layout change", "attention",
                 "norm over channels", "grouped conv", "model input", "model output", "custom autograd function",
@@ -274,7 +274,8 @@ def _judge(tp_group, graph, names: dict, internal: dict, trace: _Trace):
     if not consumers and not reasons:
         reasons.append(("unknown op", "no Conv or Linear reads the channels"))
     if not reasons:
-        consumers_repeat = _consumer_repeats(consumers, names, width, nodes, reasons)
+        consumers_repeat, mismatches = _consumer_repeats(consumers, names, width, nodes)
+        reasons += mismatches
     if reasons:
         return _place(producers or [names.get(root, "?")], names), _join(reasons)
     producer_dims = tuple((p, 0) for p in _in_module_order(producers, names))
@@ -285,27 +286,28 @@ def _judge(tp_group, graph, names: dict, internal: dict, trace: _Trace):
 
 def _layer_role(module: nn.Module, role: str, width: int) -> str:
     """What a Conv/Linear is to the group: producer, consumer, member (depthwise) or a reason."""
-    if isinstance(module, nn.Linear):
-        return "consumer" if role == "in" else "producer"
-    if module.groups == 1:
+    fan_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    if role == "out" and fan_out != width:   # Torch-Pruning coupled it through an op that changes widths
+        return "unknown op"      # (the layer's name is the detail)
+    if isinstance(module, nn.Linear) or module.groups == 1:
         return "consumer" if role == "in" else "producer"
     if module.groups == module.in_channels == module.out_channels == width:
         return "member"
     return "grouped conv"
 
 
-def _consumer_repeats(consumers, names, width, nodes, reasons) -> dict[str, int]:
-    """Each consumer's repeat (input columns per channel); a mismatch becomes a reason."""
+def _consumer_repeats(consumers, names, width, nodes) -> tuple[dict[str, int], list]:
+    """Each consumer's repeat (input columns per channel), and a reason per impossible fan-in."""
     modules = {n: m for m, n in names.items()}
     flatten = any(_op_name(n.grad_fn) in RESHAPES for n in nodes if names.get(n.module) is None)
-    out = {}
+    repeats, mismatches = {}, []
     for c in consumers:
         m = modules[c]
         fan_in = m.in_features if isinstance(m, nn.Linear) else m.in_channels
         if fan_in % width or (fan_in != width and not flatten):
-            reasons.append(("unknown op", f"{c} reads {fan_in} inputs from {width} channels"))
-        out[c] = max(1, fan_in // width)
-    return out
+            mismatches.append(("unknown op", f"{c} reads {fan_in} inputs from {width} channels"))
+        repeats[c] = max(1, fan_in // width)
+    return repeats, mismatches
 
 
 def _op_reason(grad_fn, width: int, channels_first: bool):
@@ -317,10 +319,11 @@ def _op_reason(grad_fn, width: int, channels_first: bool):
         return None
     if name in REDUCTIONS:
         shape = list(_input_shape(grad_fn) or [])
-        dims = [d - 2 ** 64 if d >= 2 ** 63 else d for d in getattr(grad_fn, "_saved_dim", ())]
-        axis = _channel_axis(shape, width, channels_first)
-        if axis is not None and axis not in [d % len(shape) for d in dims]:
-            return None
+        if hasattr(grad_fn, "_saved_dim"):   # else a reduction of everything (x.mean())
+            dims = [d - 2 ** 64 if d >= 2 ** 63 else d for d in grad_fn._saved_dim]   # -1 is saved unsigned
+            axis = _channel_axis(shape, width, channels_first)
+            if axis is not None and axis not in [d % len(shape) for d in dims]:
+                return None
         return ("unknown op", f"{name} over the channels")
     if name in RESHAPES:
         return _reshape_reason(grad_fn, width)

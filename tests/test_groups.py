@@ -438,3 +438,23 @@ def test_dry_run_table_lists_every_group_with_its_choice_and_every_rejected_plac
     assert "classifier.0 (x49)" in describe(built("tv_vgg11_bn")[0], preset=None)
     with pytest.raises(UserError, match="unknown group preset 'nope'"):
         describe(model, preset="nope")
+
+
+class Reductions(nn.Module):
+    """conv → mean over the channels, broadcast back (a spatial gate); conv2 → mean of everything."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv2, self.conv3 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.conv2(x * x.mean(1, keepdim=True))
+        return self.conv3(x * x.mean()).mean((2, 3))
+
+
+def test_reductions_over_the_channels_end_a_group():
+    rejected = dict(discover(Reductions()).rejected)
+    assert set(rejected) >= {"conv", "conv2"}
+    assert "product broadcast across the channels" in rejected["conv"]
+    assert "Mean over the channels" in rejected["conv2"]
