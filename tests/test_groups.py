@@ -84,7 +84,8 @@ def assert_close_1e5(a: torch.Tensor, b: torch.Tensor):
 def test_narrowed_equals_masked_for_every_group(key):
     """Every discovered group cut to a seeded random half at once: the physically smaller model's
     eval output equals the full model with those channels zeroed at their consumers (1e-5), the
-    masking changes the output (so the check is not vacuous) and the model has fewer parameters."""
+    masking changes the output (so the check is not vacuous), the model has fewer parameters, and
+    its state is the full state cut along the groups' entries."""
     model, found = built(key)
     assert found.groups
     keep = random_halves(found.groups)
@@ -100,9 +101,20 @@ def test_narrowed_equals_masked_for_every_group(key):
         for name, _ in g.producers:
             m = modules[name]
             assert (m.out_features if isinstance(m, nn.Linear) else m.out_channels) == len(keep[g.name])
+    # The narrowed state is the full one cut along every group's `entries` (what LoFT will slice)
+    # and nothing else: a tensor in two groups (a Bottleneck's conv2, SE layers) on both dims.
+    full, cut = model.state_dict(), small.state_dict()
+    expected = dict(full)
+    for g in found.groups:
+        kept = keep[g.name].sort().values
+        for key, (dim, repeat) in g.entries(full).items():
+            columns = (kept[:, None] * repeat + torch.arange(repeat)).reshape(-1)
+            expected[key] = expected[key].index_select(dim, columns)
+    assert list(cut) == list(full)
+    assert all(torch.equal(cut[k], expected[k]) for k in full), [k for k in full if not torch.equal(cut[k], expected[k])]
 
 
-@pytest.mark.parametrize("key", ["resnet20", "mobilenetv3_small"])
+@pytest.mark.parametrize("key", ["resnet20", "tv_mobilenet_v3_small", "tv_vit"])
 def test_narrowed_equals_masked_one_group_at_a_time(key):
     """The same, each group alone (a mistake in one group cannot hide behind another's)."""
     model, found = built(key)
