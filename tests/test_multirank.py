@@ -184,6 +184,27 @@ def test_resume_under_two_ranks_where_rank_1_cannot_see_the_run_folder(tmp_path)
     assert not unseen.exists()
 
 
+def test_04_under_two_ranks_resumes_where_rank_1_cannot_see_its_output_folder(tmp_path):
+    """04's writes and resume go through rank 0 alone too: rank 1 reads only the ticket (given by
+    path) and its output folder does not exist on its side."""
+    from conftest import pruned_lineage
+    cfg, run = pruned_lineage(tmp_path, {"pretrain": {"epochs": 1}, "dist": CPU_RANKS,
+                                         "finetune": {"batch_size": 32, "lr": 0.05, "schedule": "constant"}})
+    unseen = tmp_path / "not_on_this_node"
+
+    def args(*extra):
+        return lambda r: ["--config", str(cfg), "--run-dir", str(run if r == 0 else unseen), "--ticket",
+                          str(run / "prune_l1_p50/ticket.pt"), "--set", "finetune.mode=finetune", *extra]
+
+    for extra in (["--set", "finetune.epochs=1"], ["--resume", "--set", "finetune.epochs=2"]):
+        for code, out, err, _ in finish(start_ranks(REPO / "04_finetune.py", args(*extra))):
+            assert code == 0, (out + err)[-2000:]
+    out = run / "finetune_l1_p50_finetune"
+    assert torch.load(out / "final.pt", weights_only=True)["epoch"] == 2
+    assert [row["epoch"] for row in torch.load(out / "last.pt", weights_only=True)["rows"]] == [1, 2]
+    assert not unseen.exists()
+
+
 def test_mpirun_and_srun_rank_variables_map_onto_the_launcher_ones():
     master = {"MASTER_ADDR": "node1", "MASTER_PORT": "29500"}
     mpi = {"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
