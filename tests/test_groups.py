@@ -16,7 +16,6 @@ import torchvision.models as tvm
 from common.errors import UserError
 from common.groups import discover, masked, narrow, paper_preset, reason_kinds
 from common.models import ARCH_NAMES, block_refs, build_model, partitioned_blocks, prunable_blocks
-from common.prune import slice_blocks
 
 FIRST_STAGE = {"resnet20": 16, "resnet32": 16, "resnet56": 16, "wrn16_4": 64, "wrn16_8": 128, "wrn22_8": 128,
                "wrn28_10": 160, "wrn34_10": 160, "wrn40_4": 64}
@@ -190,7 +189,8 @@ def test_group_details_of_the_torchvision_models():
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_groups_are_todays_blocks_and_paper_preset_is_todays_selection(name):
     """Discovered groups = BlockRefs (conv1 → mid BN → conv2, same state-dict entries and dims);
-    `paper` selects prunable_blocks / partitioned_blocks; narrowing = today's slicing."""
+    `paper` selects prunable_blocks / partitioned_blocks; narrowing = today's slicing (03's and
+    LoFT's: each BlockRef entry index-selected to the kept channels)."""
     model, found = built(name)
     blocks = block_refs(model)
     state = model.state_dict()
@@ -212,7 +212,10 @@ def test_zoo_groups_are_todays_blocks_and_paper_preset_is_todays_selection(name)
         assert list(chosen.partitioned) == [f"{b.name}.conv1" for b in partitioned_blocks(model, stage1)]
         assert set(chosen.why_not) == {g.name for g in found.groups} - set(chosen.partitioned)
     keep = random_halves(inner)
-    today = slice_blocks(state, blocks, {b.name: keep[f"{b.name}.conv1"].sort().values for b in blocks})
+    today = dict(state)   # today's slicing: every BlockRef entry cut to the kept mid channels
+    for b in blocks:
+        for key, dim in b.slice_dims(state).items():
+            today[key] = state[key].index_select(dim, keep[f"{b.name}.conv1"].sort().values)
     mine = narrow(model, inner, keep).state_dict()
     assert list(mine) == list(today) and all(torch.equal(mine[k], today[k]) for k in today)
 
