@@ -97,7 +97,7 @@ class FinetuneCfg(TrainCfg):
     mode: str = opt("finetune", choices=["finetune", "rewind", "scratch", "rise"])  # ticket initialisation (SPEC 6)
     epochs: int = opt(90, lo=0, hi=10000)          # the paper fine-tunes 90; 0 = the rest of the pretraining schedule (E - k, schedule_from rewind)
     rewind_epoch: int = opt(0, lo=0)               # pretraining epoch k the kept weights are reset to (rewind, rise)
-    schedule: str = opt("step", choices=["step", "cosine", "multistep", "constant"])  # step: ÷10 at 50 % and 75 %
+    schedule: str = opt("step", choices=["step", "cosine", "multistep", "constant"])  # step: ÷10 at 50 and 75 % of epochs, fits any length; the paper names none, its configs set the authors' 31/61/81 (docs/method.md)
     schedule_from: str = opt("auto", choices=["auto", "rewind", "fresh"])  # rewind: continue the pretraining schedule from epoch k; auto: rewind for modes rewind/rise, else fresh
 
 

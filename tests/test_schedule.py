@@ -92,3 +92,27 @@ def test_bad_schedule_keys_are_one_line_errors(sets, message):
 def test_bad_schedule_key_on_the_command_line_exits_2(tiny_config):
     r = run_cli(["01_pretrain_loft.py", "--config", str(tiny_config()), "--set", "pretrain.schedule=multistep"])
     assert r.returncode == 2 and "pretrain.milestones" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+TABLE1_CONFIGS = ("preresnet18_c10", "preresnet34_c10", "r34_c10", "preresnet18_c100", "preresnet34_c100", "r34_c100",
+                  "preresnet18_in")
+
+
+@pytest.mark.parametrize("name", TABLE1_CONFIGS)
+def test_paper_configs_fine_tune_on_the_authors_finetune_py_schedule(name):
+    # dunchen/LOFT_release finetune.py, adjust_learning_rate(optimizer, epoch) with a 0-based epoch
+    def release_lr(epoch):
+        return 0.1 / 10 ** ((epoch > 30) + (epoch > 60) + (epoch > 80))
+    fc = load_config(REPO / f"yaml/{name}.yaml").finetune
+    assert fc.epochs == 90 and fc.lr == 0.1
+    steps = 50_000 // fc.batch_size
+    sched = schedule_of(fc, steps)
+    for epoch in range(90):
+        for step in (epoch * steps, epoch * steps + steps - 1):   # the first and last step of each epoch
+            assert sched.lr(step) == pytest.approx(release_lr(epoch), rel=1e-12), (epoch, step)
+
+
+def test_the_default_fine_tune_schedule_stays_relative_to_its_length():
+    fc = load_config(None, ["finetune.epochs=8"]).finetune
+    sched = schedule_of(fc, steps_per_epoch=10)                   # ÷10 after 50 % and 75 % of 80 steps
+    assert [sched.lr(t) for t in (39, 40, 59, 60, 79)] == pytest.approx([0.1, 0.01, 0.01, 0.001, 0.001])
