@@ -18,7 +18,7 @@ from common.checkpoint import load_checkpoint, save_atomic
 from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.errors import UserError
-from common.lineage import epoch_files, paths_relative_to_run, paths_resolved, pretrain_hashes, record
+from common.lineage import epoch_files, paths_relative_to_run, pretrain_hashes, record
 from common.runs import check_writable, finished, save_config
 from common.tb import Scalars
 
@@ -94,8 +94,8 @@ def last_epoch(folder: Path, made_by: str) -> Path:
 def load_source(path: Path, cfg, made_by: str) -> dict:
     """A pretraining epoch checkpoint or a fine-tuned ticket; its architecture must be the config's."""
     ticket_like = "finetune_" in str(path) or "prune_" in str(path)
-    src = paths_resolved(load_checkpoint(path, required=("model", "arch", "epoch"), wanted="checkpoint or ticket",
-                                         made_by=None if ticket_like else made_by), path)
+    src = load_checkpoint(path, required=("model", "arch", "epoch"), wanted="checkpoint or ticket",
+                          made_by=None if ticket_like else made_by)
     arch = src["arch"]
     if arch["name"] != cfg.model.arch or float(arch["width"]) != cfg.model.width:
         raise UserError(f"{path} holds a {arch['name']} of width {arch['width']}, but the config says "

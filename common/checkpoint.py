@@ -5,7 +5,8 @@ ever visible under its final name, and a failed write (full disk, no permission)
 previous file as it was and is one error line. Files get the mode an ordinary `open` would give
 (0666 minus the umask), not the temp file's private 0600. Loads use `weights_only=True`: a file
 carrying pickled code is refused, and a truncated, damaged or foreign file is one error line
-saying it is corrupt, naming it. torch is imported by the functions that need it, so a stage can
+saying it is corrupt, naming it. Paths a ticket stores relative to its run folder come back as
+paths this process can open (common/lineage.py). torch is imported by the functions that need it, so a stage can
 check its config before paying for the import.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from common.errors import UserError
+from common.lineage import paths_resolved
 
 
 def _umask() -> int:
@@ -153,4 +155,4 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = ("model
     if not isinstance(obj, dict) or any(k not in obj for k in required):
         kind = describe(obj) if isinstance(obj, dict) else "not a checkpoint of this toolkit"
         raise UserError(f"{path}: {kind}, not a {wanted} (needs keys {', '.join(required)}){hint}")
-    return obj
+    return paths_resolved(obj, path)  # a ticket's paths are stored relative to its run folder

@@ -20,7 +20,7 @@ import torch
 from common.checkpoint import describe, load_checkpoint
 from common.config import section_from_file
 from common.errors import UserError
-from common.lineage import check_unchanged, file_sha256, paths_resolved
+from common.lineage import check_unchanged, file_sha256
 from common.models import build_model, prunable_blocks
 from common.prune import slice_blocks
 from common.schedule import Schedule, schedule_of, ticket_schedule_source
@@ -131,7 +131,7 @@ def complexity_base(ticket: dict, mode: str, rewind_epoch: int) -> int:
 def load_ticket(path: Path, made_by: str) -> dict:
     """A ticket (03's ticket.pt or 04's final.pt); a pretraining checkpoint is named as such, with
     the command that makes a ticket from it."""
-    ticket = paths_resolved(load_checkpoint(path, required=("model", "arch"), made_by=made_by, wanted="ticket"), path)
+    ticket = load_checkpoint(path, required=("model", "arch"), made_by=made_by, wanted="ticket")
     if "kind" not in ticket or "pretrain_dir" not in ticket:
         raise UserError(f"{path}: {describe(ticket)}, not a ticket; make one from it: {made_by} --from {path}")
     return ticket

@@ -155,6 +155,8 @@ def test_a_moved_run_tree_rewinds_from_its_own_files(run_copy, tmp_path):
     moved = tmp_path / "archive" / "moved"
     moved.parent.mkdir()
     shutil.move(copy, moved)
+    stored = torch.load(moved / "prune_l1_p50/ticket.pt", weights_only=True)  # as on disk
+    assert stored["pretrain_dir"] == "pretrain" and stored["lineage"]["source"]["path"] == "pretrain/epoch_002.pt"
     main_of("04_finetune", cfg, moved, "--force", sets=("finetune.mode=rewind", "finetune.rewind_epoch=1"))
     result = json.loads((moved / "finetune_l1_p50_rewind_k1/result.json").read_text())
     assert result["lineage"]["rewind"]["path"] == str(moved / "pretrain/epoch_001.pt")

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from common.checkpoint import load_checkpoint
 from common.finetune import ticket_weights
 from common.models import build_model
 from conftest import pruned_lineage, run_finetune, stage
@@ -54,7 +55,7 @@ def test_rewind_with_masks_holds_pruned_weights_at_zero(lineage):
 
 def test_scratch_differs_from_finetune_at_step_0_with_the_same_shapes(lineage):
     cfg, run = lineage
-    ticket = load(run / "prune_l1_p50/ticket.pt")
+    ticket = load_checkpoint(run / "prune_l1_p50/ticket.pt")  # its paths resolved, as 04 reads it
     tuned, fresh = ticket_weights(ticket, "finetune", 0, 0), ticket_weights(ticket, "scratch", 0, 0)
     assert {k: v.shape for k, v in tuned.items()} == {k: v.shape for k, v in fresh.items()}
     assert not torch.equal(tuned["layer2.1.conv1.weight"], fresh["layer2.1.conv1.weight"])

@@ -202,7 +202,7 @@ def test_l1_ticket_loads_safely_and_rebuilds_without_its_source(tiny_config, tmp
     model.load_state_dict(t["model"])
     assert model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert t["kind"] == "l1" and t["ratio"] == 0.5 and t["epoch"] == t["source_epoch"] == 2
-    assert t["source"] == "pretrain/epoch_002.pt" and t["pretrain_dir"] == "pretrain"  # relative to run/
+    assert t["source"] == "pretrain/epoch_002.pt" and t["pretrain_dir"] == "pretrain"  # as stored: relative to run/
     assert t["train_flops"] == 123 and t["config"]["prune"]["kind"] == "l1"
     assert t["arch"]["mids"] == {"layer1.1": 4, "layer2.1": 8, "layer3.1": 16, "layer4.1": 32}
     assert all(v.dtype == torch.int64 for v in t["kept"].values())
