@@ -76,6 +76,7 @@ torchvision.datasets.CIFAR10 = FakeDownload
 env = setup_distributed(device="cpu", threads_per_rank=1)
 train, test, _ = load_splits(load_config({config!r}, []), env)
 print("rank", env.rank, "local", env.local_rank, "of", env.world, "images", len(train), len(test))
+print("nccl", os.environ["TORCH_NCCL_BLOCKING_WAIT"], os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"])
 teardown(env)
 '''
 
@@ -83,7 +84,7 @@ teardown(env)
 def test_only_local_rank_0_downloads_the_data_the_other_rank_waits_and_mpirun_variables_work(tmp_path):
     """Two ranks started the way mpirun starts them (OMPI_COMM_WORLD_* only): the download (a patched
     torchvision class copying the real release slowly) runs once, on local rank 0; rank 1 reads the
-    finished folder; no temporary folder is left."""
+    finished folder; no temporary folder is left; the NCCL variables are set."""
     root = tmp_path / "data"
     log = tmp_path / "downloads.log"
     cfg = write_config(tmp_path / "c.yaml", data={**TINY["data"], "root": str(root)})
@@ -99,6 +100,7 @@ def test_only_local_rank_0_downloads_the_data_the_other_rank_waits_and_mpirun_va
     for r, (code, out, err, _) in enumerate(results):
         assert code == 0, err[-2000:]
         assert f"rank {r} local {r} of 2 images 640 200" in out
+        assert "nccl 1 1" in out  # the NCCL error handling is set before the process group (docs/multigpu.md)
     assert log.read_text().split() == ["0"]
     assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py"]
 
