@@ -107,8 +107,7 @@ def discover(model: nn.Module, input_shape=(3, 32, 32), example: torch.Tensor | 
     except UserError:
         raise
     except Exception as e:  # the user's forward or the tracer failed: one line, not a traceback
-        raise UserError(f"cannot trace {type(model).__name__} on an input of shape {tuple(example.shape)}: "
-                        f"{type(e).__name__}: {e}".splitlines()[0]) from None
+        raise UserError(_trace_failure(model, example, e)) from None
     finally:
         model.train(was_training)
         for p in frozen:
@@ -127,6 +126,16 @@ def discover(model: nn.Module, input_shape=(3, 32, 32), example: torch.Tensor | 
     groups.sort(key=lambda g: order[g.name])
     rejected.sort(key=lambda r: order.get(r[0], len(order)))
     return Discovery(groups, rejected)
+
+
+def _trace_failure(model: nn.Module, example: torch.Tensor, e: Exception) -> str:
+    """One line: the model's own forward failed, or Torch-Pruning failed on its graph (and where)."""
+    error = f"{type(e).__name__}: {e}".splitlines()[0]
+    inner = traceback.extract_tb(e.__traceback__)[-1]
+    if "/torch_pruning/" in inner.filename:
+        return (f"cannot discover channel groups of {type(model).__name__}: Torch-Pruning's DependencyGraph fails "
+                f"in {inner.name} ({error})")
+    return f"cannot trace {type(model).__name__} on an input of shape {tuple(example.shape)}: {error}"
 
 
 class _Trace:
@@ -269,7 +278,7 @@ def _judge(tp_group, graph, names: dict, internal: dict, trace: _Trace):
             reason = _op_reason(node.grad_fn, width, channels_first)
             if reason:
                 reasons.append(reason)
-    if not producers:
+    if not producers and not reasons:
         reasons.append(("model input", "the channels come from the input, not from a Conv or Linear"))
     if not consumers and not reasons:
         reasons.append(("unknown op", "no Conv or Linear reads the channels"))
