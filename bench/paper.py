@@ -406,7 +406,7 @@ def save_plot(fig, ax, path: Path, **labels):
 
 
 def table1_flops_plot(row: str, rows: list, plt, out: Path):
-    """Ticket accuracy against the lineage's training FLOPs: Table 1 read at equal compute."""
+    """Ticket accuracy against the lineage's training FLOPs: Table 1 read by compute, not by epochs or samples."""
     fig, ax = plt.subplots(figsize=(6, 4))
     spec = TABLE1_ROWS[row]
     for p, marker in zip((0.0,) + spec.ratios, "Dos^"):
