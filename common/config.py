@@ -194,9 +194,6 @@ def _check_defaults(obj, prefix=""):
 
 def cross_check(cfg: Config):
     """Constraints between keys."""
-    from common.importance import pruning_kinds  # the registry: a new criterion needs no edit here
-    if cfg.prune.kind not in pruning_kinds():
-        raise UserError(f"config key prune.kind: {cfg.prune.kind!r} is not one of {pruning_kinds()}")
     if cfg.pretrain.method == "loft" and cfg.pretrain.workers < 2:
         raise UserError("config key pretrain.workers: LoFT needs at least 2 workers")
     if cfg.pretrain.data == "shard" and cfg.pretrain.method not in ("loft", "localsgd"):
@@ -222,6 +219,10 @@ def cross_check(cfg: Config):
     elif fc.epochs == 0:
         raise UserError("config key finetune.epochs: 0 (the rest of the pretraining schedule) needs "
                         "finetune.schedule_from rewind (mode rewind or rise)")
+    # last: the criterion registry imports torch (seconds), which the checks above need not wait for
+    from common.importance import pruning_kinds  # the registry: a new criterion needs no edit here
+    if cfg.prune.kind not in pruning_kinds():
+        raise UserError(f"config key prune.kind: {cfg.prune.kind!r} is not one of {pruning_kinds()}")
 
 
 def parse_set(items: list[str]) -> dict:

@@ -278,16 +278,20 @@ sys.path.insert(0, {repo!r})
 from common.errors import UserError
 stage = importlib.import_module({script!r})
 try:
-    stage.main(["--config", {cfg!r}, "--run-dir", {run!r}, "--set", "pretrain.epochz=3"])
+    stage.main(["--config", {cfg!r}, "--run-dir", {run!r}, "--set", {setting!r}])
 except UserError as e:
     print("refused:", e)
 print("heavy:", sorted(m for m in ("torch", "torchvision", "deepspeed") if m in sys.modules))
 """
 
 
+@pytest.mark.parametrize("setting, message", [("pretrain.epochz=3", "unknown config key 'pretrain.epochz'"),
+                                              ("pretrain.workers=1", "LoFT needs at least 2 workers")])
 @pytest.mark.parametrize("script", ["01_pretrain_loft", "02_filter_distance", "03_prune", "04_finetune"])
-def test_a_config_typo_is_refused_before_torch_is_imported(tiny_config, tmp_path, script):
-    code = CHECK_FIRST.format(repo=str(REPO), script=script, cfg=str(tiny_config()), run=str(tmp_path / "r"))
+def test_a_config_error_is_refused_before_torch_is_imported(tiny_config, tmp_path, script, setting, message):
+    code = CHECK_FIRST.format(repo=str(REPO), script=script, cfg=str(tiny_config()), run=str(tmp_path / "r"),
+                              setting=setting)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert "refused: unknown config key 'pretrain.epochz'" in r.stdout, r.stdout + r.stderr
+    refusal = next((l for l in r.stdout.splitlines() if l.startswith("refused: ")), "")
+    assert message in refusal, r.stdout + r.stderr
     assert "heavy: []" in r.stdout, r.stdout
