@@ -335,7 +335,7 @@ def _op_reason(grad_fn, width: int, channels_first: bool):
                 return None
         return ("unknown op", f"{name} over the channels")
     if name in RESHAPES:
-        return _reshape_reason(grad_fn, width)
+        return _reshape_reason(grad_fn, width, channels_first)
     if name in PRODUCTS:
         return _product_reason(grad_fn, width, channels_first)
     if name in OP_REASONS:
@@ -368,15 +368,15 @@ def _channel_axis(shape, width: int, channels_first: bool):
     return axis if shape[axis] == width else None
 
 
-def _reshape_reason(grad_fn, width: int):
-    """A flatten (each channel becomes `repeat` consecutive columns) or a reshape that only adds or
-    drops unit dims is per-channel; a split of the channel dim is a reshape into heads."""
+def _reshape_reason(grad_fn, width: int, channels_first: bool):
+    """A flatten of conv maps (each channel becomes `repeat` consecutive columns) or a reshape that
+    only adds or drops unit dims is per-channel; a split of the channel dim is a reshape into heads."""
     before, after = _input_shape(grad_fn), _output_shape(grad_fn)
     if before is None:
         return ("reshape", None)
     if [s for s in before if s != 1] == [s for s in after if s != 1]:
         return None
-    if len(before) >= 3 and before[1] == width and after == [before[0], math.prod(before[1:])]:
+    if channels_first and len(before) >= 3 and before[1] == width and after == [before[0], math.prod(before[1:])]:
         return None
     if before[-1] == width and after[:-2] == before[:-1] and after[-2] * after[-1] == width:
         return ("reshape into heads", f"{width} → {after[-2]} x {after[-1]}")
