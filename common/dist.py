@@ -181,6 +181,9 @@ def agreed(env: DistEnv | None, what: str):
     except Exception:
         if error is None:
             raise  # a dead peer: run_stage's one line
+    else:
+        if any(s is not None for s in statuses):  # every rank stops here: leave the group together (as teardown)
+            torch.distributed.destroy_process_group()
     if error is not None:
         raise error
     failed = [(r, s) for r, s in enumerate(statuses) if s is not None]

@@ -35,7 +35,11 @@ def finish(procs, timeout=300):
     """[(exit code, stdout, stderr, seconds from start to exit)] of every process."""
     t0, ended = time.time(), {}
     while len(ended) < len(procs):
-        assert time.time() - t0 < timeout, "ranks still running"
+        if time.time() - t0 > timeout:
+            for p in procs:
+                p.kill()
+            outputs = [p.communicate() for p in procs]
+            raise AssertionError(f"ranks still running after {timeout} s; their output: {outputs}"[-4000:])
         for i, p in enumerate(procs):
             if i not in ended and p.poll() is not None:
                 ended[i] = time.time() - t0
