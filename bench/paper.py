@@ -49,6 +49,7 @@ from pathlib import Path
 from lib import REPO, machine, mean_std
 from table1 import METHODS as TABLE1_BENCH_METHODS
 from common.config import load_config
+from common.errors import UserError
 
 METHOD_SETS = {m: sets for m, sets in TABLE1_BENCH_METHODS.items() if not m.endswith("bf16")}  # bench/table1.py's
 METHOD_SETS.update({  # equal samples: each worker walks its 1/S of every pass (pretrain.data=shard)
@@ -167,8 +168,8 @@ def ticket_jobs(matrix, runs, config, run_dir, sets, tag, source, finetune_sets,
     prune = Job(job_name(matrix, runs, run_dir, f"prune {tag}"), "03_prune.py", config, run_dir, sets,
                 ["--tag", tag, "--force"] + (["--from", str(source)] if source else []),
                 done=run_dir / f"prune_{tag}/ticket.pt")
-    tune = Job(job_name(matrix, runs, run_dir, f"finetune {ft_tag}"), "04_finetune.py", config, run_dir, {**sets, **finetune_sets},
-               ["--ticket", str(run_dir / f"prune_{tag}/ticket.pt"), "--tag", ft_tag],
+    tune = Job(job_name(matrix, runs, run_dir, f"finetune {ft_tag}"), "04_finetune.py", config, run_dir,
+               {**sets, **finetune_sets}, ["--ticket", str(run_dir / f"prune_{tag}/ticket.pt"), "--tag", ft_tag],
                done=run_dir / f"finetune_{ft_tag}/result.json", resumable=run_dir / f"finetune_{ft_tag}/last.pt")
     return [prune, tune]
 
@@ -191,12 +192,16 @@ def table1_pretrain(matrix, plan, runs, row, seed, method) -> tuple[Job, dict, o
     return pretrain_job(matrix, runs, config, run, sets), sets, cfg
 
 
+def finetune_sets(plan, cfg) -> dict:
+    """LoFT's workflow: fine-tune the pruned pretrained weights, the config's schedule at this scale."""
+    return {"finetune.mode": "finetune", **section_sets(cfg.finetune, "finetune", plan.finetune_epochs(cfg.finetune.epochs))}
+
+
 def table1_jobs(plan, runs, row, seed) -> list[Job]:
     jobs, spec = [], TABLE1_ROWS[row]
     for method in spec.methods:
         job, sets, cfg = table1_pretrain("table1", plan, runs, row, seed, method)
-        ft = {"finetune.mode": "finetune", **section_sets(cfg.finetune, "finetune",
-                                                          plan.finetune_epochs(cfg.finetune.epochs))}
+        ft = finetune_sets(plan, cfg)
         jobs.append(job)
         ratios = ((0.0,) if method == "dense" else ()) + spec.ratios  # dense: the no-prune cell, then its tickets
         for p in ratios:
@@ -219,8 +224,7 @@ def fig5_jobs(plan, runs, seed) -> list[Job]:
     jobs = []
     for method in FIG5_METHODS:
         job, sets, cfg = table1_pretrain("fig5", plan, runs, FIG5_ROW, seed, method)
-        ft = {"finetune.mode": "finetune", **section_sets(cfg.finetune, "finetune",
-                                                          plan.finetune_epochs(cfg.finetune.epochs))}
+        ft = finetune_sets(plan, cfg)
         jobs.append(job)
         for e in plan.epoch_points(FIG5_EPOCHS):
             if e <= sets["pretrain.epochs"]:
@@ -240,6 +244,9 @@ def rise_jobs(plan, runs, model, seed) -> list[Job]:
     cfg = load_config(REPO / config)
     E = plan.epochs(cfg.pretrain.epochs)
     ks = [k for k in plan.epoch_points(RISE_K) if k < E]
+    if not ks:
+        raise UserError(f"rise:{model}: {E} pretraining epoch(s) leave no rewind epoch k < {E}; use a larger "
+                        "--epochs-scale")
     sets = {**plan.base(cfg), "seed": seed, "pretrain.method": "dense", "finetune.rewind_epoch": ks[0],
             **section_sets(cfg.pretrain, "pretrain", E)}
     run = rise_run(runs, model, seed)
@@ -271,19 +278,20 @@ def matrix_jobs(matrix: str, plan: Plan, runs: Path, seeds: list[int], panels=No
     return jobs
 
 
-def selection(only: str | None) -> dict[str, list[str]] | str:
-    """--only MATRIX[:PANEL],... → {matrix: panels}; an error line for a name that is none."""
+def selection(only: str | None) -> dict[str, list[str]]:
+    """--only MATRIX[:PANEL],... → {matrix: its chosen panels}; a bare MATRIX means all of its panels."""
     chosen: dict[str, list[str]] = {}
     for item in (only.split(",") if only else MATRICES):
         matrix, _, panel = item.partition(":")
         if matrix not in PANELS:
-            return f"--only {item}: {matrix!r} is not one of {', '.join(MATRICES)}"
+            raise UserError(f"--only {item}: {matrix!r} is not one of {', '.join(MATRICES)}")
         if panel and panel not in PANELS[matrix]:
-            return f"--only {item}: {matrix} has panels {', '.join(PANELS[matrix])}"
-        chosen.setdefault(matrix, [])
-        if panel:
-            chosen[matrix].append(panel)
-    return {m: p or list(PANELS[m]) for m, p in chosen.items()}
+            raise UserError(f"--only {item}: {matrix} has panels {', '.join(PANELS[matrix])}")
+        panels = chosen.setdefault(matrix, [])
+        for p in ([panel] if panel else PANELS[matrix]):
+            if p not in panels:
+                panels.append(p)
+    return chosen
 
 
 def unique(jobs: list[Job]) -> list[Job]:
@@ -299,9 +307,6 @@ def unique(jobs: list[Job]) -> list[Job]:
 def run(args) -> int:
     plan, runs = Plan(args), Path(args.runs)
     chosen = selection(args.only)
-    if isinstance(chosen, str):
-        print(f"error: {chosen}", file=sys.stderr)
-        return 2
     names = list(chosen)
     jobs = unique([j for m, panels in chosen.items() for j in matrix_jobs(m, plan, runs, args.seeds, panels)])
     start, log = time.time(), runs / "paper_log.txt"
@@ -562,7 +567,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run(args) if args.action == "run" else report(args)
+    try:
+        return run(args) if args.action == "run" else report(args)
+    except UserError as e:  # a bad selection or scale: one line, exit 2, like the stages
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
