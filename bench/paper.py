@@ -4,13 +4,14 @@
     python bench/paper.py run --only table1 --seeds 0,1 --data-root $LOFT_DATA
     python bench/paper.py run --only table1:preresnet18_c10,fig4:cifar10     # single panels
     python bench/paper.py run --only rise --epochs-scale 0.25                   # the same matrix, shorter
-    python bench/paper.py run --epochs-scale 0.3 --finetune-epochs-scale 0.07 --set model.width=0.25 \
-        --set data.train_subset=4000 --set data.test_subset=2000               # the same matrix at CPU scale
+    python bench/paper.py run --only table1:preresnet18_c10 --epochs-scale 0.3 --finetune-epochs-scale 0.07 \
+        --set model.width=0.25 --set data.train_subset=4000 --set data.test_subset=2000 \
+        --set pretrain.batch_size=64 --set pretrain.local_iters=10 --set finetune.batch_size=64   # CPU scale
     python bench/paper.py report                                                # tables and plots so far
     python bench/paper.py run --smoke --runs /tmp/p --out /tmp/p/out            # tiny sizes (the suite)
 
-Matrices and their panels (runs in RUNS/MATRIX/PANEL/seedS/METHOD/):
-- table1: every row of LoFT Table 1, each from its config yaml/ROW.yaml: PreResNet-18, PreResNet-34
+Matrices and their panels (runs in RUNS/table1/ROW/seedS/METHOD/, RUNS/rise/MODEL/seedS/dense/):
+- table1: every row of LoFT Table 1, each from its config (TABLE1_ROWS): PreResNet-18, PreResNet-34
   and ResNet-34 on CIFAR-10 and on CIFAR-100, PreResNet-18 on ImageNet. Per row the methods the
   paper lists (GPipe-2/4, Local SGD-2/4, LoFT-2/4; ImageNet has no Local SGD-2) → L1 tickets at
   p = 80 / 50 % (ImageNet also 30 %) → fine-tune (finetune mode), and the Dense Model cell: dense
