@@ -164,7 +164,8 @@ def test_sharded_loft_spends_a_fraction_of_dense_training_flops_not_the_same(wor
     shard = train_flops_ratio_to_dense(arch, blocks, "loft", workers, 1, 50_000, 128, 1, shard=True)
     assert shard == pytest.approx(expected, abs=5e-4)
     full = train_flops_ratio_to_dense(arch, blocks, "loft", workers, 1, 50_000, 128, 1)
-    assert full == pytest.approx(shard * workers * 390 / (workers * (50_000 // workers // 128)))  # S x the samples
+    shard_steps = 50_000 // workers // 128                       # a worker's steps per epoch with shard
+    assert full == pytest.approx(shard * workers * 390 / (workers * shard_steps))  # full: S x the samples, all 390 steps
 
 
 def test_comm_json_ratio_to_dense_is_the_runs_counted_training_flops_over_dense(tiny_config, tmp_path):
