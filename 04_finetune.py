@@ -124,7 +124,7 @@ def default_folder(ticket_path: Path, fc) -> str:
 def save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage):
     """final.pt (the trained ticket, with its lineage) and result.json.
 
-    Training complexity (README "Training complexity"): train_flops = base + ticket, base = the
+    Training complexity (docs/stages.md, "Training complexity"): train_flops = base + ticket, base = the
     training already in the starting weights (P(k) for rewind/rise, the ticket's own complexity
     for finetune, 0 for scratch), ticket = steps x batch x the masked per-sample cost. Whatever
     else the lineage spent (pretraining past k, earlier rounds) only found the mask in hindsight:

@@ -14,7 +14,7 @@ identical rankings and 1 "as far apart as reversed" (a few permutations score sl
 above 1: reversal is the reference, not the maximum). F is not symmetric: the 1/i weights
 come from a's positions, so matrices here are indexed [a, b] = F(a, b) (row = reference).
 
-Conventions of this module (the README repeats them):
+Conventions of this module (docs/method.md repeats them):
 - distance to the final epoch is F(final, e): the final ranking (the ticket a prune of the
   finished run takes) is the reference, and F asks where its top filters sat at epoch e
   (the paper's Fig. 4: "important filters not yet identified as top rank");
