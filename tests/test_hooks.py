@@ -1,7 +1,6 @@
 """Every ablation hook of README "Where to edit for an ablation" is one function: replacing just
 that function changes a real LoFT pretraining run (and the combine rule leaves Local SGD alone:
 tests/test_loft.py)."""
-import importlib
 
 import pytest
 import torch
@@ -26,8 +25,7 @@ def hooks(monkeypatch):
         "LoFT combine rule (Loft.combine)":
             lambda: monkeypatch.setattr(P.Loft, "combine", staticmethod(lambda st: st.median(0).values)),
         "BN recalibration (common.train.recalibrate_bn)":
-            lambda: monkeypatch.setattr(importlib.import_module("01_pretrain_loft"), "recalibrate_bn",
-                                        lambda model, *a, **k: model),
+            lambda: monkeypatch.setattr(T, "recalibrate_bn", lambda model, *a, **k: model),
         "augmentation (common.data.apply_augment)":
             lambda: monkeypatch.setattr(D, "apply_augment", lambda images, dy, dx, flip, pad=4: images),
         "schedule (Schedule.lr)":
