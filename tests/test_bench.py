@@ -19,7 +19,7 @@ def bench(name):
 
 
 def test_perf_prints_ratios(tmp_path):
-    bench("perf").main(["--out", str(tmp_path), "--repeats", "1", "--batch", "16", "--threads", "1",
+    bench("perf").main(["--out", str(tmp_path), "--repeats", "1", "--batch", "16", "--threads", "1", "--width", "0.125",
                         "--data-root", str(DATA)])
     text = (tmp_path / "perf.md").read_text()
     for row in ("| fp32 | dense |", "| fp32 | LoFT-2 worker", "| bf16+channels_last | LoFT-4 worker", "| 4 |",
