@@ -46,7 +46,7 @@ def tiny_data():
     return load_cifar10(DATA, train=True).subset(torch.arange(96)), load_cifar10(DATA, False).subset(torch.arange(50))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutations=st.dictionaries(st.sampled_from(sorted(KEYS)), st.none(), min_size=1, max_size=3), data=st.data())
 def test_mutated_configs_either_run_or_fail_with_one_line_and_no_run_folder(mutations, data, tmp_path_factory,
                                                                              tiny_data, monkeypatch):
@@ -72,6 +72,6 @@ def test_mutated_configs_either_run_or_fail_with_one_line_and_no_run_folder(muta
         pretrain.main(["--config", str(cfg), "--run-dir", str(run)])
     except UserError as e:
         assert str(e) and "\n" not in str(e)
-        assert not (run / "pretrain").exists() or not any((run / "pretrain").iterdir())
+        assert not (run / "pretrain").exists()                  # a failed stage leaves no folder behind
     else:
         assert (run / "pretrain/epoch_001.pt").exists()
