@@ -23,8 +23,8 @@ from common.tb import Scalars, epoch_lr
 
 def main(argv=None):
     p = stage_parser(__doc__.splitlines()[0])
-    p.add_argument("--dry-run", action="store_true", help="print the channel-group table (stderr) and sizes, FLOPs, analytic bytes "
-                   "as JSON (stdout); no training")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the channel groups (stderr) and sizes, FLOPs, analytic bytes as JSON; no training")
     p.add_argument("--table", action="store_true", help="with --dry-run: Markdown table of analytic bytes, S = 2 and 4")
     p.add_argument("--resume", action="store_true", help="continue from last.pt")
     p.add_argument("--force", action="store_true", help="start over in a folder that holds a run")

@@ -47,6 +47,7 @@ from common.groups import ChannelGroup, block_of, discovered, paper_preset
 # --------------------------------------------------------------------------- blocks
 class BasicBlock(nn.Module):
     """conv-BN-ReLU-conv-BN + shortcut, ReLU (He et al. 2015). Mid channels: conv1/bn1/conv2."""
+
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1, mid: int | None = None):
         super().__init__()
         mid = out_ch if mid is None else mid
@@ -90,6 +91,7 @@ class BasicBlockA(BasicBlock):
 
 class PreActBlock(nn.Module):
     """BN-ReLU-conv-BN-ReLU-conv + shortcut (He et al. 2016, identity mappings). Mid: conv1/bn2/conv2."""
+
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1, mid: int | None = None):
         super().__init__()
         mid = out_ch if mid is None else mid
@@ -125,7 +127,7 @@ class WideBlock(PreActBlock):
 
 
 def residual_stages(model: nn.Module) -> list[nn.Sequential]:
-    """`layer1 .. layerN` of a ResNet: the blocks of its layer list (not how blocks are found)."""
+    """`layer1 .. layerN` of a ResNet, for its layer list (LoFT and pruning find blocks by tracing: block_refs)."""
     stages, i = [], 1
     while hasattr(model, f"layer{i}"):
         stages.append(getattr(model, f"layer{i}"))
@@ -350,7 +352,8 @@ class BlockRef:
         return self.group.producers[0][0]
 
     def slice_dims(self, state: dict) -> dict[str, int]:
-        """state-dict keys that live on the group's channels → the dim they index."""
+        """state-dict keys that live on the group's channels → the dim they index (each channel
+        once: a zoo group has no flatten between producer and consumer)."""
         return {k: dim for k, (dim, _) in self.group.entries(state).items()}
 
 
