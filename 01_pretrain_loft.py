@@ -2,12 +2,13 @@
 
     python 01_pretrain_loft.py --config yaml/quick_c10.yaml                       # S workers in turn
     deepspeed --num_gpus 2 01_pretrain_loft.py --config yaml/quick_c10.yaml       # 2 ranks, S/2 workers each
-    python 01_pretrain_loft.py --config yaml/preresnet18_c10.yaml --dry-run       # sizes, FLOPs, bytes
+    python 01_pretrain_loft.py --config yaml/preresnet18_c10.yaml --dry-run       # groups, sizes, FLOPs, bytes
 
 Writes runs/NAME/pretrain/: config.yaml, epoch_000.pt … epoch_EEE.pt (BN-recalibrated global
 model), last.pt (resume state), metrics.csv, comm.json. Next: 02_filter_distance.py, 03_prune.py.
 """
 import json
+import sys
 
 from common.checkpoint import save_atomic, write_text_atomic
 from common.cli import run_stage, stage_command
@@ -22,7 +23,8 @@ from common.tb import Scalars, epoch_lr
 
 def main(argv=None):
     p = stage_parser(__doc__.splitlines()[0])
-    p.add_argument("--dry-run", action="store_true", help="print sizes, FLOPs and analytic bytes as JSON; no training")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the channel groups (stderr) and sizes, FLOPs, analytic bytes as JSON; no training")
     p.add_argument("--table", action="store_true", help="with --dry-run: Markdown table of analytic bytes, S = 2 and 4")
     p.add_argument("--resume", action="store_true", help="continue from last.pt")
     p.add_argument("--force", action="store_true", help="start over in a folder that holds a run")
@@ -38,6 +40,7 @@ def main(argv=None):
     from common.pretrain import METHODS
     arch = {"name": cfg.model.arch, "num_classes": NUM_CLASSES[cfg.data.dataset], "width": cfg.model.width}
     if args.dry_run:
+        print(group_table(cfg, arch), file=sys.stderr)   # stdout stays the JSON (or Markdown) report
         print(comm_table(cfg, arch) if args.table else json.dumps(dry_run_report(cfg, arch), indent=1))
         return
     out = run_dir_of(args, cfg) / "pretrain"
@@ -131,6 +134,16 @@ def resume(method, out, cfg, comm, watch):
     if comm.env.is_main and not done:
         print(f"resuming after epoch {ck['epoch']}")
     return start, rows, comm.bytes_sent, done
+
+
+def group_table(cfg, arch) -> str:
+    """Every channel group traced in the model (name, width, producers, consumers), whether the
+    paper preset partitions or prunes it and why not, and the places that are no group."""
+    from common.data import input_shape
+    from common.groups import discovered, format_groups, paper_preset
+    from common.models import build_model
+    found = discovered(build_model(arch), input_shape(cfg.data.dataset))
+    return format_groups(found, paper_preset(found.groups, cfg.pretrain.partition_stage1))
 
 
 def loft_blocks(model, cfg) -> list:

@@ -106,7 +106,7 @@ def filter_distance(norms_a: torch.Tensor, norms_b: torch.Tensor, k: int | None 
 
 # ------------------------------------------------------------- per-layer inputs
 def layer_name(block: BlockRef) -> str:
-    return f"{block.name}.conv1"
+    return block.producer
 
 
 def filter_norms(state: dict, blocks: list[BlockRef]) -> dict[str, torch.Tensor]:
@@ -114,8 +114,8 @@ def filter_norms(state: dict, blocks: list[BlockRef]) -> dict[str, torch.Tensor]
     (common.importance), so 02 and the emergence stop rank the filters 03 cuts."""
     out = {}
     for b in blocks:
-        if f"{b.name}.conv1.weight" not in state:
-            raise UserError(f"checkpoint has no {b.name}.conv1.weight: not a model of this architecture")
+        if f"{b.producer}.weight" not in state:
+            raise UserError(f"checkpoint has no {b.producer}.weight: not a model of this architecture")
         out[layer_name(b)] = l1_filter_norm(state, b)
     return out
 

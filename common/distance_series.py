@@ -55,7 +55,7 @@ def load_series(pretrain_dir: Path, made_by: str) -> Series:
         gammas.append(torch.cat([ck["model"][k].detach().cpu().double().flatten() for k in bn_keys]))
     if len(set(epochs)) != len(epochs):
         raise UserError(f"{pretrain_dir}: two checkpoints claim the same epoch")
-    params = {layer_name(b): model.get_submodule(b.name).conv1.weight.numel() for b in blocks}
+    params = {layer_name(b): model.get_submodule(b.producer).weight.numel() for b in blocks}
     return Series(epochs, arch, method, {l: torch.stack(v) for l, v in norms.items()}, params, torch.stack(gammas))
 
 

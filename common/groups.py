@@ -509,8 +509,31 @@ def _mask_input(columns: torch.Tensor, channel_dim: int):
     return hook
 
 
+# ------------------------------------------------------------------- discovery, once per structure
+_DISCOVERED: dict = {}   # structure key → Discovery
+TRACES = [0]             # how many times `discovered` traced a model (the rest came from the cache)
+
+
+def discovered(model: nn.Module, input_shape=(3, 32, 32)) -> Discovery:
+    """`discover(model)`, traced once per model structure (module types, tensor names and shapes) and
+    input shape. The example input comes from a private generator: the global RNG is left alone."""
+    key = (tuple((n, type(m)) for n, m in model.named_modules()),
+           tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()), tuple(input_shape))
+    if key not in _DISCOVERED:
+        TRACES[0] += 1
+        example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+        _DISCOVERED[key] = discover(model, input_shape, example.to(next(model.parameters()).device))
+    return _DISCOVERED[key]
+
+
 # --------------------------------------------------------------------------------- presets
-BLOCK_NAME = re.compile(r"layer(\d+)\.(\d+)\.")   # a group inside block j of residual stage s
+BLOCK_NAME = re.compile(r"(layer(\d+)\.(\d+))\.")   # a group inside block j of residual stage s
+
+
+def block_of(group_name: str) -> tuple[str, int, int] | None:
+    """(block path, stage s, index j) of a group inside a residual block `layerS.J`, else None."""
+    m = BLOCK_NAME.match(group_name)
+    return (m.group(1), int(m.group(2)), int(m.group(3))) if m else None
 
 
 @dataclass(frozen=True)
@@ -527,14 +550,14 @@ def paper_preset(groups: list[ChannelGroup], partition_stage1: bool = False) -> 
     partition those of stages 2..last (stage 1 too if `partition_stage1`)."""
     prunable, partitioned, why_not = [], [], {}
     for g in groups:
-        m = BLOCK_NAME.match(g.name)
-        if m is None:
+        block = block_of(g.name)
+        if block is None:
             why_not[g.name] = "not inside a residual block layerS.J"
-        elif int(m.group(2)) == 0:
+        elif block[2] == 0:
             why_not[g.name] = "first block of its stage (strided or widening)"
         else:
             prunable.append(g.name)
-            if int(m.group(1)) > 1 or partition_stage1:
+            if block[1] > 1 or partition_stage1:
                 partitioned.append(g.name)
             else:
                 why_not[g.name] = "stage 1 (partitioned only if asked)"

@@ -47,8 +47,9 @@ def is_structured(kind: str) -> bool:
 
 @filter_criterion("l1")
 def l1_filter_norm(state: dict, block: BlockRef) -> torch.Tensor:
-    """L1 norm of each conv1 filter of `block` (LoFT; Li et al. 2016), float64 on the CPU."""
-    return state[f"{block.name}.conv1.weight"].detach().cpu().double().abs().flatten(1).sum(1)
+    """L1 norm of each filter of the block's producer (conv1 in a BasicBlock; LoFT; Li et al.
+    2016), float64 on the CPU."""
+    return state[f"{block.producer}.weight"].detach().cpu().double().abs().flatten(1).sum(1)
 
 
 @weight_criterion("magnitude")

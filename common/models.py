@@ -18,16 +18,15 @@ Every model exposes `layer_list()`: the modules whose sequential application is 
 pass ([stem conv, stem norm, block_1 .. block_n, head], the list GPipe cuts, SPEC section 3);
 each model's forward *is* that sequential application, so hooks on the list fire in training.
 
-A residual block is described by `BlockRef`: its name, its inner width `mid` (conv1's
-filters = conv2's input channels) and the BN that normalises those channels (the block's
-`MID_BN` attribute, or `MID_BN_OF[type(block)]` for blocks defined elsewhere, e.g.
-torchvision's). LoFT's partition, 03's pruning and 02's filter distance all walk `BlockRef`s
-of `layer1 .. layerN`; nothing below names a layer of a particular network by hand.
-`build_model(arch)` rebuilds a model narrowed to the per-block mid widths in `arch["mids"]`,
-which is how both a LoFT subnetwork and a pruned ticket become real, smaller modules.
-A model without such stages (MobileNetV3: its expanded channels run through a depthwise conv
-and a squeeze-excitation that mixes them, so removing some is not the masked full network)
-is not partitionable: `block_refs` raises a `UserError` saying so.
+Residual blocks are not named here: `block_refs` takes the channel groups that tracing finds
+(common.groups, Torch-Pruning's DependencyGraph; once per model structure) inside a block
+`layerS.J`, and the `paper` preset (SPEC section 1) says which 03 prunes (`prunable_blocks`) and
+LoFT partitions (`partitioned_blocks`). A `BlockRef` is such a group keyed by its block: the key of
+`arch["mids"]`, a ticket's kept channels and LoFT's partition; `slice_dims` are the group's
+state-dict entries. `build_model(arch)` rebuilds a model whose groups are narrowed to the widths in
+`arch["mids"]`, which is how both a LoFT subnetwork and a pruned ticket become real, smaller modules.
+A model whose groups lie in no such block (MobileNetV3: its inverted-residual blocks are
+`features.N`) is not partitionable by the preset: `block_refs` raises a `UserError` saying so.
 """
 from __future__ import annotations
 
@@ -42,12 +41,12 @@ import torchvision.models as tvm
 from torchvision.models.mobilenetv3 import _mobilenet_v3_conf  # what mobilenet_v3_small() itself calls
 
 from common.errors import UserError
+from common.groups import ChannelGroup, block_of, discovered, paper_preset
 
 
 # --------------------------------------------------------------------------- blocks
 class BasicBlock(nn.Module):
     """conv-BN-ReLU-conv-BN + shortcut, ReLU (He et al. 2015). Mid channels: conv1/bn1/conv2."""
-    MID_BN = "bn1"
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1, mid: int | None = None):
         super().__init__()
@@ -92,7 +91,6 @@ class BasicBlockA(BasicBlock):
 
 class PreActBlock(nn.Module):
     """BN-ReLU-conv-BN-ReLU-conv + shortcut (He et al. 2016, identity mappings). Mid: conv1/bn2/conv2."""
-    MID_BN = "bn2"
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1, mid: int | None = None):
         super().__init__()
@@ -128,12 +126,13 @@ class WideBlock(PreActBlock):
         return self.conv2(out) + shortcut
 
 
-# Blocks defined outside this module: type → attribute name of the BN on the mid channels.
-MID_BN_OF: dict[type, str] = {tvm.resnet.BasicBlock: "bn1"}
-
-
-def mid_bn_name(block: nn.Module) -> str | None:
-    return getattr(block, "MID_BN", None) or MID_BN_OF.get(type(block))
+def residual_stages(model: nn.Module) -> list[nn.Sequential]:
+    """`layer1 .. layerN` of a ResNet, for its layer list (LoFT and pruning find blocks by tracing: block_refs)."""
+    stages, i = [], 1
+    while hasattr(model, f"layer{i}"):
+        stages.append(getattr(model, f"layer{i}"))
+        i += 1
+    return stages
 
 
 class GlobalAvgPool(nn.Module):
@@ -250,13 +249,11 @@ class TorchvisionResNet(tvm.ResNet):
 
 class MobileNetV3Small(tvm.MobileNetV3):
     """torchvision's MobileNetV3-small (`mobilenet_v3_small(num_classes=...)`: same class, modules,
-    keys and init), channel counts scaled by torchvision's own `width_mult`. Not partitionable.
+    keys and init), channel counts scaled by torchvision's own `width_mult`. Its channel groups are
+    found, but the paper preset chooses none (they are not in blocks `layerS.J`): not partitionable.
 
     Layer list: [stem conv, (stem BN, hardswish), inverted-residual blocks..., (last 1x1 conv
     block, avgpool, flatten, classifier)]."""
-
-    NOT_PARTITIONABLE = ("its inverted-residual blocks have no conv1/conv2 pair: the expanded channels "
-                         "pass a depthwise conv and a squeeze-excitation that mixes them")
 
     def __init__(self, num_classes: int, width: float = 1.0):
         setting, last_channel = _mobilenet_v3_conf("mobilenet_v3_small", width_mult=width)
@@ -337,45 +334,43 @@ def _build_full(name: str, num_classes: int, width: float, dropout: float = 0.0)
 # --------------------------------------------------------------- block description
 @dataclass(frozen=True)
 class BlockRef:
-    name: str      # module path, e.g. "layer2.1"
-    stage: int     # 1-based stage index
-    index: int     # index of the block inside its stage
-    mid: int       # current inner width (conv1 filters)
-    mid_bn: str    # attribute name of the BN on the mid channels
+    """A channel group (common.groups) inside residual block `name`: its key in arch["mids"], a
+    ticket's kept channels and LoFT's partition. Found by tracing, never by a layer's name."""
+    name: str            # the block's module path, e.g. "layer2.1"
+    stage: int           # 1-based stage index
+    index: int           # index of the block inside its stage
+    group: ChannelGroup  # e.g. layer2.1.conv1 → layer2.1.bn1 → layer2.1.conv2
+
+    @property
+    def mid(self) -> int:
+        """Current width of the group (conv1's filters in a BasicBlock)."""
+        return self.group.width
+
+    @property
+    def producer(self) -> str:
+        """The module whose filters are ranked (02's layer, 03's L1 norms): the group's first producer."""
+        return self.group.producers[0][0]
 
     def slice_dims(self, state: dict) -> dict[str, int]:
-        """state-dict keys of this block that live on the mid channels → the dim they index."""
-        keys = {f"{self.name}.conv1.weight": 0, f"{self.name}.conv1.bias": 0,
-                f"{self.name}.conv2.weight": 1}
-        for leaf in ("weight", "bias", "running_mean", "running_var"):
-            keys[f"{self.name}.{self.mid_bn}.{leaf}"] = 0
-        return {k: d for k, d in keys.items() if k in state}
-
-
-def residual_stages(model: nn.Module) -> list[nn.Sequential]:
-    stages, i = [], 1
-    while hasattr(model, f"layer{i}"):
-        stages.append(getattr(model, f"layer{i}"))
-        i += 1
-    return stages
+        """state-dict keys that live on the group's channels → the dim they index (each channel
+        once: a zoo group has no flatten between producer and consumer)."""
+        return {k: dim for k, (dim, _) in self.group.entries(state).items()}
 
 
 def block_refs(model: nn.Module) -> list[BlockRef]:
-    """Every residual block of `layer1..layerN`; a UserError if the model is not partitionable."""
-    stages = residual_stages(model)
-    reason = getattr(model, "NOT_PARTITIONABLE", None) or (None if stages else "it has no layer1..layerN stages")
-    if reason:
-        raise UserError(f"{type(model).__name__} is not partitionable ({reason}); LoFT and structured "
-                        "pruning need conv1/conv2 residual blocks: use pretrain.method=dense, localsgd or "
-                        "gpipe and prune.kind=magnitude")
-    refs = []
-    for s, stage in enumerate(stages, start=1):
-        for j, block in enumerate(stage):
-            mid_bn = mid_bn_name(block)
-            if mid_bn is None:
-                raise UserError(f"{type(block).__name__} in layer{s} is not partitionable: "
-                                "it has no conv1/conv2 pair around a mid BN")
-            refs.append(BlockRef(f"layer{s}.{j}", s, j, block.conv1.out_channels, mid_bn))
+    """The channel groups inside the residual blocks `layerS.J` of `model` (traced once per
+    structure); a UserError if there is none, or a block holds two (a Bottleneck)."""
+    found = discovered(model)
+    refs = [BlockRef(*block_of(g.name), g) for g in found.groups if block_of(g.name)]
+    if not refs:
+        raise UserError(f"{type(model).__name__} is not partitionable (the paper preset finds none of its "
+                        f"{len(found.groups)} channel groups inside a residual block layerS.J); LoFT and structured "
+                        "pruning need one: use pretrain.method=dense, localsgd or gpipe and prune.kind=magnitude")
+    names = [b.name for b in refs]
+    if len(set(names)) < len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"{type(model).__name__} is not partitionable yet: block {twice} holds "
+                        f"{names.count(twice)} channel groups, and tickets and LoFT's partition key one per block")
     return refs
 
 
@@ -389,34 +384,50 @@ def is_partitionable(model: nn.Module) -> bool:
 
 
 def prunable_blocks(model: nn.Module) -> list[BlockRef]:
-    """Blocks [1:] of every stage: the first (possibly strided) block of a stage is kept whole."""
-    return [b for b in block_refs(model) if b.index > 0]
+    """The blocks the paper preset prunes: blocks [1:] of every stage (common.groups.paper_preset)."""
+    blocks = block_refs(model)
+    chosen = paper_preset([b.group for b in blocks])
+    return [b for b in blocks if b.group.name in chosen.prunable]
 
 
 def partitioned_blocks(model: nn.Module, partition_stage1: bool = False) -> list[BlockRef]:
-    """Blocks LoFT splits across workers: prunable blocks, stage 1 only if asked (SPEC 1)."""
-    return [b for b in prunable_blocks(model) if partition_stage1 or b.stage > 1]
+    """The blocks the paper preset splits across LoFT workers: prunable ones, stage 1 only if asked."""
+    blocks = block_refs(model)
+    chosen = paper_preset([b.group for b in blocks], partition_stage1)
+    return [b for b in blocks if b.group.name in chosen.partitioned]
 
 
 # --------------------------------------------------------------------- narrowing
-def _narrow_conv(conv: nn.Conv2d, out_ch=None, in_ch=None) -> nn.Conv2d:
-    return nn.Conv2d(in_ch or conv.in_channels, out_ch or conv.out_channels, conv.kernel_size,
-                     conv.stride, conv.padding, conv.dilation, conv.groups, conv.bias is not None)
-
-
-def _narrow_bn(bn: nn.BatchNorm2d, width: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(width, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+def _narrowed(module: nn.Module, out_ch: int | None = None, in_ch: int | None = None) -> nn.Module:
+    """A fresh module like `module` with `out_ch` outputs (a BN: `out_ch` channels) or `in_ch` inputs."""
+    if type(module) is nn.Conv2d and module.groups == 1:
+        return nn.Conv2d(in_ch or module.in_channels, out_ch or module.out_channels, module.kernel_size,
+                         module.stride, module.padding, module.dilation, module.groups, module.bias is not None)
+    if type(module) is nn.BatchNorm2d:
+        return nn.BatchNorm2d(out_ch, module.eps, module.momentum, module.affine, module.track_running_stats)
+    raise UserError(f"cannot narrow a {type(module).__name__} (zoo models hold Conv2d and BatchNorm2d only)")
 
 
 def set_mid_widths(model: nn.Module, mids: dict[str, int]) -> nn.Module:
-    """Replace conv1 / mid BN / conv2 of the named blocks by modules `mids[name]` wide (in place)."""
+    """Narrow the channel group of each named block to `mids[name]` channels (in place): its
+    producers, members and consumers, in that order, replaced by fresh modules of the new width."""
+    if not mids:
+        return model
+    groups = {b.name: b.group for b in block_refs(model)}
     for name, width in mids.items():
-        block = model.get_submodule(name)
-        mid_bn = mid_bn_name(block)
-        block.conv1 = _narrow_conv(block.conv1, out_ch=width)
-        setattr(block, mid_bn, _narrow_bn(getattr(block, mid_bn), width))
-        block.conv2 = _narrow_conv(block.conv2, in_ch=width)
+        g = groups[name]
+        for path, _ in g.producers:
+            _replace(model, path, _narrowed(model.get_submodule(path), out_ch=width))
+        for path in g.members:
+            _replace(model, path, _narrowed(model.get_submodule(path), out_ch=width))
+        for path, _, repeat in g.consumers:
+            _replace(model, path, _narrowed(model.get_submodule(path), in_ch=width * repeat))
     return model
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, module)
 
 
 def build_model(arch: dict) -> nn.Module:

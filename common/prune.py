@@ -1,13 +1,14 @@
 """Pruning (SPEC section 5): structured L1 filter pruning and unstructured magnitude masks.
 
 Structured (LoFT; Li et al. 2016). For every prunable block (`common.models.prunable_blocks`:
-blocks [1:] of every stage) keep the ceil((1-p)·C) conv1 filters of largest L1 norm (at least
-one; ties go to the lower index), with their mid-BN channels and conv2's matching input
-channels (`BlockRef.slice_dims`). Kept indices are sorted ascending, so channel order is
+the channel group the `paper` preset prunes, blocks [1:] of every stage) keep the ceil((1-p)·C)
+producer (conv1) filters of largest L1 norm (at least one; ties go to the lower index), with the
+group's member (mid-BN) channels and its consumer's (conv2's) input channels
+(`BlockRef.slice_dims`). Kept indices are sorted ascending, so channel order is
 preserved. The result is a physically smaller model, `build_model(arch)` with narrower
 `arch["mids"]`, whose forward equals the full model's with the pruned mid channels masked
-(conv2's input columns zeroed). Nothing below names a layer by hand, so every ResNet-style
-model of `common.models` is handled; no external pruning library (Torch-Pruning) is used.
+(conv2's input columns zeroed). The groups come from the traced graph (common.groups), so
+nothing below names a layer by hand; the slicing is ours (`common.loft.select_channels`).
 Pruning an already narrowed model prunes its current widths further; `kept` indices are
 then composed with the source's, so they always index the pretrained (full-width) model.
 

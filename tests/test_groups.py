@@ -1,9 +1,9 @@
 """Channel groups discovered from the traced graph (common/groups.py, SPEC section 8).
 
 Narrowing is checked against an independent reference: the full model whose consumers see the
-removed channels as zeros. The zoo's groups are checked against the hand-written block
-description of common/models.py (BlockRef), and the `paper` preset against prunable_blocks /
-partitioned_blocks. Group counts of the torchvision models are derived from their architecture in
+removed channels as zeros. The zoo's groups are checked against its blocks as written by hand
+here (conv1 → mid BN → conv2 in every block of layer1..layerN: what common/models.py named
+before it used discovery), and the `paper` preset against today's prunable / partitioned sets. Group counts of the torchvision models are derived from their architecture in
 the comments, not copied from a run."""
 import collections
 import functools
@@ -15,11 +15,11 @@ import torchvision.models as tvm
 
 from common.errors import UserError
 from common.groups import discover, masked, narrow, paper_preset, reason_kinds
-from common.models import ARCH_NAMES, block_refs, build_model, partitioned_blocks, prunable_blocks
+from common.models import ARCH_NAMES, PreActBlock, block_refs, build_model, partitioned_blocks, prunable_blocks
 
 FIRST_STAGE = {"resnet20": 16, "resnet32": 16, "resnet56": 16, "wrn16_4": 64, "wrn16_8": 128, "wrn22_8": 128,
                "wrn28_10": 160, "wrn34_10": 160, "wrn40_4": 64}
-ZOO = [a for a in ARCH_NAMES if a != "mobilenetv3_small"]   # the zoo's residual nets (BlockRef today)
+ZOO = [a for a in ARCH_NAMES if a != "mobilenetv3_small"]   # the zoo's residual nets
 
 
 def zoo_arch(name: str) -> dict:
@@ -186,38 +186,73 @@ def test_group_details_of_the_torchvision_models():
 
 
 # ------------------------------------------------------------------ the zoo: groups == blocks
+def zoo_blocks(model) -> list[tuple[str, int, int, str]]:
+    """The zoo's residual blocks as they were written by hand before discovery (the reference):
+    (block path, stage, index, its mid BN) for every block of layer1..layerN; a BasicBlock
+    normalises conv1's filters with bn1, a pre-activation block with bn2."""
+    out, s = [], 1
+    while hasattr(model, f"layer{s}"):
+        for j, block in enumerate(getattr(model, f"layer{s}")):
+            out.append((f"layer{s}.{j}", s, j, "bn2" if isinstance(block, PreActBlock) else "bn1"))
+        s += 1
+    return out
+
+
 @pytest.mark.parametrize("name", ZOO)
 def test_zoo_groups_are_todays_blocks_and_paper_preset_is_todays_selection(name):
-    """Discovered groups = BlockRefs (conv1 → mid BN → conv2, same state-dict entries and dims);
-    `paper` selects prunable_blocks / partitioned_blocks; narrowing = today's slicing (03's and
-    LoFT's: each BlockRef entry index-selected to the kept channels)."""
+    """Discovered groups = the hand-written blocks of before (conv1 → mid BN → conv2, the same 6
+    state-dict entries and dims); block_refs are those groups; `paper` (hence prunable_blocks /
+    partitioned_blocks) selects blocks [1:] of every stage, stage 1 partitioned only if asked;
+    narrowing = the old slicing (each entry index-selected to the kept channels)."""
     model, found = built(name)
-    blocks = block_refs(model)
+    blocks = zoo_blocks(model)
     state = model.state_dict()
     inner = [g for g in found.groups if g.name.startswith("layer")]
-    assert [(g.name, g.width) for g in inner] == [(f"{b.name}.conv1", b.mid) for b in blocks]
+    assert [(g.name, g.width) for g in inner] == [(f"{b}.conv1", model.get_submodule(b).conv1.out_channels)
+                                                    for b, *_ in blocks]
     # A WRN's first block widens with a projection, so the stem's output is never added: its
     # channels (stem conv → layer1.0's BN → conv1 and shortcut) are one more, outer group.
     outer = [(g.name, g.consumers) for g in found.groups if g not in inner]
     assert outer == ([("conv1", (("layer1.0.conv1", 1, 1), ("layer1.0.shortcut.0", 1, 1)))]
                      if name.startswith("wrn") else [])
-    for g, b in zip(inner, blocks):
-        assert g.producers == ((f"{b.name}.conv1", 0),)
-        assert g.consumers == ((f"{b.name}.conv2", 1, 1),)
-        assert g.members == (f"{b.name}.{b.mid_bn}",)
-        assert {k: d for k, (d, _) in g.entries(state).items()} == b.slice_dims(state)
+    for g, (b, _, _, bn) in zip(inner, blocks):
+        assert g.producers == ((f"{b}.conv1", 0),)
+        assert g.consumers == ((f"{b}.conv2", 1, 1),)
+        assert g.members == (f"{b}.{bn}",)
+        expected = {f"{b}.conv1.weight": 0, f"{b}.conv2.weight": 1,
+                    **{f"{b}.{bn}.{leaf}": 0 for leaf in ("weight", "bias", "running_mean", "running_var")}}
+        assert {k: d for k, (d, _) in g.entries(state).items()} == expected
+    assert [(r.name, r.stage, r.index, r.group) for r in block_refs(model)] == \
+        [(b, s, j, g) for (b, s, j, _), g in zip(blocks, inner)]
     for stage1 in (False, True):
         chosen = paper_preset(found.groups, partition_stage1=stage1)
-        assert list(chosen.prunable) == [f"{b.name}.conv1" for b in prunable_blocks(model)]
-        assert list(chosen.partitioned) == [f"{b.name}.conv1" for b in partitioned_blocks(model, stage1)]
+        assert list(chosen.prunable) == [f"{b}.conv1" for b, _, j, _ in blocks if j > 0]
+        assert list(chosen.partitioned) == [f"{b}.conv1" for b, s, j, _ in blocks if j > 0 and (s > 1 or stage1)]
         assert set(chosen.why_not) == {g.name for g in found.groups} - set(chosen.partitioned)
+        assert [r.producer for r in prunable_blocks(model)] == list(chosen.prunable)
+        assert [r.producer for r in partitioned_blocks(model, stage1)] == list(chosen.partitioned)
     keep = random_halves(inner)
-    today = dict(state)   # today's slicing: every BlockRef entry cut to the kept mid channels
-    for b in blocks:
-        for key, dim in b.slice_dims(state).items():
-            today[key] = state[key].index_select(dim, keep[f"{b.name}.conv1"].sort().values)
+    today = dict(state)   # the old slicing: every block entry cut to the kept mid channels
+    for r in block_refs(model):
+        for key, dim in r.slice_dims(state).items():
+            today[key] = state[key].index_select(dim, keep[r.producer].sort().values)
     mine = narrow(model, inner, keep).state_dict()
     assert list(mine) == list(today) and all(torch.equal(mine[k], today[k]) for k in today)
+
+
+def test_a_narrowed_zoo_model_is_traced_once_per_structure():
+    """block_refs traces each model structure once (common.groups.discovered); build_model's
+    narrowing through the groups gives the same modules as the arch's widths say."""
+    from common import groups
+    arch = zoo_arch("preresnet18")
+    before = groups.TRACES[0]
+    for _ in range(3):
+        block_refs(build_model(arch))
+    assert groups.TRACES[0] - before <= 1
+    small = build_model({**arch, "mids": {"layer3.1": 3}})
+    assert [small.layer3[1].conv1.out_channels, small.layer3[1].bn2.num_features,
+            small.layer3[1].conv2.in_channels] == [3, 3, 3]
+    assert [r.mid for r in block_refs(small) if r.name == "layer3.1"] == [3]
 
 
 def test_paper_preset_on_torchvision_resnet50():
@@ -453,6 +488,27 @@ def test_dry_run_table_lists_every_group_with_its_choice_and_every_rejected_plac
     assert "classifier.0 (x49)" in describe(built("tv_vgg11_bn")[0], preset=None)
     with pytest.raises(UserError, match="unknown group preset 'nope'"):
         describe(model, preset="nope")
+
+
+def test_01_dry_run_prints_the_group_table_of_the_configs_model(capsys):
+    """quick_c10's preresnet18 (width 1/4): its 8 block groups with the paper preset's choice on
+    stderr, the places that are no group after them; stdout stays the JSON report."""
+    import json
+    from pathlib import Path
+    from conftest import stage
+    config = Path(__file__).resolve().parents[1] / "yaml" / "quick_c10.yaml"
+    stage("01_pretrain_loft").main(["--config", str(config), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert json.loads(out)["arch"]["name"] == "preresnet18"
+    lines = err.splitlines()
+    assert lines[0].split() == ["group", "width", "producers", "consumers", "chosen"]
+    assert lines[2].split() == ["layer1.1.conv1", "16", "layer1.1.conv1", "layer1.1.conv2", "prune", "only:",
+                                "stage", "1", "(partitioned", "only", "if", "asked)"]
+    assert lines[3].split()[:2] == ["layer2.0.conv1", "32"]
+    assert lines[3].endswith("no: first block of its stage (strided or widening)")
+    assert lines[8].split() == ["layer4.1.conv1", "128", "layer4.1.conv1", "layer4.1.conv2", "partition", "+", "prune"]
+    assert lines[9] == "8 channel groups; not groups (shared channels), 5 places:"
+    assert lines[10].split() == ["conv1", "add"] and lines[-1].split()[0] == "head.fc"
 
 
 class Reductions(nn.Module):

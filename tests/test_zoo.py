@@ -209,8 +209,9 @@ def test_torchvision_resnet_width_keeps_torchvisions_names():
         full = tvm.resnet34(num_classes=10).state_dict()
     assert list(half) == list(full)
     assert half["layer3.2.conv1.weight"].shape == (128, 128, 3, 3) and half["fc.weight"].shape == (10, 256)
-    assert [b.mid_bn for b in prunable_blocks(build_model({"name": "resnet18_in", "num_classes": 10,
-                                                           "width": 0.125}))] == ["bn1"] * 4
+    assert [b.group.members for b in prunable_blocks(build_model({"name": "resnet18_in", "num_classes": 10,
+                                                                  "width": 0.125}))] == \
+        [(f"layer{s}.1.bn1",) for s in range(1, 5)]
 
 
 def test_option_a_shortcut_and_wrn_structure():
@@ -224,7 +225,8 @@ def test_option_a_shortcut_and_wrn_structure():
     wrn = build_model({"name": "wrn28_10", "num_classes": 100, "width": 1.0})
     assert [len(s) for s in (wrn.layer1, wrn.layer2, wrn.layer3)] == [4, 4, 4] and not hasattr(wrn, "layer4")
     assert wrn.conv1.out_channels == 16 and [wrn.layer3[1].conv1.out_channels, wrn.head.fc.in_features] == [640, 640]
-    assert [b.mid_bn for b in partitioned_blocks(wrn)] == ["bn2"] * 6
+    assert [b.group.members for b in partitioned_blocks(wrn)] == \
+        [(f"layer{s}.{j}.bn2",) for s in (2, 3) for j in (1, 2, 3)]
     drop = build_model({"name": "wrn16_4", "num_classes": 10, "width": 0.125, "dropout": 0.3}).train()
     x = torch.randn(2, 3, 32, 32)
     assert not torch.equal(drop(x), drop(x)) and torch.equal(drop.eval()(x), drop(x))
