@@ -32,13 +32,13 @@ def main(argv=None):
     cfg = load_config(args.config, args.set)
     # the config is valid: only now load torch, DeepSpeed and the training modules
     import torch
-    from common.data import NUM_CLASSES
+    from common.data import NUM_CLASSES, input_shape
     from common.dist import Comm, agreed, on_main, setup_from_config, teardown
     from common.emergence import EmergenceWatch
     from common.evaluation import load_splits
-    from common.models import build_model, prunable_blocks
+    from common.models import arch_of, build_model, prunable_blocks
     from common.pretrain import METHODS
-    arch = {"name": cfg.model.arch, "num_classes": NUM_CLASSES[cfg.data.dataset], "width": cfg.model.width}
+    arch = arch_of(cfg.model, NUM_CLASSES[cfg.data.dataset], input_shape(cfg.data.dataset))
     if args.dry_run:
         print(group_table(cfg, arch), file=sys.stderr)   # stdout stays the JSON (or Markdown) report
         print(comm_table(cfg, arch) if args.table else json.dumps(dry_run_report(cfg, arch), indent=1))
@@ -53,7 +53,7 @@ def main(argv=None):
     method = METHODS[cfg.pretrain.method](cfg, arch, init, train_set, env, comm)
     start, rows, comm_total, watch = 1, [], 0, None
     if cfg.pretrain.stop_on_emergence:
-        watch = EmergenceWatch(prunable_blocks(build_model(arch)), cfg.prune.ratio,
+        watch = EmergenceWatch(prunable_blocks(build_model(arch), arch), cfg.prune.ratio,
                                cfg.distance.emergence_eps, cfg.distance.emergence_window)
         watch.start(init)
     if resuming:
@@ -138,18 +138,26 @@ def resume(method, out, cfg, comm, watch):
 
 def group_table(cfg, arch) -> str:
     """Every channel group traced in the model (name, width, producers, consumers), whether the
-    paper preset partitions or prunes it and why not, and the places that are no group."""
+    config's choice (model.group_*, pretrain.overlap) partitions or prunes it and why not, and the
+    places that are no group."""
     from common.data import input_shape
-    from common.groups import discovered, format_groups, paper_preset
-    from common.models import build_model
-    found = discovered(build_model(arch), input_shape(cfg.data.dataset))
-    return format_groups(found, paper_preset(found.groups, cfg.pretrain.partition_stage1))
+    from common.groups import discovered, format_groups
+    from common.errors import UserError
+    from common.models import build_model, group_selection
+    model = build_model(arch)
+    found = discovered(model, tuple(arch.get("input_shape") or input_shape(cfg.data.dataset)))
+    try:
+        _, chosen = group_selection(model, arch, cfg.pretrain.partition_stage1, cfg.pretrain.overlap)
+    except UserError as e:   # nothing chosen: the table still lists what was found
+        return f"{format_groups(found)}\nnone chosen: {e}"
+    return format_groups(found, chosen)
 
 
-def loft_blocks(model, cfg) -> list:
-    """The blocks LoFT would split; none for a model that is not partitionable (e.g. MobileNetV3)."""
+def loft_blocks(model, cfg, arch) -> list:
+    """The groups LoFT would split; none for a model that is not partitionable (e.g. MobileNetV3)."""
     from common.models import is_partitionable, partitioned_blocks
-    return partitioned_blocks(model, cfg.pretrain.partition_stage1) if is_partitionable(model) else []
+    return (partitioned_blocks(model, cfg.pretrain.partition_stage1, arch, cfg.pretrain.overlap)
+            if is_partitionable(model, arch) else [])
 
 
 DATA_NOTE = {"full": "full: every worker walks the whole training set each epoch",
@@ -163,7 +171,7 @@ def dry_run_report(cfg, arch) -> dict:
     from common.models import build_model
     pc, shape = cfg.pretrain, input_shape(cfg.data.dataset)
     model = build_model(arch)
-    blocks = loft_blocks(model, cfg)
+    blocks = loft_blocks(model, cfg, arch)
     shared, part = split_params(model, blocks)
     n_train = cfg.data.train_subset or TRAIN_SIZE[cfg.data.dataset]
     sub = build_model(worker_arch(arch, draw_partition(blocks, pc.workers, cfg.seed, 0), 0))
@@ -189,7 +197,7 @@ def comm_table(cfg, arch) -> str:
     from common.data import TRAIN_SIZE, input_shape
     from common.models import build_model
     pc, model, shape = cfg.pretrain, build_model(arch), input_shape(cfg.data.dataset)
-    blocks = loft_blocks(model, cfg)
+    blocks = loft_blocks(model, cfg, arch)
     n_train = cfg.data.train_subset or TRAIN_SIZE[cfg.data.dataset]
     lines = [f"{arch['name']} (width {arch['width']}), {pc.epochs} epochs, {n_train} images, batch {pc.batch_size}, "
              f"K={pc.local_iters}, fp32", "", "| method | comm. cost | ratio to LoFT |", "|---|---:|---:|"]
@@ -211,9 +219,9 @@ def write_comm_json(cfg, arch, n_train, measured_total, out, epochs_run: int):
     from common.models import build_model
     pc = cfg.pretrain
     model = build_model(arch)
-    analytic = analytic_bytes(model, loft_blocks(model, cfg), pc.workers, epochs_run, n_train, pc.batch_size,
+    analytic = analytic_bytes(model, loft_blocks(model, cfg, arch), pc.workers, epochs_run, n_train, pc.batch_size,
                               pc.local_iters, input_shape(cfg.data.dataset), shard=pc.data == "shard")
-    blocks = loft_blocks(model, cfg) if pc.method == "loft" else []
+    blocks = loft_blocks(model, cfg, arch) if pc.method == "loft" else []
     ratio = train_flops_ratio_to_dense(arch, blocks, pc.method, pc.workers, epochs_run, n_train, pc.batch_size,
                                        pc.local_iters, input_shape(cfg.data.dataset), shard=pc.data == "shard")
     report = {

@@ -27,13 +27,19 @@ def opt(default, *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False
     return field(default=default, metadata=meta)
 
 
+ZOO = ["resnet18", "resnet34", "preresnet18", "preresnet34", "resnet20", "resnet32", "resnet56", "preresnet18_in",
+       "wrn16_4", "wrn16_8", "wrn22_8", "wrn28_10", "wrn34_10", "wrn40_4", "resnet18_in", "resnet34_in",
+       "mobilenetv3_small"]   # common/models.py ARCH_NAMES; *_in: ImageNet stems
+
+
 @dataclass
 class ModelCfg:
-    arch: str = opt("preresnet18", choices=[  # common/models.py ARCH_NAMES; *_in: ImageNet stems
-        "resnet18", "resnet34", "preresnet18", "preresnet34", "resnet20", "resnet32", "resnet56", "preresnet18_in",
-        "wrn16_4", "wrn16_8", "wrn22_8", "wrn28_10", "wrn34_10", "wrn40_4", "resnet18_in", "resnet34_in",
-        "mobilenetv3_small"])
-    width: float = opt(1.0, lo=0.0, hi=16.0, lo_open=True)  # channel multiplier: 1.0 = the paper's widths
+    arch: str = opt("preresnet18")   # a zoo name (ZOO), torchvision.<builder or class> (torchvision.resnet50), or package.module:callable
+    width: float = opt(1.0, lo=0.0, hi=16.0, lo_open=True)  # zoo: channel multiplier, 1.0 = the paper's widths; others: 1.0 (use kwargs)
+    kwargs: dict = opt({})           # keyword arguments of a torchvision builder/class or callable (num_classes: from the dataset unless set)
+    group_preset: str = opt("paper", choices=["paper", "all"])  # channel groups chosen: paper = blocks [1:] of residual stages layerS; all = every group found
+    group_include: list[str] = opt([])   # fnmatch patterns on group names or keys (layer3.*, *.conv2): keep only matching groups
+    group_exclude: list[str] = opt([])   # fnmatch patterns: never prune or partition these groups
 
 
 @dataclass
@@ -77,6 +83,7 @@ class PretrainCfg(TrainCfg):
     stop_on_emergence: bool = opt(False)    # stop once the ticket has emerged (distance.emergence_* rule)
     data: str = opt("full", choices=["full", "shard"])  # loft/localsgd: each worker walks the whole set per epoch, or its 1/S (equal samples with dense; training FLOPs: comm.json's ratio to dense)
     fused_workers: bool = opt(False)        # loft/localsgd: a device's workers train as one grouped module (common/fused.py); fast on GPUs
+    overlap: str = opt("block_diagonal", choices=["block_diagonal", "non_adjacent"])  # a tensor on two partitioned groups (Bottleneck conv2): IST's diagonal blocks, or partition only groups sharing no tensor (common/models.py)
 
 
 @dataclass
@@ -152,6 +159,9 @@ def _coerce(key: str, value, typ):
     elif typ is str:
         if isinstance(value, str):
             return value
+    elif typ is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
     raise UserError(f"config key {key}: expected {typ.__name__}, got {type(value).__name__} {value!r}")
 
 
@@ -192,8 +202,29 @@ def _check_defaults(obj, prefix=""):
             _check_range(prefix + f.name, v, f.metadata)
 
 
+IMPORTS_NAMED: set[str] = set()   # package.module:callable archs named by a loaded config (common/models.py imports only these)
+
+
+def check_arch(model: ModelCfg):
+    name = model.arch
+    brought = name.startswith("torchvision.") or ":" in name
+    if not brought and name not in ZOO:
+        raise UserError(f"config key model.arch: {name!r} is not a zoo model ({', '.join(ZOO)}), "
+                        "torchvision.<name> or package.module:callable")
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        if not (all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()):
+            raise UserError(f"config key model.arch: {name!r} is not package.module:callable")
+    if brought and model.width != 1.0:
+        raise UserError(f"config key model.width: {model.width} applies to zoo models only; size "
+                        f"{name} with model.kwargs")
+    if not brought and model.kwargs:
+        raise UserError(f"config key model.kwargs: zoo model {name} takes none (model.width sizes it)")
+
+
 def cross_check(cfg: Config):
     """Constraints between keys."""
+    check_arch(cfg.model)
     if cfg.pretrain.method == "loft" and cfg.pretrain.workers < 2:
         raise UserError("config key pretrain.workers: LoFT needs at least 2 workers")
     if cfg.pretrain.data == "shard" and cfg.pretrain.method not in ("loft", "localsgd"):
@@ -287,6 +318,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     if not cfg.name:
         cfg.name = Path(path).stem if path is not None else "default"
     cross_check(cfg)
+    if ":" in cfg.model.arch:   # the only code a stage may import for a model: what its config names
+        IMPORTS_NAMED.add(cfg.model.arch)
     return cfg
 
 

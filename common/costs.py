@@ -1,11 +1,13 @@
 """Analytic costs: parameters, FLOPs (torch.utils.flop_counter) and communication (SPEC 3)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from common.loft import draw_partition, worker_arch
+from common.loft import SlicePlan, draw_partition, slice_shape, worker_arch
 from common.models import BlockRef, build_model
 
 FP32 = 4
@@ -72,9 +74,19 @@ def train_flops_per_sample(model: nn.Module, input_shape=(3, 32, 32), mask: dict
 def split_params(model: nn.Module, blocks: list[BlockRef]) -> tuple[int, int]:
     """(shared, partitioned) parameter counts for a list of partitioned blocks."""
     state = dict(model.named_parameters())
-    part = sum(state[k].numel() for b in blocks for k in b.slice_dims(state))
+    part = sum(state[k].numel() for k in {k for b in blocks for k in b.slice_dims(state)})
     total = sum(p.numel() for p in model.parameters())
     return total - part, part
+
+
+def partitioned_sent(model: nn.Module, blocks: list[BlockRef], workers: int) -> int:
+    """Partitioned parameters the S workers hand back in one round, together: each worker its
+    slices. All of them when every tensor lies on one partitioned group; less where a tensor lies
+    on two (pretrain.overlap=block_diagonal): the workers send its S diagonal blocks only."""
+    state = dict(model.named_parameters())
+    plan = SlicePlan.of(blocks, state)
+    part = draw_partition(blocks, workers, 0, 0)   # sizes: the same every round, whatever the seed
+    return sum(math.prod(slice_shape(state, plan, part, k, w)) for k in plan.entries for w in range(workers))
 
 
 def pipeline_cuts(num_layers: int, stages: int) -> list[int]:
@@ -114,15 +126,17 @@ def analytic_bytes(model: nn.Module, blocks: list[BlockRef], workers: int, epoch
     """The paper's parameter-server counts (fp32) for LoFT, Local SGD and GPipe. With `shard`
     (pretrain.data=shard) a LoFT / Local SGD worker walks 1/S of each pass: rounds ÷ S."""
     shared, part = split_params(model, blocks)
-    full = shared + part
+    full, sent = shared + part, partitioned_sent(model, blocks, workers)
     rounds = rounds_total(epochs, n_train // workers if shard else n_train, batch, local_iters)
-    gpipe_fwd = epochs * n_train * sum(cut_activation_numels(model, workers, input_shape)) * FP32
+    # GPipe cuts the model's layer list (the zoo's); a model brought without one has no GPipe count
+    gpipe_fwd = (epochs * n_train * sum(cut_activation_numels(model, workers, input_shape)) * FP32
+                 if hasattr(model, "layer_list") else None)
     return {
         "rounds": rounds,
-        "loft": rounds * 2 * (workers * shared + part) * FP32 if blocks else None,  # None: not partitionable
+        "loft": rounds * 2 * (workers * shared + sent) * FP32 if blocks else None,  # None: not partitionable
         "localsgd": rounds * 2 * workers * full * FP32,
         "gpipe_fwd": gpipe_fwd,            # the paper's convention: forward activations once
-        "gpipe_fwd_bwd": 2 * gpipe_fwd,    # real traffic: activations forward + gradients back
+        "gpipe_fwd_bwd": 2 * gpipe_fwd if gpipe_fwd is not None else None,  # real traffic: forward + gradients back
     }
 
 

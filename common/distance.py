@@ -114,8 +114,9 @@ def filter_norms(state: dict, blocks: list[BlockRef]) -> dict[str, torch.Tensor]
     (common.importance), so 02 and the emergence stop rank the filters 03 cuts."""
     out = {}
     for b in blocks:
-        if f"{b.producer}.weight" not in state:
-            raise UserError(f"checkpoint has no {b.producer}.weight: not a model of this architecture")
+        missing = [p for p, _ in b.group.producers if f"{p}.weight" not in state]
+        if missing:
+            raise UserError(f"checkpoint has no {missing[0]}.weight: not a model of this architecture")
         out[layer_name(b)] = l1_filter_norm(state, b)
     return out
 

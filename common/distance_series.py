@@ -41,7 +41,7 @@ def load_series(pretrain_dir: Path, made_by: str) -> Series:
         if arch is None:
             arch, method = ck["arch"], str(ck.get("method", "unknown"))
             model = build_model(arch)
-            blocks, bn_keys = prunable_blocks(model), bn_gamma_keys(model)
+            blocks, bn_keys = prunable_blocks(model, arch), bn_gamma_keys(model)
             if not blocks:
                 raise UserError(f"{f}: {arch['name']} has no prunable blocks")
         elif ck["arch"] != arch:

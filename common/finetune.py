@@ -47,7 +47,7 @@ def rewind_weights(ticket: dict, epoch: int) -> dict:
     src = rewind_checkpoint(ticket, epoch)
     state = src["model"]
     if ticket.get("kept"):
-        blocks = prunable_blocks(build_model(_full_arch(ticket["arch"])))
+        blocks = prunable_blocks(build_model(_full_arch(ticket["arch"])), ticket["arch"])
         state = slice_blocks(state, blocks, ticket["kept"])
     return state
 

@@ -20,6 +20,7 @@ output, an unknown op or a custom autograd function).
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 import re
 import traceback
@@ -564,7 +565,38 @@ def paper_preset(groups: list[ChannelGroup], partition_stage1: bool = False) -> 
     return Selection(tuple(prunable), tuple(partitioned), why_not)
 
 
-PRESETS = {"paper": paper_preset}
+def all_preset(groups: list[ChannelGroup], partition_stage1: bool = False) -> Selection:
+    """Every discovered group, pruned and partitioned (a model without the zoo's residual stages)."""
+    names = tuple(g.name for g in groups)
+    return Selection(names, names, {})
+
+
+PRESETS = {"paper": paper_preset, "all": all_preset}
+
+
+def filter_selection(chosen: Selection, keys: dict[str, str], include: list[str], exclude: list[str]) -> Selection:
+    """`chosen` narrowed by fnmatch patterns, each matched against a group's name and its key
+    (`keys`: name → key, e.g. layer2.1.conv1 → layer2.1): with `include`, only groups matching one
+    of them; never a group matching one of `exclude`."""
+    if not include and not exclude:
+        return chosen
+
+    def matches(name: str, patterns: list[str]) -> bool:
+        return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in (name, keys.get(name, name)))
+
+    def why(name: str) -> str | None:
+        if include and not matches(name, include):
+            return "matches no model.group_include pattern"
+        if matches(name, exclude):
+            return "matches a model.group_exclude pattern"
+        return None
+
+    why_not = dict(chosen.why_not)
+    for name in chosen.prunable:
+        if why(name):
+            why_not[name] = why(name)
+    return Selection(tuple(n for n in chosen.prunable if not why(n)),
+                     tuple(n for n in chosen.partitioned if not why(n)), why_not)
 
 
 # ------------------------------------------------------------------------ the dry-run table

@@ -47,9 +47,11 @@ def is_structured(kind: str) -> bool:
 
 @filter_criterion("l1")
 def l1_filter_norm(state: dict, block: BlockRef) -> torch.Tensor:
-    """L1 norm of each filter of the block's producer (conv1 in a BasicBlock; LoFT; Li et al.
-    2016), float64 on the CPU."""
-    return state[f"{block.producer}.weight"].detach().cpu().double().abs().flatten(1).sum(1)
+    """L1 norm of each filter of the group's producer (conv1 in a BasicBlock; LoFT; Li et al.
+    2016), float64 on the CPU. A group with two producers (an SE gate beside its expand conv)
+    ranks a channel by the sum of its filters' L1 norms over both."""
+    return sum(state[f"{name}.weight"].detach().cpu().double().abs().flatten(1).sum(1)
+               for name, _ in block.group.producers)
 
 
 @weight_criterion("magnitude")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from common.data import _gen
+from common.groups import channel_columns
 from common.models import BlockRef, narrowed_arch
 
 PARTITION_STREAM = 7_000_001  # generator namespace for partitions, apart from data streams
@@ -35,15 +36,26 @@ def draw_partition(blocks: list[BlockRef], workers: int, seed: int, round_: int)
 
 @dataclass(frozen=True)
 class SlicePlan:
-    """Which state entries live on partitioned channels: key → (block name, dim)."""
-    entries: dict[str, tuple[str, int]]
+    """Which state entries live on partitioned channels: key → ((group key, dim, repeat), ...).
+    An entry on two groups (a Bottleneck's conv2: outputs on its own group, inputs on conv1's) is
+    cut along both dims; `repeat` > 1 where a flatten gives each channel that many columns."""
+    entries: dict[str, tuple[tuple[str, int, int], ...]]
 
     @staticmethod
     def of(blocks: list[BlockRef], state: dict) -> "SlicePlan":
-        return SlicePlan({k: (b.name, d) for b in blocks for k, d in b.slice_dims(state).items()})
+        entries: dict[str, tuple] = {}
+        for b in blocks:
+            for k, (dim, repeat) in b.slice_dims(state).items():
+                entries[k] = (*entries.get(k, ()), (b.name, dim, repeat))
+        return SlicePlan(entries)
 
     def shared_keys(self, state: dict) -> list[str]:
         return [k for k in state if k not in self.entries]
+
+    def cuts(self, key: str, channels: dict) -> list[tuple[int, torch.Tensor]]:
+        """(dim, indices) that cut entry `key` to `channels` (group key → kept channels)."""
+        return [(dim, channel_columns(channels[group], repeat))
+                for group, dim, repeat in self.entries.get(key, ()) if group in channels]
 
 
 def worker_arch(arch: dict, part: dict, worker: int) -> dict:
@@ -51,17 +63,16 @@ def worker_arch(arch: dict, part: dict, worker: int) -> dict:
 
 
 def select_channels(state: dict, plan: SlicePlan, channels: dict[str, torch.Tensor], out: dict | None = None) -> dict:
-    """`state` with every planned entry cut to `channels[block]` (the others whole): a new dict of
+    """`state` with every planned entry cut to `channels[group]` (the others whole): a new dict of
     copies, or written in place into the tensors of `out` (a persistent module's state dict).
     The one slicing routine: LoFT's subnetworks and 03/04's structured tickets both use it."""
     sub = {} if out is None else out
     for k, v in state.items():
-        sliced = k in plan.entries and plan.entries[k][0] in channels
-        if sliced:
-            block, dim = plan.entries[k]
-            v = v.index_select(dim, channels[block])
+        cuts = plan.cuts(k, channels)
+        for dim, idx in cuts:
+            v = v.index_select(dim, idx)
         if out is None:
-            sub[k] = v if sliced else v.clone()
+            sub[k] = v if cuts else v.clone()
         else:
             out[k].copy_(v)
     return sub
@@ -80,10 +91,21 @@ def partition_to(part: dict, device) -> dict:
 
 def slice_shape(state: dict, plan: SlicePlan, part: dict, key: str, worker: int) -> list[int]:
     """Shape of `worker`'s slice of the partitioned entry `key`."""
-    block, dim = plan.entries[key]
     shape = list(state[key].shape)
-    shape[dim] = len(part[block][worker])
+    for group, dim, repeat in plan.entries[key]:
+        shape[dim] = len(part[group][worker]) * repeat
     return shape
+
+
+def place(target: torch.Tensor, cuts: list[tuple[int, torch.Tensor]], values: torch.Tensor) -> None:
+    """Write `values` into `target` at the cut's indices (one dim: a row/column placement; two: the
+    block [rows x columns], the rest of those rows and columns untouched)."""
+    (dim, idx), rest = cuts[0], cuts[1:]
+    if rest:
+        block = target.index_select(dim, idx)
+        place(block, rest, values)
+        values = block
+    target.index_copy_(dim, idx, values.to(target.dtype))
 
 
 # ------------------------------------------------------------------- aggregate
@@ -130,10 +152,10 @@ def place_partitioned(state: dict, plan: SlicePlan, part: dict, results: dict[in
     new = {k: state[k].clone() for k in part_keys}
     for w, flat in gathered.items():
         offset = 0
+        mine = {group: sets[w] for group, sets in part.items()}
         for k, shape in zip(part_keys, shapes[w]):
-            block, dim = plan.entries[k]
             n = torch.Size(shape).numel()
-            new[k].index_copy_(dim, part[block][w], flat[offset:offset + n].view(shape).to(state[k].dtype))
+            place(new[k], plan.cuts(k, mine), flat[offset:offset + n].view(shape))
             offset += n
     return new
 

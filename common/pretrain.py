@@ -184,7 +184,7 @@ class Loft:
             arch_of, pc, env.device, self.schedule, streams)
 
     def split_blocks(self, model):
-        blocks = partitioned_blocks(model, self.cfg.pretrain.partition_stage1)
+        blocks = partitioned_blocks(model, self.cfg.pretrain.partition_stage1, self.arch, self.cfg.pretrain.overlap)
         if not blocks:
             raise UserError(f"model.arch={self.arch['name']}: no partitionable blocks")
         narrowest = min(b.mid for b in blocks)

@@ -67,7 +67,7 @@ def prune_filters(model: nn.Module, arch: dict, ratio: float,
     composed through `source_kept` when the source was itself pruned. `rows` give each
     block's width before/after and its L1 threshold (the norm of its weakest kept filter)."""
     state = model.state_dict()
-    blocks = prunable_blocks(model)
+    blocks = prunable_blocks(model, arch)
     rel, rows = {}, []
     for b in blocks:
         norms = FILTER_CRITERIA[kind](state, b)

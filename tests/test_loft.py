@@ -61,7 +61,7 @@ def naive_aggregate(state, plan, part, results, S):
     new = {}
     for k, v in state.items():
         if k in plan.entries:
-            block, dim = plan.entries[k]
+            ((block, dim, _),) = plan.entries[k]   # a zoo entry lies on one group
             out = v.clone()
             for w in range(S):
                 for j, c in enumerate(part[block][w].tolist()):
@@ -95,7 +95,7 @@ def test_aggregate_places_owner_values_and_averages_shared(S):
     for k in state:
         torch.testing.assert_close(new[k], ref[k], rtol=1e-6, atol=1e-6)
     # the placement is exact: each partitioned channel is its owner's value, bit for bit
-    for k, (block, dim) in plan.entries.items():
+    for k, ((block, dim, _),) in plan.entries.items():
         for w in range(S):
             assert torch.equal(new[k].index_select(dim, part[block][w]), results[w][k])
 

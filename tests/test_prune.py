@@ -61,7 +61,7 @@ def test_kept_filters_are_the_top_l1_ones_and_other_blocks_are_unchanged(ratio):
         assert pruned.kept[b.name].dtype == torch.int64
         assert pruned.kept[b.name].tolist() == top.tolist()
         assert pruned.arch["mids"][b.name] == len(top)
-        for key, dim in b.slice_dims(state).items():
+        for key, (dim, _) in b.slice_dims(state).items():
             assert torch.equal(new[key], state[key].index_select(dim, torch.from_numpy(top))), key
             sliced.add(key)
     for key in state.keys() - sliced:                     # stem, first blocks, shortcuts, head: bit-for-bit
