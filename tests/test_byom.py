@@ -1,0 +1,205 @@
+"""Bring your own model: the stages over the channel groups tracing finds, on torchvision's
+ResNet-50 (two groups a Bottleneck, one tensor on both) and on a model from package.module:callable.
+
+The expectations are independent of the code under test: a worker's slice is read back with
+plain indexing, the shared tensors against a mean taken here, the bytes against the worker
+subnetworks' own state dicts, the kept filters against L1 norms computed with numpy."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CPU_RANKS, DATA, REPO, deepspeed_launcher, randomised, run_cli, stage
+from common.config import IMPORTS_NAMED, load_config
+from common.dist import Comm, DistEnv
+from common.errors import UserError
+from common.groups import discovered, masked
+from common.loft import SlicePlan, aggregate, draw_partition, extract, select_channels, worker_arch
+from common.models import (block_refs, build_model, group_selection, narrowed_arch, partitioned_blocks,
+                           prunable_blocks)
+
+sys.path.insert(0, str(REPO / "tests"))   # byom_model: the user's module
+R50 = {"name": "torchvision.resnet50", "num_classes": 10, "width": 1.0, "kwargs": {"width_per_group": 8},
+       "input_shape": [3, 32, 32]}
+CNN = {"name": "byom_model:small_cnn", "num_classes": 10, "width": 1.0, "kwargs": {}, "input_shape": [3, 32, 32],
+       "groups": {"preset": "all", "include": [], "exclude": []}}
+PAPER_BLOCKS = [f"layer{s}.{j}" for s, n in ((2, 4), (3, 6), (4, 3)) for j in range(1, n)]
+
+
+@pytest.fixture(scope="module")
+def r50():
+    return randomised(R50)
+
+
+def test_resnet50_groups_the_paper_preset_and_the_overlap_rule(r50):
+    refs = block_refs(r50)
+    assert len(refs) == 33                                # stem + 2 per Bottleneck (16 blocks)
+    chosen = [b.name for b in partitioned_blocks(r50, arch=R50)]
+    assert chosen == [f"{blk}.{conv}" for blk in PAPER_BLOCKS for conv in ("conv1", "conv2")]
+    assert [b.name for b in prunable_blocks(r50, R50)] == [
+        f"layer{s}.{j}.{conv}" for s, n in ((1, 3), (2, 4), (3, 6), (4, 3)) for j in range(1, n)
+        for conv in ("conv1", "conv2")]
+    # conv2's weight lies on both groups of its block: outputs on its own, inputs on conv1's
+    plan = SlicePlan.of(partitioned_blocks(r50, arch=R50), r50.state_dict())
+    assert plan.entries["layer2.1.conv2.weight"] == (("layer2.1.conv1", 1, 1), ("layer2.1.conv2", 0, 1))
+    # non_adjacent keeps the first group of each block and says why the second is left whole
+    refs, sel = group_selection(r50, R50, overlap="non_adjacent")
+    assert list(sel.partitioned) == [f"{blk}.conv1" for blk in PAPER_BLOCKS]
+    assert sel.why_not["layer2.1.conv2"] == "shares layer2.1.conv2.weight with layer2.1.conv1 (pretrain.overlap=non_adjacent)"
+    # include / exclude patterns, on names
+    arch = {**R50, "groups": {"preset": "paper", "include": ["layer3.*"], "exclude": ["*.conv2"]}}
+    assert [b.name for b in partitioned_blocks(r50, arch=arch)] == [f"layer3.{j}.conv1" for j in range(1, 6)]
+    nothing = {**R50, "groups": {"preset": "paper", "include": ["nope*"], "exclude": []}}
+    with pytest.raises(UserError, match="not partitionable .* include/exclude patterns"):
+        prunable_blocks(r50, nothing)
+
+
+def test_resnet50_rebuilt_narrow_from_its_arch_equals_the_masked_full_model(r50, cifar_images=None):
+    """Every one of the 33 groups (stem and both dims of every conv2 included) cut to a seeded
+    random half: build_model(arch with mids) + the sliced state = the full model masked (1e-5)."""
+    refs = block_refs(r50)
+    gen = torch.Generator().manual_seed(5)
+    keep = {b.name: torch.randperm(b.mid, generator=gen)[: max(1, b.mid // 2)].sort().values for b in refs}
+    small = build_model(narrowed_arch(R50, {k: len(v) for k, v in keep.items()}))
+    state = r50.state_dict()
+    small.load_state_dict(select_channels(state, SlicePlan.of(refs, state), keep))
+    reference = masked(r50, [b.group for b in refs], {b.group.name: keep[b.name] for b in refs})
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in r50.parameters())
+    x = torch.randn(3, 3, 32, 32, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(small.eval()(x), reference.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_loft_round_on_resnet50_with_four_workers(r50):
+    """S = 4, block-diagonal: each worker's slices land at its indices, the shared tensors are the
+    workers' mean, what no worker held (conv2's off-diagonal blocks) is bit-equal to before, and
+    the bytes sent are the four subnetworks' state dicts."""
+    S, state = 4, r50.state_dict()
+    blocks = partitioned_blocks(r50, arch=R50)
+    plan = SlicePlan.of(blocks, state)
+    part = draw_partition(blocks, S, 0, 3)
+    gen = torch.Generator().manual_seed(1)
+    results = {}
+    for w in range(S):
+        sub = extract(state, plan, part, w)
+        results[w] = {k: v + torch.randn(v.shape, generator=gen) if v.is_floating_point() else v + 4 * (w + 1)
+                      for k, v in sub.items()}
+    comm = Comm(DistEnv())
+    new = aggregate(state, plan, part, results, comm, S)
+    held = {k: torch.zeros(v.shape, dtype=torch.bool) for k, v in state.items() if k in plan.entries}
+    for w in range(S):
+        for k in plan.entries:
+            index = [slice(None)] * state[k].dim()
+            for group, dim, _ in plan.entries[k]:
+                index[dim] = part[group][w]
+            grid = torch.meshgrid(*[torch.arange(n)[i] for n, i in zip(state[k].shape, index)], indexing="ij")
+            assert torch.equal(new[k][grid], results[w][k]), k
+            held[k][grid] = True
+    for k, mask in held.items():
+        assert torch.equal(new[k][~mask], state[k][~mask]), k
+    assert not held["layer2.1.conv2.weight"].all() and held["layer2.1.conv1.weight"].all()
+    for k in plan.shared_keys(state):
+        stack = torch.stack([results[w][k] for w in range(S)])
+        expected = stack.sum(0) / S if stack.is_floating_point() else torch.div(stack.sum(0), S, rounding_mode="floor")
+        assert torch.equal(new[k], expected), k
+    sent = sum(v.numel() * v.element_size() for w in range(S)
+               for v in build_model(worker_arch(R50, part, w)).state_dict().values())
+    assert comm.bytes_sent == sent
+
+
+def r50_config(tmp_path, **pretrain):
+    cfg = tmp_path / "r50.yaml"
+    cfg.write_text(json.dumps({
+        "seed": 0, "model": {"arch": "torchvision.resnet50", "kwargs": {"width_per_group": 8}},
+        "data": {"root": str(DATA), "train_subset": 256, "test_subset": 100, "eval_batch_size": 100},
+        "pretrain": {"method": "loft", "workers": 4, "local_iters": 4, "epochs": 1, "batch_size": 32,
+                     "lr": 0.02, "bn_recal_batches": 1, **pretrain},
+        "prune": {"kind": "l1", "ratio": 0.5},
+        "finetune": {"epochs": 1, "batch_size": 32, "lr": 0.01, "schedule": "constant"},
+        "dist": CPU_RANKS}))
+    return cfg
+
+
+def test_resnet50_loft_one_process_equals_two_gloo_ranks(tmp_path):
+    cfg = r50_config(tmp_path)
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1 = run_cli(["01_pretrain_loft.py", "--config", str(cfg), "--run-dir", str(one)])
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    r2 = run_cli(["01_pretrain_loft.py", "--config", str(cfg), "--run-dir", str(two)], deepspeed_launcher(2))
+    assert r2.returncode == 0, (r2.stdout + r2.stderr)[-3000:]
+    a, b = (torch.load(d / "pretrain/epoch_001.pt", weights_only=True) for d in (one, two))
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    c1, c2 = (json.loads((d / "pretrain/comm.json").read_text()) for d in (one, two))
+    assert c1["measured_payload_bytes"] == c2["measured_payload_bytes"]
+    # analytic (parameters, push + pull, fp32) = rounds x 2 x the four subnetworks' parameters
+    model = build_model(a["arch"])
+    blocks = partitioned_blocks(model, arch=a["arch"])
+    part = draw_partition(blocks, 4, 0, 0)
+    params = sum(p.numel() for w in range(4) for p in build_model(worker_arch(a["arch"], part, w)).parameters())
+    assert c1["analytic_ps_bytes"]["loft"] == (256 // 32 // 4) * 2 * params * 4
+
+
+def test_resnet50_c10_yaml_end_to_end_on_a_small_subset(tmp_path):
+    """The shipped config, 01 → 02 → 03 → 04 on real CIFAR-10 (a subset): 03's ticket keeps in
+    every pruned group exactly the filters of largest L1 norm, and is physically smaller."""
+    run = tmp_path / "run"
+    sets = ["--set", f"data.root={DATA}", "--set", "data.train_subset=320", "--set", "data.test_subset=100",
+            "--set", "pretrain.epochs=2", "--set", "pretrain.local_iters=5", "--set", "pretrain.batch_size=32",
+            "--set", "pretrain.bn_recal_batches=1", "--set", "finetune.epochs=1", "--set", "finetune.batch_size=32",
+            "--set", "dist.threads_per_rank=1"]
+    base = ["--config", str(REPO / "yaml/resnet50_c10.yaml"), "--run-dir", str(run), *sets]
+    for name in ("01_pretrain_loft", "02_filter_distance", "03_prune"):
+        stage(name).main(base)
+    src = torch.load(run / "pretrain/epoch_002.pt", weights_only=True)
+    ticket = torch.load(run / "prune_l1_p50/ticket.pt", weights_only=True)
+    full = build_model(src["arch"])
+    pruned = prunable_blocks(full, src["arch"])
+    assert set(ticket["kept"]) == {b.name for b in pruned} and len(pruned) == 24   # 12 blocks [1:] x 2 groups
+    for b in pruned:
+        w = src["model"][f"{b.producer}.weight"].double().numpy()
+        norms = np.abs(w).reshape(len(w), -1).sum(1)
+        top = np.sort(np.argsort(-norms, kind="stable")[: ticket["arch"]["mids"][b.name]])
+        assert ticket["kept"][b.name].tolist() == top.tolist(), b.name
+    small = build_model(ticket["arch"])
+    small.load_state_dict(ticket["model"])
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in full.parameters())
+    assert (run / "distance/filter_distance.csv").read_text().count("layer4.2.conv2") > 0
+    stage("04_finetune").main([*base, "--ticket", str(run / "prune_l1_p50/ticket.pt")])
+    final = torch.load(run / "finetune_l1_p50_finetune/final.pt", weights_only=True)
+    assert final["arch"] == ticket["arch"]
+
+
+def test_a_callable_model_runs_pretrain_and_prune_and_is_imported_only_when_named(tmp_path):
+    cfg = tmp_path / "cnn.yaml"
+    cfg.write_text(json.dumps({
+        "model": {"arch": "byom_model:small_cnn", "kwargs": {"width": 8}, "group_preset": "all"},
+        "data": {"root": str(DATA), "train_subset": 128, "test_subset": 100, "eval_batch_size": 100},
+        "pretrain": {"method": "loft", "workers": 2, "local_iters": 2, "epochs": 1, "batch_size": 32,
+                     "bn_recal_batches": 1}, "dist": CPU_RANKS}))
+    run = tmp_path / "run"
+    stage("01_pretrain_loft").main(["--config", str(cfg), "--run-dir", str(run)])
+    stage("03_prune").main(["--config", str(cfg), "--run-dir", str(run)])
+    ticket = torch.load(run / "prune_l1_p50/ticket.pt", weights_only=True)
+    assert ticket["arch"]["mids"] == {"0": 4, "4": 8, "9": 16}    # the flatten-consumed group too
+    assert ticket["model"]["9.weight"].shape == (16, 8 * 16)      # fc1 read 8 kept channels x 16 positions
+    IMPORTS_NAMED.discard("byom_model:small_cnn")                 # a stage whose config names another model
+    with pytest.raises(UserError, match="does not name it"):
+        build_model(ticket["arch"])
+    load_config(cfg)
+    assert build_model(ticket["arch"])
+
+
+def test_a_checkpoint_of_another_group_structure_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="name no channel group of this model: layer9.9"):
+        build_model({**R50, "mids": {"layer9.9": 3}})
+    cfg = r50_config(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(cfg.read_text().replace('"arch": "torchvision.resnet50"', '"arch": "torchvision.nope"'))
+    r = run_cli(["01_pretrain_loft.py", "--config", str(bad), "--dry-run"])
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: model.arch=torchvision.nope: torchvision.models has no builder or class 'nope'"]
