@@ -3,6 +3,7 @@ whatever device it finds (CUDA if visible, else the CPU).
 
     python bench/perf.py                                                    # CPU, yaml/bench_c10.yaml's model
     python bench/perf.py --width 1.0 --batch 128 --data-root $LOFT_DATA --out bench/results/gpu   # the paper's setting
+    python bench/perf.py --config yaml/resnet50_c10.yaml --out bench/results/resnet50   # a brought model (torchvision ResNet-50)
 
 (a) step time: a plain loop (batches already on the device, `F.cross_entropy`, SGD) against the
     project's own step over the same modules — dense (`Dense.train_step`, its batch made by
@@ -33,10 +34,10 @@ import torch.nn.functional as F
 from lib import REPO, machine
 from common.config import load_config
 from common.costs import flops_per_sample
-from common.data import TRAIN_SIZE, Stream, load_dataset, on_device
+from common.data import TRAIN_SIZE, Stream, input_shape, load_dataset, on_device
 from common.dist import Comm, DistEnv, configure_kernels
 from common.loft import SlicePlan, aggregate, draw_partition, extract, worker_arch
-from common.models import build_model, partitioned_blocks
+from common.models import arch_of, build_model, partitioned_blocks
 from common.pretrain import RECAL_STREAM, Dense, Loft
 from common.train import evaluate, make_sgd, recalibrate_bn
 
@@ -145,7 +146,7 @@ def measure(cfg, arch, init, train, env, args, precision: str) -> dict:
     out["dense_plain_s"] = seconds_per_call(plain, args.repeats, dev)
     out["dense_project_s"] = seconds_per_call(project_dense(cfg, arch, init, train, env), args.repeats, dev)
     out["dense_mem"] = peak_memory(lambda: build_model(arch), batches, dev)
-    blocks = partitioned_blocks(build_model(arch), cfg.pretrain.partition_stage1)
+    blocks = partitioned_blocks(build_model(arch), cfg.pretrain.partition_stage1, arch, cfg.pretrain.overlap)
     for S in (2, 4):
         cfg_s = load_config(args.config, base_sets(args) + PRECISIONS[precision] + [f"pretrain.workers={S}"])
         sub = build_model(worker_arch(arch, draw_partition(blocks, S, 0, 0), 0))
@@ -206,7 +207,7 @@ def main(argv=None):
     env = DistEnv(device=dev)
     configure_kernels(dev, deterministic=False)
     cfg = load_config(args.config, base_sets(args))
-    arch = {"name": cfg.model.arch, "num_classes": 10, "width": cfg.model.width}
+    arch = arch_of(cfg.model, 10, input_shape(cfg.data.dataset))
     train = on_device(load_dataset(cfg.data, train=True), env)
     test = on_device(load_dataset(cfg.data, train=False), env)
     torch.manual_seed(0)
@@ -222,7 +223,7 @@ def main(argv=None):
         res["dense_project_deterministic_s"] = seconds_per_call(step, args.repeats, dev)
         torch.use_deterministic_algorithms(False)
         configure_kernels(dev, deterministic=False)
-    blocks = partitioned_blocks(build_model(arch), cfg.pretrain.partition_stage1)
+    blocks = partitioned_blocks(build_model(arch), cfg.pretrain.partition_stage1, arch, cfg.pretrain.overlap)
     state = build_model(arch).state_dict()
     res["bytes"] = {S: {w: round_bytes(blocks, state, S, w) for w in ("fp32", "bf16")} for S in (2, 4)}
     res["eval_s_per_epoch"] = eval_seconds(cfg, arch, train, test, env)

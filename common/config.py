@@ -225,6 +225,9 @@ def check_arch(model: ModelCfg):
 def cross_check(cfg: Config):
     """Constraints between keys."""
     check_arch(cfg.model)
+    if cfg.pretrain.method == "gpipe" and (cfg.model.arch.startswith("torchvision.") or ":" in cfg.model.arch):
+        raise UserError(f"config key pretrain.method: gpipe cuts a zoo model's layer list; model.arch="
+                        f"{cfg.model.arch} has none (use loft, localsgd or dense)")
     if cfg.pretrain.method == "loft" and cfg.pretrain.workers < 2:
         raise UserError("config key pretrain.workers: LoFT needs at least 2 workers")
     if cfg.pretrain.data == "shard" and cfg.pretrain.method not in ("loft", "localsgd"):
