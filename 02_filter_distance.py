@@ -73,8 +73,9 @@ def main(argv=None):
         "filter_emergence_rule": f"first e with network-mean normalised top-k F(e+j+1, e+j) < {cfg.distance.emergence_eps} "
                                  f"for j = 0..{cfg.distance.emergence_window - 1}",
         "early_bird_epoch": marks["early bird"],
-        "early_bird_rule": f"first e with mask distance <= {EB_EPS} to each of the previous {EB_HISTORY} "
-                           "trained epochs (the queue starts at epoch 1)",
+        "early_bird_rule": (f"first e with mask distance <= {EB_EPS} to each of the previous {EB_HISTORY} "
+                            "trained epochs (the queue starts at epoch 1)") if series.gammas.shape[1] else
+                           "not applicable: the model has no BatchNorm, whose scales Early-Bird masks rank",
         "distance_to_final": {str(e): round(v, 5) for e, v in zip(ep, to_final(res))},
         "distance_to_final_weighted": {str(e): round(v, 5) for e, v in zip(ep, to_final(res, "network_weighted"))},
         "mask_distance_to_final": {str(e): round(v, 5) for e, v in zip(ep, res.mask_dist[-1].tolist())},

@@ -48,7 +48,11 @@ def output_positions(model: nn.Module, input_shape=(3, 32, 32)) -> dict[str, int
     for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             def hook(mod, inputs, out, key=f"{name}.weight"):
-                positions[key] = out[0, 0].numel()  # one sample, one output channel
+                positions[key] = out.numel() // mod.weight.shape[0]  # one sample: outputs per output channel
+            hooks.append(m.register_forward_hook(hook))
+        elif isinstance(m, nn.MultiheadAttention):  # calls its out_proj's weight without the module
+            def hook(mod, inputs, out, key=f"{name}.out_proj.weight"):
+                positions[key] = out[0].numel() // mod.embed_dim
             hooks.append(m.register_forward_hook(hook))
     model.eval()(torch.zeros(1, *input_shape))
     for h in hooks:

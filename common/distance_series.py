@@ -52,7 +52,8 @@ def load_series(pretrain_dir: Path, made_by: str) -> Series:
         missing = [k for k in bn_keys if k not in ck["model"]]
         if missing:
             raise UserError(f"{f}: no {missing[0]}: not a model of architecture {arch['name']}")
-        gammas.append(torch.cat([ck["model"][k].detach().cpu().double().flatten() for k in bn_keys]))
+        gammas.append(torch.cat([ck["model"][k].detach().cpu().double().flatten() for k in bn_keys])
+                      if bn_keys else torch.zeros(0, dtype=torch.float64))   # no BatchNorm (a ViT): no early bird
     if len(set(epochs)) != len(epochs):
         raise UserError(f"{pretrain_dir}: two checkpoints claim the same epoch")
     params = {layer_name(b): model.get_submodule(b.producer).weight.numel() for b in blocks}
@@ -75,6 +76,8 @@ def analyse(series: Series, ratio: float) -> Analysis:
     per_layer[NETWORK_MEAN] = {c: torch.stack([d[c] for d in list(per_layer.values())]).mean(0) for c in cols}
     per_layer[NETWORK_WEIGHTED] = {c: sum(per_layer[l][c] * (series.params[l] / total) for l in series.params)
                                    for c in cols}
+    if not series.gammas.shape[1]:   # Early-Bird masks are BatchNorm scales: undefined without BN (NaN, never reached)
+        return Analysis(per_layer, k, torch.full((len(series.epochs),) * 2, float("nan"), dtype=torch.float64))
     return Analysis(per_layer, k, mask_distances(channel_masks(series.gammas, ratio)))
 
 
