@@ -53,7 +53,9 @@ def _fused_layer(m: nn.Module, S: int) -> nn.Module | None:
         raise UserError("pretrain.fused_workers: this model's option-A shortcuts pad channels, which a fused "
                         "module cannot keep apart; set pretrain.fused_workers=false")
     if any(True for _ in m.parameters(recurse=False)):
-        raise UserError(f"pretrain.fused_workers: no fused form of {type(m).__name__}; set pretrain.fused_workers=false")
+        raise UserError(f"pretrain.fused_workers: no fused form of {type(m).__name__} (it holds parameters "
+                        f"of its own: {', '.join(n for n, _ in m.named_parameters(recurse=False))}); set "
+                        "pretrain.fused_workers=false")
     return None
 
 

@@ -144,3 +144,12 @@ def test_training_complexity_counts_token_positions_for_linear_layers(vit):
     pos = output_positions(vit)
     assert pos[f"{MLP[0]}.weight"] == pos["encoder.layers.encoder_layer_1.self_attention.out_proj.weight"] == 17
     assert pos["heads.head.weight"] == 1 and pos["conv_proj.weight"] == 16
+
+
+def test_fused_workers_on_a_vit_are_refused_in_one_line(tmp_path):
+    cfg = vit_config(tmp_path, fused_workers=True)
+    r = run_cli(["01_pretrain_loft.py", "--config", str(cfg), "--run-dir", str(tmp_path / "run")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: pretrain.fused_workers: no fused form of VisionTransformer (it holds parameters of its own: "
+        "class_token); set pretrain.fused_workers=false")
