@@ -84,6 +84,18 @@ def commit() -> str:
     return done.stdout.strip()
 
 
+def write_results(out_dir: str | Path, name: str, title: str, script: str, argv, table: list[str], rows: list) -> None:
+    """OUT/NAME.md (the title, the command, the machine and commit, then `table`) and OUT/NAME.json
+    (`rows`); the Markdown is printed too."""
+    command = " ".join(["python", script, *(argv if argv is not None else sys.argv[1:])])
+    text = "\n".join([f"# {title}", "", f"Command: `{command}`  ", f"Machine: {machine()}", "", *table])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(text + "\n")
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    print(text)
+
+
 def bench_args(doc: str, name: str, config: str, smoke_sets: dict, argv=None):
     """The options every accuracy benchmark takes → (args, extra --set overrides, seeds, runs, out)."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])

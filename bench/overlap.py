@@ -13,12 +13,11 @@ Each run: 01 (LoFT), 03 (L1, 50 %), 04 (fine-tune); the table reads their files.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.lib import REPO, commit, machine, pretrain, prune_and_finetune, read_json  # noqa: E402
+from bench.lib import REPO, pretrain, prune_and_finetune, read_json, write_results  # noqa: E402
 
 CONFIG = REPO / "yaml/resnet50_c10.yaml"
 
@@ -48,21 +47,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
     rows = [one_run(Path(args.runs), args.data_root, s, mode, args.epochs, args.finetune_epochs)
             for s in args.workers for mode in ("block_diagonal", "non_adjacent")]
-    cmd = "python bench/overlap.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"# pretrain.overlap on ResNet-50 (yaml/resnet50_c10.yaml), {args.epochs} LoFT epochs + "
-             f"{args.finetune_epochs} fine-tuning epochs of the 50 % L1 ticket", "",
-             f"Command: `{cmd.strip()}`  ", f"Machine: {machine()}  ", f"Commit: {commit()}", "",
-             "| S | overlap | pretrained acc % | 50 % ticket acc % | measured MB | analytic MB (PS) | "
+    table = ["| S | overlap | pretrained acc % | 50 % ticket acc % | measured MB | analytic MB (PS) | "
              "train FLOPs / dense |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['workers']} | {r['overlap']} | {r['pretrained_acc']:.2f} | {r['ticket_acc']:.2f} | "
+        table.append(f"| {r['workers']} | {r['overlap']} | {r['pretrained_acc']:.2f} | {r['ticket_acc']:.2f} | "
                      f"{r['measured_MB']:.1f} | {r['analytic_MB']:.1f} | {r['train_flops_ratio_to_dense']:.3f} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "overlap.md").write_text("\n".join(lines) + "\n")
-    (out / "overlap.json").write_text(json.dumps(rows, indent=1))
-    print("\n".join(lines))
-
+    write_results(args.out, "overlap", f"pretrain.overlap on ResNet-50 (yaml/resnet50_c10.yaml), {args.epochs} LoFT "
+                  f"epochs + {args.finetune_epochs} fine-tuning epochs of the 50 % L1 ticket", "bench/overlap.py", argv,
+                  table, rows)
 
 if __name__ == "__main__":
     main()

@@ -14,12 +14,11 @@ holds (fp32). The table reads the stages' files; nothing here trains by itself.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.lib import REPO, commit, machine, pretrain, prune_and_finetune, read_json, run_stage  # noqa: E402
+from bench.lib import REPO, pretrain, prune_and_finetune, read_json, run_stage, write_results  # noqa: E402
 
 CONFIG = REPO / "yaml/vit_c10.yaml"
 METHODS = {"dense": {"pretrain.method": "dense"},
@@ -83,30 +82,23 @@ def main(argv=None):
     ap.add_argument("--out", default=str(REPO / "bench/results"))
     args = ap.parse_args(argv)
     rows = [one_run(Path(args.runs), args.data_root, m, args.epochs, args.finetune_epochs) for m in METHODS]
-    cmd = "python bench/vit.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"# ViT-CIFAR (yaml/vit_c10.yaml): dense vs LoFT over the MLP hidden neurons, equal samples, "
-             f"{args.epochs} epochs + {args.finetune_epochs} fine-tuning epochs of the 50 % L1 ticket", "",
-             f"Command: `{cmd.strip()}`  ", f"Machine: {machine()}  ", f"Commit: {commit()}", "",
-             "| method | pretrained acc % | 50 % ticket acc % | train FLOPs / dense | per-worker params MB | "
+    table = ["| method | pretrained acc % | 50 % ticket acc % | train FLOPs / dense | per-worker params MB | "
              "bytes/round measured MB (Local SGD) | bytes/round analytic MB (Local SGD) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         comm = ("—", "—") if r["method"] == "dense" else (
             f"{r['measured_round_MB']:.2f} ({r['localsgd_measured_round_MB']:.2f})",
             f"{r['analytic_round_MB']:.2f} ({r['localsgd_analytic_round_MB']:.2f})")
-        lines.append(f"| {r['method']} | {r['pretrained_acc']:.2f} | {r['ticket_acc']:.2f} | "
+        table.append(f"| {r['method']} | {r['pretrained_acc']:.2f} | {r['ticket_acc']:.2f} | "
                      f"{r['train_flops_ratio_to_dense']:.3f} | {r['worker_param_MB']:.2f} | {comm[0]} | {comm[1]} |")
     epochs = list(rows[0]["distance_to_final"])
-    lines += ["", "Filter distance to the final epoch (network mean, normalised top-k, 02's distance_to_final):", "",
+    table += ["", "Filter distance to the final epoch (network mean, normalised top-k, 02's distance_to_final):", "",
               "| method | " + " | ".join(f"e{e}" for e in epochs) + " |", "|---|" + "---:|" * len(epochs)]
     for r in rows:
-        lines.append(f"| {r['method']} | " + " | ".join(f"{r['distance_to_final'][e]:.3f}" for e in epochs) + " |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "vit.md").write_text("\n".join(lines) + "\n")
-    (out / "vit.json").write_text(json.dumps(rows, indent=1))
-    print("\n".join(lines))
-
+        table.append(f"| {r['method']} | " + " | ".join(f"{r['distance_to_final'][e]:.3f}" for e in epochs) + " |")
+    write_results(args.out, "vit", f"ViT-CIFAR (yaml/vit_c10.yaml): dense vs LoFT over the MLP hidden neurons, equal "
+                  f"samples, {args.epochs} epochs + {args.finetune_epochs} fine-tuning epochs of the 50 % L1 ticket",
+                  "bench/vit.py", argv, table, rows)
 
 if __name__ == "__main__":
     main()

@@ -77,6 +77,21 @@ def tiny_config(tmp_path):
     return make
 
 
+def brought_model_config(tmp_path: Path, name: str, model: dict, **pretrain) -> Path:
+    """A small config for a model brought by name (tests/test_byom.py, test_vit.py): 256 real
+    CIFAR-10 images, LoFT, L1 pruning at 50 %, CPU ranks; `pretrain` overrides its section."""
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "seed": 0, "model": model,
+        "data": {"root": str(DATA), "train_subset": 256, "test_subset": 100, "eval_batch_size": 100},
+        "pretrain": {"method": "loft", "workers": 2, "local_iters": 4, "epochs": 1, "batch_size": 32,
+                     "lr": 0.02, "bn_recal_batches": 1, **pretrain},
+        "prune": {"kind": "l1", "ratio": 0.5},
+        "finetune": {"epochs": 1, "batch_size": 32, "lr": 0.01, "schedule": "constant"},
+        "dist": CPU_RANKS}))
+    return cfg
+
+
 def stage(name: str):
     """Import a numbered stage script as a module (e.g. stage('01_pretrain_loft'))."""
     return importlib.import_module(name)

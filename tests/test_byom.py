@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CPU_RANKS, DATA, REPO, deepspeed_launcher, randomised, run_cli, stage
+from conftest import DATA, REPO, brought_model_config, deepspeed_launcher, randomised, run_cli, stage
 from common.config import IMPORTS_NAMED, load_config
 from common.dist import Comm, DistEnv
 from common.errors import UserError
@@ -112,16 +112,8 @@ def test_a_loft_round_on_resnet50_with_four_workers(r50):
 
 
 def r50_config(tmp_path, **pretrain):
-    cfg = tmp_path / "r50.yaml"
-    cfg.write_text(json.dumps({
-        "seed": 0, "model": {"arch": "torchvision.resnet50", "kwargs": {"width_per_group": 8}},
-        "data": {"root": str(DATA), "train_subset": 256, "test_subset": 100, "eval_batch_size": 100},
-        "pretrain": {"method": "loft", "workers": 4, "local_iters": 4, "epochs": 1, "batch_size": 32,
-                     "lr": 0.02, "bn_recal_batches": 1, **pretrain},
-        "prune": {"kind": "l1", "ratio": 0.5},
-        "finetune": {"epochs": 1, "batch_size": 32, "lr": 0.01, "schedule": "constant"},
-        "dist": CPU_RANKS}))
-    return cfg
+    return brought_model_config(tmp_path, "r50", {"arch": "torchvision.resnet50", "kwargs": {"width_per_group": 8}},
+                                workers=4, **pretrain)
 
 
 def test_resnet50_loft_one_process_equals_two_gloo_ranks(tmp_path):
@@ -175,12 +167,8 @@ def test_resnet50_c10_yaml_end_to_end_on_a_small_subset(tmp_path):
 
 
 def test_a_callable_model_runs_pretrain_and_prune_and_is_imported_only_when_named(tmp_path):
-    cfg = tmp_path / "cnn.yaml"
-    cfg.write_text(json.dumps({
-        "model": {"arch": "byom_model:small_cnn", "kwargs": {"width": 8}, "group_preset": "all"},
-        "data": {"root": str(DATA), "train_subset": 128, "test_subset": 100, "eval_batch_size": 100},
-        "pretrain": {"method": "loft", "workers": 2, "local_iters": 2, "epochs": 1, "batch_size": 32,
-                     "bn_recal_batches": 1}, "dist": CPU_RANKS}))
+    cfg = brought_model_config(tmp_path, "cnn", {"arch": "byom_model:small_cnn", "kwargs": {"width": 8},
+                                                 "group_preset": "all"}, local_iters=2)
     run = tmp_path / "run"
     stage("01_pretrain_loft").main(["--config", str(cfg), "--run-dir", str(run)])
     stage("03_prune").main(["--config", str(cfg), "--run-dir", str(run)])
@@ -199,7 +187,7 @@ def test_a_checkpoint_of_another_group_structure_is_one_line(tmp_path):
         build_model({**R50, "mids": {"layer9.9": 3}})
     cfg = r50_config(tmp_path)
     bad = tmp_path / "bad.yaml"
-    bad.write_text(cfg.read_text().replace('"arch": "torchvision.resnet50"', '"arch": "torchvision.nope"'))
+    bad.write_text(cfg.read_text().replace("torchvision.resnet50", "torchvision.nope"))
     r = run_cli(["01_pretrain_loft.py", "--config", str(bad), "--dry-run"])
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: model.arch=torchvision.nope: torchvision.models has no builder or class 'nope'"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CPU_RANKS, DATA, REPO, deepspeed_launcher, run_cli, stage
+from conftest import brought_model_config, deepspeed_launcher, run_cli, stage
 from common.dist import Comm, DistEnv
 from common.groups import discovered, masked
 from common.loft import SlicePlan, aggregate, draw_partition, extract, select_channels, worker_arch
@@ -82,16 +82,9 @@ def test_a_loft_round_places_the_neurons_and_averages_attention(vit):
 
 
 def vit_config(tmp_path, **pretrain):
-    cfg = tmp_path / "vit.yaml"
-    cfg.write_text(json.dumps({
-        "seed": 0, "model": {"arch": "torchvision.VisionTransformer", "kwargs": KW, "group_preset": "all"},
-        "data": {"root": str(DATA), "train_subset": 256, "test_subset": 100, "eval_batch_size": 100},
-        "pretrain": {"method": "loft", "workers": 2, "local_iters": 4, "epochs": 2, "batch_size": 32,
-                     "lr": 0.05, "bn_recal_batches": 0, **pretrain},
-        "prune": {"kind": "l1", "ratio": 0.5},
-        "finetune": {"epochs": 1, "batch_size": 32, "lr": 0.01, "schedule": "constant"},
-        "dist": CPU_RANKS}))
-    return cfg
+    return brought_model_config(tmp_path, "vit", {"arch": "torchvision.VisionTransformer", "kwargs": KW,
+                                                  "group_preset": "all"},
+                                **{"epochs": 2, "lr": 0.05, "bn_recal_batches": 0, **pretrain})
 
 
 def test_vit_loft_one_process_equals_two_gloo_ranks_and_bytes_are_the_analytic_count(tmp_path):
