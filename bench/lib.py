@@ -84,6 +84,15 @@ def commit() -> str:
     return done.stdout.strip()
 
 
+def add_run_args(ap: argparse.ArgumentParser, epochs: int, finetune_epochs: int, runs: str) -> None:
+    """The options of a one-table accuracy benchmark (bench/overlap.py, bench/vit.py)."""
+    ap.add_argument("--epochs", type=int, default=epochs)
+    ap.add_argument("--finetune-epochs", type=int, default=finetune_epochs)
+    ap.add_argument("--data-root", default=str(REPO.parent / "shared/data"))
+    ap.add_argument("--runs", default=runs, help="run folders (resumed if cut off)")
+    ap.add_argument("--out", default=str(REPO / "bench/results"))
+
+
 def write_results(out_dir: str | Path, name: str, title: str, script: str, argv, table: list[str], rows: list) -> None:
     """OUT/NAME.md (the title, the command, the machine and commit, then `table`) and OUT/NAME.json
     (`rows`); the Markdown is printed too."""

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.lib import REPO, pretrain, prune_and_finetune, read_json, write_results  # noqa: E402
+from bench.lib import REPO, add_run_args, pretrain, prune_and_finetune, read_json, write_results  # noqa: E402
 
 CONFIG = REPO / "yaml/resnet50_c10.yaml"
 
@@ -39,11 +39,7 @@ def one_run(root: Path, data_root: str, workers: int, overlap: str, epochs: int,
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 4])
-    ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--finetune-epochs", type=int, default=2)
-    ap.add_argument("--data-root", default=str(REPO.parent / "shared/data"))
-    ap.add_argument("--runs", default="runs/bench_overlap", help="run folders (resumed if cut off)")
-    ap.add_argument("--out", default=str(REPO / "bench/results"))
+    add_run_args(ap, epochs=5, finetune_epochs=2, runs="runs/bench_overlap")
     args = ap.parse_args(argv)
     rows = [one_run(Path(args.runs), args.data_root, s, mode, args.epochs, args.finetune_epochs)
             for s in args.workers for mode in ("block_diagonal", "non_adjacent")]

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.lib import REPO, pretrain, prune_and_finetune, read_json, run_stage, write_results  # noqa: E402
+from bench.lib import REPO, add_run_args, pretrain, prune_and_finetune, read_json, run_stage, write_results  # noqa: E402
 
 CONFIG = REPO / "yaml/vit_c10.yaml"
 METHODS = {"dense": {"pretrain.method": "dense"},
@@ -75,11 +75,7 @@ def one_run(root: Path, data_root: str, label: str, epochs: int, finetune_epochs
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--finetune-epochs", type=int, default=3)
-    ap.add_argument("--data-root", default=str(REPO.parent / "shared/data"))
-    ap.add_argument("--runs", default="runs/bench_vit", help="run folders (resumed if cut off)")
-    ap.add_argument("--out", default=str(REPO / "bench/results"))
+    add_run_args(ap, epochs=10, finetune_epochs=3, runs="runs/bench_vit")
     args = ap.parse_args(argv)
     rows = [one_run(Path(args.runs), args.data_root, m, args.epochs, args.finetune_epochs) for m in METHODS]
     table = ["| method | pretrained acc % | 50 % ticket acc % | train FLOPs / dense | per-worker params MB | "
