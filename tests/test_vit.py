@@ -146,3 +146,13 @@ def test_fused_workers_on_a_vit_are_refused_in_one_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == (
         "error: pretrain.fused_workers: no fused form of VisionTransformer (it holds parameters of its own: "
         "class_token); set pretrain.fused_workers=false")
+
+
+@pytest.mark.parametrize("method", ["dense", "localsgd"])
+def test_vit_dense_and_local_sgd_pretrain(tmp_path, method):
+    cfg = vit_config(tmp_path, method=method, epochs=1)
+    stage("01_pretrain_loft").main(["--config", str(cfg), "--run-dir", str(tmp_path / "run")])
+    comm = json.loads((tmp_path / "run/pretrain/comm.json").read_text())
+    full = sum(v.numel() * v.element_size() for v in build_model(VIT).state_dict().values())
+    # Local SGD: every round, both workers hand their whole state over; dense in one process: nothing
+    assert comm["measured_payload_bytes"] == (256 // 32 // 4 * 2 * full if method == "localsgd" else 0)
