@@ -206,7 +206,10 @@ def main(argv=None):
                       f"S = {first['S']}, K = {first['K']}; CPU)", "",
                       f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
                       "counted by bench/ops.py (a TorchDispatchMode; deterministic, independent of load)", "",
-                      table(results), "", "Commands:", "", *[f"    {c}" for c in commands], ""])
+                      table(results), "", "Made by", "",
+                      "    python bench/ops.py " + " ".join(sys.argv[1:] if argv is None else argv), "",
+                      "which ran, per checkout (its own `common`, this counter):", "",
+                      *[f"    {c}" for c in commands], ""])
     if args.base:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "ops.md").write_text(text)
