@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO / "bench"))   # ops
 from ops import OpCounter  # noqa: E402
 
 TINY_ARCH = {"name": "preresnet18", "num_classes": 10, "width": 0.125}
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_locked_update_as_foreach_operators_equals_the_per_parameter_loop(cifar)
     assert [k for k, p in named.items() if not same_bits(p.grad, expected[k])] == []
 
 
-def loft_of(tmp_path, cifar, model, **pretrain):
+def loft_of(tmp_path, cifar, model, device="cpu", **pretrain):
     """The configured method (loft or localsgd) on the tiny config with `model` and `pretrain` keys."""
     from common.data import input_shape
     from common.models import arch_of
@@ -120,7 +121,8 @@ def loft_of(tmp_path, cifar, model, **pretrain):
     cfg = load_config(path)
     arch = arch_of(cfg.model, 10, input_shape("cifar10"))
     torch.manual_seed(0)
-    return METHODS[cfg.pretrain.method](cfg, arch, build_model(arch).state_dict(), cifar, DistEnv(), Comm(DistEnv()))
+    env = DistEnv(device=torch.device(device))
+    return METHODS[cfg.pretrain.method](cfg, arch, build_model(arch).state_dict(), cifar.to(device), env, Comm(env))
 
 
 TINY_MODEL = TINY["model"]
@@ -134,15 +136,16 @@ R50 = {"arch": "torchvision.resnet50", "kwargs": {"width_per_group": 8}}
     (TINY_MODEL, {"workers": 2, "method": "localsgd"}),
     (R50, {"workers": 4}),                      # block-diagonal: conv2 cut along both dims
 ], ids=["in-turn", "channels-last", "fused", "localsgd", "resnet50-block-diagonal"])
-def test_the_flat_exchange_loads_and_aggregates_as_extract_and_aggregate(tmp_path, cifar, model, pretrain):
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_flat_exchange_loads_and_aggregates_as_extract_and_aggregate(tmp_path, cifar, model, pretrain, device):
     """RoundExchange against the per-tensor reference (extract, aggregate), bit for bit: the
     workers' slices after `load`, and the new global state and bytes after `aggregate` of workers
     holding arbitrary values (off-diagonal blocks untouched, shared floats averaged in worker order)."""
-    loft = loft_of(tmp_path, cifar, model, **pretrain)
+    loft = loft_of(tmp_path, cifar, model, device, **pretrain)
     part = draw_partition(loft.blocks, loft.S, 0, 3)
     loft.exchange.begin_round(part)
     loft.exchange.load(loft.flat)
-    state, plan, moved = loft.state, loft.plan, partition_to(part, "cpu")
+    state, plan, moved = loft.state, loft.plan, partition_to(part, device)
     results = loft.workers.module_states
     for w, tensors in results.items():
         expected = extract(state, plan, moved, w)
@@ -151,8 +154,8 @@ def test_the_flat_exchange_loads_and_aggregates_as_extract_and_aggregate(tmp_pat
     with torch.no_grad():
         for flat in loft.workers.flats.values():  # arbitrary trained values
             flat.copy_(torch.randn(flat.shape, generator=gen) if flat.is_floating_point()
-                       else torch.randint(0, 100, flat.shape, generator=gen))
-    ref_comm, comm = Comm(DistEnv()), Comm(DistEnv())
+                       else torch.randint(0, 100, flat.shape, generator=gen))  # (made on the CPU, copied over)
+    ref_comm, comm = Comm(DistEnv(device=torch.device(device))), Comm(DistEnv(device=torch.device(device)))
     expected = aggregate(state, plan, moved, results, ref_comm, loft.S)
     new = loft.layout.views(loft.exchange.aggregate(loft.flat, comm, mean_of_workers))
     assert [k for k in expected if not same_bits(new[k], expected[k])] == []
