@@ -18,7 +18,9 @@ whatever device it finds (CUDA if visible, else the CPU).
     dense step;
 (e) epoch time of dense and LoFT-4 at the full 50,000 images (from the measured step and round
     times, plus a measured evaluation + BN recalibration) and the 20-epoch projection;
-(f) on CUDA, the cost of dist.deterministic (deterministic kernels, no cuDNN autotuning).
+(f) on CUDA, the cost of dist.deterministic (deterministic kernels, no cuDNN autotuning);
+(g) operators dispatched (launches) per step and per LoFT-4 round, and per RISE fine-tuning step,
+    against the plain loop's (bench/ops.py; deterministic, unlike the times).
 Writes OUT/perf.md and OUT/perf.json. Ratios come from one run; run it on an otherwise idle machine.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from lib import REPO, machine
+from ops import count_ops
 from common.config import load_config
 from common.costs import flops_per_sample
 from common.data import TRAIN_SIZE, Stream, input_shape, load_dataset, on_device
@@ -62,10 +65,11 @@ def seconds_per_call(fn, calls: int, device, warmup: int = 3) -> float:
 
 
 def plain_loop(model, batches, bf16: bool, channels_last: bool, device):
-    """The reference: the textbook PyTorch step on pre-made device batches."""
+    """The reference: the textbook PyTorch step on pre-made device batches (torch.optim.SGD with
+    its defaults, not the project's make_sgd: the reference does not move with the project)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt).train()
-    opt = make_sgd(model, 0.01, 0.9, 5e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     batches = [(x.contiguous(memory_format=fmt), y) for x, y in batches]
 
     def step(i):
@@ -227,6 +231,7 @@ def main(argv=None):
     state = build_model(arch).state_dict()
     res["bytes"] = {S: {w: round_bytes(blocks, state, S, w) for w in ("fp32", "bf16")} for S in (2, 4)}
     res["eval_s_per_epoch"] = eval_seconds(cfg, arch, train, test, env)
+    res["ops"] = count_ops(args.config, base_sets(args), env)  # (g)
     steps_full = TRAIN_SIZE["cifar10"] // args.batch
     for precision, m in res["precisions"].items():
         m["dense_epoch_s"] = steps_full * m["dense_project_s"] + res["eval_s_per_epoch"]
@@ -280,6 +285,18 @@ def report(res: dict, args) -> str:
     lines += ["", "| S | bytes per round fp32 | bf16 | bf16 / fp32 |", "|---|---:|---:|---:|"]
     for S, b in res["bytes"].items():
         lines.append(f"| {S} | {b['fp32'] / 1e6:.2f} MB | {b['bf16'] / 1e6:.2f} MB | {b['bf16'] / b['fp32']:.3f} |")
+    ops = res["ops"]
+    lines += ["", f"operators dispatched (bench/ops.py; fp32, batch {ops['batch']}, S = 4, K = {ops['K']}): a step's, "
+              "against the plain loop's, and a LoFT-4 round's own (partition, loading, aggregation):", "",
+              "| step | project | plain loop | project / plain | round's own (per round) |", "|---|---:|---:|---:|---:|",
+              f"| dense | {ops['dense_step']} | {ops['plain_dense_step']} | "
+              f"{ops['dense_step'] / ops['plain_dense_step']:.2f}x | |",
+              f"| LoFT-4 worker | {ops['loft4']['per_step']:.0f} | {ops['plain_loft4_worker_step']} | "
+              f"{ops['loft4']['per_step'] / ops['plain_loft4_worker_step']:.2f}x | {ops['loft4']['rest']} |",
+              f"| LoFT-4 fused (all 4 workers) | {ops['loft4_fused']['train'] / ops['K']:.0f} | | | "
+              f"{ops['loft4_fused']['rest']} |",
+              f"| RISE fine-tuning | {ops['rise_step']} | {ops['plain_dense_step']} | "
+              f"{ops['rise_step'] / ops['plain_dense_step']:.2f}x | |"]
     return "\n".join(lines)
 
 

@@ -83,6 +83,7 @@ class PretrainCfg(TrainCfg):
     stop_on_emergence: bool = opt(False)    # stop once the ticket has emerged (distance.emergence_* rule)
     data: str = opt("full", choices=["full", "shard"])  # loft/localsgd: each worker walks the whole set per epoch, or its 1/S (equal samples with dense; training FLOPs: comm.json's ratio to dense)
     fused_workers: bool = opt(False)        # loft/localsgd: a device's workers train as one grouped module (common/fused.py); fast on GPUs
+    compile: bool = opt(False)              # loft/localsgd: the workers' forward and backward through torch.compile (minutes to start)
     overlap: str = opt("block_diagonal", choices=["block_diagonal", "non_adjacent"])  # a tensor on two partitioned groups (Bottleneck conv2): IST's diagonal blocks, or partition only groups sharing no tensor (common/models.py)
 
 

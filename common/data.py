@@ -426,15 +426,24 @@ def draw_augment(n: int, gen: torch.Generator, pad: int = 4) -> tuple[torch.Tens
 def apply_augment(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
                   pad: int = 4) -> torch.Tensor:
     """Crop each zero-padded image at (dy, dx) and flip it where `flip`: pure indexing (exact on any
-    device); the draws must be on the images' device."""
+    device), one gather for the whole batch; the draws must be on the images' device. A flipped
+    crop reads its columns right to left, so the flip is part of the gather's column index."""
     n, c, h, w = images.shape
-    dev = images.device
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-    rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None].expand(n, c, h, w)
-    cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :].expand(n, c, h, w)
-    crops = padded[torch.arange(n, device=dev)[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None],
-                   rows, cols]
-    return torch.where(flip[:, None, None, None], crops.flip(3), crops)
+    image, channel, row, col, col_flipped = _crop_grid(n, c, h, w, images.device)
+    rows = dy.view(n, 1, 1, 1) + row
+    cols = dx.view(n, 1, 1, 1) + torch.where(flip.view(n, 1, 1, 1), col_flipped, col)
+    return padded[image, channel, rows, cols]
+
+
+@functools.lru_cache(maxsize=16)
+def _crop_grid(n: int, c: int, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The index tensors of a batch's crop (image, channel, row, column, column read backwards),
+    shaped to broadcast over n x c x h x w; made once per batch shape, not every step."""
+    def along(dim: int, values: torch.Tensor) -> torch.Tensor:
+        return values.view([-1 if d == dim else 1 for d in range(4)]).to(device)
+    return (along(0, torch.arange(n)), along(1, torch.arange(c)), along(2, torch.arange(h)),
+            along(3, torch.arange(w)), along(3, torch.arange(w - 1, -1, -1)))
 
 
 def augment(images: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:

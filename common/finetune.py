@@ -74,22 +74,24 @@ def ticket_weights(ticket: dict, mode: str, rewind_epoch: int, seed: int) -> dic
 
 class LockedUpdate:
     """Gradient hook for masked tickets: weight decay added by hand, then every non-winner's
-    gradient zeroed, so no gradient step, no weight decay and no momentum ever reach it."""
+    gradient zeroed, so no gradient step, no weight decay and no momentum ever reach it. Two
+    foreach operators a step (add, multiply) over all parameters, not two per parameter; each
+    element still gets (grad + wd·w)·mask, as before, bit for bit."""
 
     def __init__(self, mask: dict[str, torch.Tensor], weight_decay: float):
         self.mask, self.wd = dict(mask), weight_decay  # own dict: device copies replace entries here only
 
     @torch.no_grad()
     def __call__(self, model):
-        for name, p in model.named_parameters():
-            if p.grad is None:
-                continue
-            if self.wd:
-                p.grad.add_(p, alpha=self.wd)
-            if name in self.mask:
-                if self.mask[name].device != p.grad.device or self.mask[name].dtype != p.grad.dtype:
-                    self.mask[name] = self.mask[name].to(p.grad.device, p.grad.dtype)  # once, not every step
-                p.grad.mul_(self.mask[name])
+        named = [(name, p) for name, p in model.named_parameters() if p.grad is not None]
+        if self.wd and named:
+            torch._foreach_add_([p.grad for _, p in named], [p for _, p in named], alpha=self.wd)
+        masked = [(name, p.grad) for name, p in named if name in self.mask]
+        for name, grad in masked:
+            if self.mask[name].device != grad.device or self.mask[name].dtype != grad.dtype:
+                self.mask[name] = self.mask[name].to(grad.device, grad.dtype)  # once, not every step
+        if masked:
+            torch._foreach_mul_([g for _, g in masked], [self.mask[name] for name, _ in masked])
 
 
 def ticket_schedule(ticket: dict, fc, n_train: int) -> tuple[int, Schedule, str]:

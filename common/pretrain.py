@@ -28,10 +28,11 @@ from common.dist import Comm, DistEnv, workers_of_rank
 from common.errors import UserError
 from common.fused import fuse, fused_criterion, worker_views
 from common.progress import progress
-from common.loft import SlicePlan, aggregate, draw_partition, extract, mean_of_workers, partition_to, worker_arch
+from common.loft import (FlatLayout, RoundExchange, SlicePlan, aggregate, draw_partition, extract, mean_of_workers,
+                         partition_to, worker_arch)
 from common.models import build_model, partitioned_blocks
 from common.schedule import schedule_of
-from common.train import SGDStep, check_finite, lr_at, make_sgd
+from common.train import SGDStep, check_finite, flat_buffers, lr_at, make_sgd
 
 RECAL_STREAM = 9_000_001  # data stream id of the fixed BN-recalibration batches
 CHECK_EVERY = 100          # dense steps between finiteness checks (each one host sync)
@@ -55,20 +56,38 @@ def _cpu(state: dict | None) -> dict | None:
     return None if state is None else {k: v.detach().cpu() for k, v in state.items()}
 
 
+@torch.no_grad()
+def into_flat_buffers(modules: list[nn.Module]) -> dict[torch.dtype, torch.Tensor]:
+    """Move the state-dict tensors (parameters and buffers) of persistent `modules` into flat
+    buffers, one per dtype, values and layout kept: each becomes a view into its dtype's buffer, so
+    a round loads and reads them all with one operator (common.loft.RoundExchange). `.data` is
+    re-pointed: the modules and their optimizers keep the same tensor objects."""
+    tensors = list({id(t): t for m in modules for t in m.state_dict(keep_vars=True).values()}.values())
+    flats, pieces = flat_buffers(tensors)
+    for t, piece in zip(tensors, pieces):
+        piece.copy_(t)
+        t.data = piece
+    return flats
+
+
 # ----------------------------------------------------------------- LoFT / LocalSGD
 class Worker:
     """One LoFT / Local SGD worker: its subnetwork module, optimizer and batch stream, built once
-    (a worker's partition sizes are the same every round); each round copies its slices of the
-    global state into the module in place and starts from a fresh optimizer state (or the
-    carried momentum)."""
+    (a worker's partition sizes are the same every round); each round its slices of the global
+    state are copied into the module in place and its momentum starts afresh (or carried)."""
 
     def __init__(self, arch: dict, tcfg, device, schedule, stream: Stream):
-        self.sgd, self.stream = SGDStep(build_model(arch), tcfg, device, schedule), stream
+        self.sgd = SGDStep(build_model(arch), tcfg, device, schedule, compile=tcfg.compile)
+        self.stream = stream
         self.module_state = self.sgd.model.state_dict()  # views of the live parameters and buffers
 
     @torch.no_grad()
     def load(self, state: dict, plan: SlicePlan, part: dict, worker: int, momentum: dict | None):
+        """The round's start tensor by tensor (what RoundExchange.load does in one gather)."""
         extract(state, plan, part, worker, out=self.module_state)
+        self.reset_momentum(momentum, plan, part, worker)
+
+    def reset_momentum(self, momentum: dict | None, plan: SlicePlan, part: dict | None, worker: int):
         self.sgd.reset_optimizer(None if momentum is None else extract(momentum, plan, part, worker))
 
     def train(self, steps: range) -> torch.Tensor:
@@ -85,8 +104,9 @@ class FusedWorkers:
         self.ids = sorted(arch_of)
         sub = build_model(arch_of[self.ids[0]])
         n = len(self.ids)
-        self.sgd = SGDStep(fuse(sub, n), tcfg, device, schedule, loss_fn=fused_criterion(n))
+        self.sgd = SGDStep(fuse(sub, n), tcfg, device, schedule, loss_fn=fused_criterion(n), compile=tcfg.compile)
         self.streams = streams
+        self.flats = into_flat_buffers([self.sgd.model])
         shapes = {k: v.shape for k, v in sub.state_dict().items()}
         self.views = dict(zip(self.ids, worker_views(self.sgd.model.state_dict(), shapes, n)))
 
@@ -96,8 +116,13 @@ class FusedWorkers:
 
     @torch.no_grad()
     def load(self, state: dict, plan: SlicePlan, part: dict, momentum: dict | None):
+        """The round's start tensor by tensor (what RoundExchange.load does in one gather)."""
         for w in self.ids:
             extract(state, plan, part, w, out=self.views[w])
+        self.reset_momentum(momentum, plan, part)
+
+    @torch.no_grad()
+    def reset_momentum(self, momentum: dict | None, plan: SlicePlan, part: dict | None):
         fused_momentum = None
         if momentum is not None:  # each worker's momentum slices, placed like its weights
             fused_momentum = {k: torch.empty_like(p) for k, p in self.sgd.model.named_parameters()}
@@ -123,10 +148,14 @@ class FusedWorkers:
 
 
 class SequentialWorkers:
-    """This rank's workers one after another, each a persistent `Worker`."""
+    """This rank's workers one after another, each a persistent `Worker`; their tensors all live in
+    one flat buffer per dtype (`flats`), so a round loads and reads them with one operator."""
 
     def __init__(self, arch_of: dict[int, dict], tcfg, device, schedule, streams: dict[int, Stream]):
         self.workers = {w: Worker(a, tcfg, device, schedule, streams[w]) for w, a in arch_of.items()}
+        self.flats = into_flat_buffers([worker.sgd.model for worker in self.workers.values()])
+        for worker in self.workers.values():
+            worker.module_state = worker.sgd.model.state_dict()  # views into the flat buffers now
 
     @property
     def module_states(self) -> dict[int, dict]:
@@ -135,6 +164,10 @@ class SequentialWorkers:
     def load(self, state: dict, plan: SlicePlan, part: dict, momentum: dict | None):
         for w, worker in self.workers.items():
             worker.load(state, plan, part, w, momentum)
+
+    def reset_momentum(self, momentum: dict | None, plan: SlicePlan, part: dict | None):
+        for w, worker in self.workers.items():
+            worker.reset_momentum(momentum, plan, part, w)
 
     def train(self, steps: range) -> torch.Tensor:
         return torch.stack([worker.train(steps) for worker in self.workers.values()]).sum()
@@ -166,7 +199,9 @@ class Loft:
             raise UserError(f"pretrain.local_iters={self.K} exceeds the {self.steps_per_epoch} steps of an epoch "
                             f"({walked} in batches of pretrain.batch_size={pc.batch_size})")
         self.schedule = schedule_of(pc, self.steps_per_epoch, pc.local_iters)
-        self.state = _to(init_state, env.device)
+        self.layout = FlatLayout.of(init_state)
+        self.flat = self.layout.flatten(init_state, env.device)  # the global state (`state`: its views)
+        self._state, self._state_of = None, None
         self.plan = SlicePlan.of(self.blocks, self.state)
         self.momentum = ({k: torch.zeros_like(v, device=env.device) for k, v in model.named_parameters()}
                          if pc.carry_momentum else None)
@@ -182,6 +217,16 @@ class Loft:
             self.check_fusable(part)
         self.workers = (FusedWorkers if pc.fused_workers else SequentialWorkers)(
             arch_of, pc, env.device, self.schedule, streams)
+        self.exchange = RoundExchange(self.plan, self.layout, part, self.S, self.workers.module_states,
+                                      self.workers.flats, env.device)
+
+    @property
+    def state(self) -> dict:
+        """The global state dict: views into `flat` (new buffers every round, so a dict taken
+        earlier keeps its values)."""
+        if self._state_of is not self.flat:
+            self._state, self._state_of = self.layout.views(self.flat), self.flat
+        return self._state
 
     def split_blocks(self, model):
         blocks = partitioned_blocks(model, self.cfg.pretrain.partition_stage1, self.arch, self.cfg.pretrain.overlap)
@@ -202,19 +247,22 @@ class Loft:
 
     def run_round(self, r: int) -> torch.Tensor:
         """Partition, train this rank's workers for K steps each, aggregate. Returns the losses'
-        sum over this rank's workers and steps (a device scalar)."""
-        part = partition_to(draw_partition(self.blocks, self.S, self.cfg.seed, r), self.env.device)
+        sum over this rank's workers and steps (a device scalar). Loading and aggregation run on
+        the flat buffers (common.loft.RoundExchange); carried momentum tensor by tensor."""
+        part = draw_partition(self.blocks, self.S, self.cfg.seed, r)
         steps = range(r * self.K, (r + 1) * self.K)
-        self.workers.load(self.state, self.plan, part, self.momentum)
+        self.exchange.begin_round(part)
+        self.exchange.load(self.flat)
+        carried = partition_to(part, self.env.device) if self.momentum is not None else None
+        self.workers.reset_momentum(self.momentum, self.plan, carried)
         loss = self.workers.train(steps)
-        new_state = aggregate(self.state, self.plan, part, self.workers.module_states, self.comm, self.S,
-                              self.combine)
+        new_flat = self.exchange.aggregate(self.flat, self.comm, self.combine)
         if self.momentum is not None:
-            moms = self.workers.momenta({w: extract(self.momentum, self.plan, part, w) for w in self.my_workers})
-            self.momentum = aggregate(self.momentum, self.plan, part, moms, self.comm, self.S, self.combine_momentum)
+            moms = self.workers.momenta({w: extract(self.momentum, self.plan, carried, w) for w in self.my_workers})
+            self.momentum = aggregate(self.momentum, self.plan, carried, moms, self.comm, self.S, self.combine_momentum)
         check_finite(loss, f"round {r} (steps {steps.start}-{steps.stop - 1})",
                      self.comm if self.env.distributed else None)
-        self.state, self.round = new_state, r + 1
+        self.flat, self.round = new_flat, r + 1
         return loss
 
     def train_epoch(self, epoch: int) -> float:
@@ -236,7 +284,7 @@ class Loft:
         return {"round": self.round, "momentum": _cpu(self.momentum)}
 
     def load_state_dict(self, d: dict, weights: dict):
-        self.state, self.round = _to(weights, self.env.device), int(d["round"])
+        self.flat, self.round = self.layout.flatten(weights, self.env.device), int(d["round"])
         self.momentum = _to(d["momentum"], self.env.device)
 
 

@@ -33,7 +33,10 @@ def lr_at(step: int, schedule: Schedule) -> float:
 
 
 def make_sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    """SGD with its multi-tensor (foreach) update: a few operators a step instead of three per
+    parameter. On the CPU the foreach operators run the per-tensor ones, so the result is the same
+    bit for bit; on CUDA foreach is PyTorch's default already."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=True)
 
 
 class SGDStep:
@@ -43,9 +46,11 @@ class SGDStep:
     grad_clip, bf16, channels_last; `schedule` its lr schedule (common.schedule). `grad_hook(model)` edits the summed gradients
     before the update (masks, locked weights); it then owns weight decay, so the optimizer gets
     none. bf16 autocast applies on CUDA only (on the CPU it is ignored). `loss_fn` is `criterion`
-    except for fused workers (common.fused), whose loss sums the workers' losses."""
+    except for fused workers (common.fused), whose loss sums the workers' losses. `compile`:
+    the forward (and so its backward) runs through `torch.compile` (pretrain.compile)."""
 
-    def __init__(self, model: nn.Module, tcfg, device, schedule: Schedule, grad_hook=None, loss_fn=None):
+    def __init__(self, model: nn.Module, tcfg, device, schedule: Schedule, grad_hook=None, loss_fn=None,
+                 compile: bool = False):
         self.tc, self.schedule, self.grad_hook = tcfg, schedule, grad_hook
         self.loss_fn = loss_fn or criterion  # looked up here, not at import: an edited criterion takes effect
         device = torch.device(device)
@@ -53,6 +58,8 @@ class SGDStep:
         self.model = model.to(device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
         self.autocast = tcfg.bf16 and device.type == "cuda"
         self.opt = make_sgd(self.model, tcfg.lr, tcfg.momentum, 0.0 if grad_hook else tcfg.weight_decay)
+        self.forward_model = torch.compile(self.model) if compile else self.model  # the same parameters either way
+        self.momentum_flats, self.momentum_buffers = None, None  # made by the first reset_optimizer
 
     def lr(self, t: int) -> float:
         return lr_at(t, self.schedule)
@@ -68,29 +75,60 @@ class SGDStep:
         for g in self.opt.param_groups:
             g["lr"] = self.lr(t)
         self.opt.zero_grad(set_to_none=True)
-        total = None
+        total, n = None, len(chunks)
         for x, y in chunks:
-            loss = self.forward_loss(self.model, x, y)
-            (loss / len(chunks)).backward()
+            loss = self.forward_loss(self.forward_model, x, y)
+            (loss / n if n > 1 else loss).backward()  # (x / 1 is x exactly: two operators saved)
             total = loss.detach() if total is None else total + loss.detach()
         if self.grad_hook:
             self.grad_hook(self.model)
         if self.tc.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
         self.opt.step()
-        return total / len(chunks)
+        return total / n if n > 1 else total
 
+    @torch.no_grad()
     def reset_optimizer(self, momentum: dict | None = None):
-        """A fresh optimizer state (LoFT's default every round), or the given momentum buffers (by name)."""
-        self.opt.state.clear()
-        if momentum is not None:
-            for k, p in self.model.named_parameters():
-                self.opt.state[p]["momentum_buffer"] = momentum[k].to(p.device, p.dtype).clone()
+        """Momentum as at a fresh start (LoFT's default every round), or the given buffers (by name).
+
+        The buffers are kept and overwritten in place (one fill, or one foreach copy) rather than
+        dropped and re-created by a clone per parameter at the next step. A fresh start fills them
+        with -0.0, the exact additive identity: with dampening 0 the next step's buf = momentum·buf
+        + grad is then grad bit for bit, as from no buffer (+0.0 would turn a -0.0 gradient into +0.0)."""
+        if self.tc.momentum == 0:  # SGD keeps no buffers
+            return
+        params = [p for _, p in self.model.named_parameters()]
+        if self.momentum_flats is None:
+            self.momentum_flats, self.momentum_buffers = flat_buffers(params)
+        for p, buf in zip(params, self.momentum_buffers):  # (re)attached: a test may have replaced one
+            self.opt.state[p]["momentum_buffer"] = buf
+        if momentum is None:
+            for flat in self.momentum_flats.values():
+                flat.fill_(-0.0)
+        else:
+            torch._foreach_copy_(self.momentum_buffers, [momentum[k] for k, _ in self.model.named_parameters()])
 
     def momentum(self, fallback: dict) -> dict:
         """The momentum buffers by parameter name (`fallback` for a parameter never updated)."""
         return {k: self.opt.state[p]["momentum_buffer"].detach() if "momentum_buffer" in self.opt.state.get(p, {})
                 else fallback[k] for k, p in self.model.named_parameters()}
+
+
+def flat_buffers(like: list[torch.Tensor]) -> tuple[dict[torch.dtype, torch.Tensor], list[torch.Tensor]]:
+    """New flat buffers, one per dtype, and in them one piece per tensor of `like` (in its order),
+    shaped and strided like it (a channels_last weight keeps its layout): a round or a reset then
+    touches all of them with one operator per dtype instead of one per tensor."""
+    sizes: dict[torch.dtype, int] = {}
+    for t in like:
+        sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+    flats = {dtype: torch.empty(n, dtype=dtype, device=like[0].device) for dtype, n in sizes.items()}
+    offsets, pieces = dict.fromkeys(sizes, 0), []
+    for t in like:
+        flat, offset = flats[t.dtype], offsets[t.dtype]
+        dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+        pieces.append(flat.as_strided(t.shape, t.stride(), offset) if dense else flat[offset:offset + t.numel()].view(t.shape))
+        offsets[t.dtype] += t.numel()
+    return flats, pieces
 
 
 def check_finite(losses: torch.Tensor, where: str, comm=None):

@@ -95,7 +95,7 @@ def test_dry_run_preresnet18_partitioned_fraction():
     ("pretrain.workers=two", "pretrain.workers: expected int"),
     ("pretrain.lr=-0.1", "pretrain.lr: -0.1 must be > 0"),
     ("prunex=3", "unknown config key 'prunex'"),
-    ("model.arch=vgg", "model.arch: 'vgg' is not one of"),
+    ("model.arch=vgg", "model.arch: 'vgg' is not a zoo model"),
     ("pretrain.workers=1000", "exceeds the narrowest partitioned block"),
     ("data.root=/nonexistent/x", "point data.root at a folder"),
 ])
