@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from common.checkpoint import cannot_write, load_checkpoint, write_text_atomic
+from common.config import Config
 from common.cli import python_command
 from common.errors import UserError
 
@@ -100,11 +101,14 @@ def differing_keys(saved: dict, now: dict) -> list[str]:
 
 
 def check_resume_config(saved: dict, now: dict, path: Path, section: str):
-    """A run resumes only under the config it was made with. Two exceptions: the `dist` section
+    """A run resumes only under the config it was made with (a key the code has gained since,
+    left at its default, counts as the same). Two exceptions: the `dist` section
     (timeouts, threads) is about the machine, not the experiment; and `SECTION.epochs` may change
     under the constant schedule only: cosine and step schedules are functions of the total step
     count, so a longer run would follow another curve than its config.yaml says."""
-    diff = [k for k in differing_keys(saved, now) if not k.startswith("dist.")]
+    defaults, old = flat(Config().to_dict()), flat(saved)
+    diff = [k for k in differing_keys(saved, now) if not k.startswith("dist.")   # a key the code gained since, at
+            and not (k not in old and k in defaults and flat(now).get(k) == defaults[k])]  # its default: the same run
     if f"{section}.epochs" in diff and now[section]["schedule"] == "constant":
         diff.remove(f"{section}.epochs")
     if f"{section}.epochs" in diff:

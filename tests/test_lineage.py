@@ -6,6 +6,7 @@ import os
 import shutil
 import statistics
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -361,3 +362,15 @@ def test_report_over_a_run_tree_with_two_seeds(tiny_config, tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "2" and cells[3] == f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}"
     assert (tree / "report.png").stat().st_size > 0
+
+
+def test_resume_accepts_a_run_made_before_a_config_key_existed_at_its_default():
+    from common.config import Config
+    from common.runs import check_resume_config
+    now = Config().to_dict()
+    saved = Config().to_dict()
+    del saved["pretrain"]["compile"]                            # a run made before pretrain.compile existed
+    check_resume_config(saved, now, Path("last.pt"), "pretrain")
+    now["pretrain"]["compile"] = True                           # not the behaviour the run was made with
+    with pytest.raises(UserError, match=r"different config \(pretrain.compile\)"):
+        check_resume_config(saved, now, Path("last.pt"), "pretrain")
