@@ -10,12 +10,12 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 
 from common.checkpoint import load_checkpoint, save_atomic
-from common.config import ModelCfg, load_config
-from common.data import NUM_CLASSES, load_cifar10, normalize
+from common.config import load_config
+from common.data import NUM_CLASSES, input_shape, load_cifar10, normalize
 from common.dist import Comm, DistEnv
 from common.errors import UserError
 from common.loft import SlicePlan, aggregate, draw_partition, extract, worker_arch
-from common.models import (ARCH_NAMES, PadShortcut, block_refs, build_model, count_params, is_partitionable,
+from common.models import (ARCH_NAMES, PadShortcut, arch_of, block_refs, build_model, count_params, is_partitionable,
                            partitioned_blocks, prunable_blocks)
 from common.prune import maskable_weights, prune_filters, prune_magnitude
 from conftest import DATA, REPO, randomised
@@ -249,20 +249,21 @@ CONFIGS = sorted((REPO / "yaml").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_config_loads_and_its_model_builds(path):
     cfg = load_config(path)
-    arch = {"name": cfg.model.arch, "num_classes": NUM_CLASSES[cfg.data.dataset], "width": cfg.model.width}
+    arch = arch_of(cfg.model, NUM_CLASSES[cfg.data.dataset], input_shape(cfg.data.dataset))
     with torch.device("meta"):
         model = build_model(arch)
     if cfg.pretrain.method == "loft":
-        assert partitioned_blocks(model, cfg.pretrain.partition_stage1)
-    if not is_partitionable(model):
+        assert partitioned_blocks(model, cfg.pretrain.partition_stage1, arch, cfg.pretrain.overlap)
+    if not is_partitionable(model, arch):
         assert cfg.pretrain.method != "loft" and cfg.prune.kind == "magnitude"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_dry_run_of_every_config(path, capsys):
-    """01 --dry-run (at width 1/8 to stay fast; the full widths are the same code)."""
+    """01 --dry-run (a zoo model at width 1/8 to stay fast; the full widths are the same code)."""
     from conftest import stage
-    stage("01_pretrain_loft").main(["--config", str(path), "--dry-run", "--set", "model.width=0.125"])
+    narrow = [] if "arch: torchvision." in path.read_text() else ["--set", "model.width=0.125"]
+    stage("01_pretrain_loft").main(["--config", str(path), "--dry-run", *narrow])
     assert '"params_total"' in capsys.readouterr().out
 
 
