@@ -17,7 +17,7 @@ from conftest import DATA, REPO, brought_model_config, deepspeed_launcher, rando
 from common.config import IMPORTS_NAMED, load_config
 from common.dist import Comm, DistEnv
 from common.errors import UserError
-from common.groups import discovered, masked
+from common.groups import masked
 from common.loft import SlicePlan, aggregate, draw_partition, extract, select_channels, worker_arch
 from common.models import (block_refs, build_model, group_selection, narrowed_arch, partitioned_blocks,
                            prunable_blocks)
@@ -58,7 +58,7 @@ def test_resnet50_groups_the_paper_preset_and_the_overlap_rule(r50):
         prunable_blocks(r50, nothing)
 
 
-def test_resnet50_rebuilt_narrow_from_its_arch_equals_the_masked_full_model(r50, cifar_images=None):
+def test_resnet50_rebuilt_narrow_from_its_arch_equals_the_masked_full_model(r50):
     """Every one of the 33 groups (stem and both dims of every conv2 included) cut to a seeded
     random half: build_model(arch with mids) + the sliced state = the full model masked (1e-5)."""
     refs = block_refs(r50)
