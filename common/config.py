@@ -206,9 +206,14 @@ def _check_defaults(obj, prefix=""):
 IMPORTS_NAMED: set[str] = set()   # package.module:callable archs named by a loaded config (common/models.py imports only these)
 
 
+def is_brought(arch: str) -> bool:
+    """A model named by torchvision.<name> or package.module:callable, not from the zoo."""
+    return arch.startswith("torchvision.") or ":" in arch
+
+
 def check_arch(model: ModelCfg):
     name = model.arch
-    brought = name.startswith("torchvision.") or ":" in name
+    brought = is_brought(name)
     if not brought and name not in ZOO:
         raise UserError(f"config key model.arch: {name!r} is not a zoo model ({', '.join(ZOO)}), "
                         "torchvision.<name> or package.module:callable")
@@ -226,7 +231,7 @@ def check_arch(model: ModelCfg):
 def cross_check(cfg: Config):
     """Constraints between keys."""
     check_arch(cfg.model)
-    if cfg.pretrain.method == "gpipe" and (cfg.model.arch.startswith("torchvision.") or ":" in cfg.model.arch):
+    if cfg.pretrain.method == "gpipe" and is_brought(cfg.model.arch):
         raise UserError(f"config key pretrain.method: gpipe cuts a zoo model's layer list; model.arch="
                         f"{cfg.model.arch} has none (use loft, localsgd or dense)")
     if cfg.pretrain.method == "loft" and cfg.pretrain.workers < 2:

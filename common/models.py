@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+from collections import Counter
 import inspect
 import re
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torchvision.models.mobilenetv3 import _mobilenet_v3_conf  # what mobilenet_v3_small() itself calls
 
-from common.config import IMPORTS_NAMED
+from common.config import IMPORTS_NAMED, is_brought
 from common.errors import UserError
 from common.groups import CONV_TYPES, PRESETS, ChannelGroup, Selection, block_of, discovered, filter_selection
 
@@ -323,7 +324,7 @@ TORCHVISION_PREFIX = "torchvision."
 
 
 def is_zoo(name: str) -> bool:
-    return not (name.startswith(TORCHVISION_PREFIX) or ":" in name)
+    return not is_brought(name)
 
 
 def _brought(arch: dict) -> nn.Module:
@@ -410,18 +411,10 @@ class BlockRef:
 def block_refs(model: nn.Module, input_shape=(3, 32, 32)) -> list[BlockRef]:
     """Every channel group traced in `model` (once per structure), keyed (see BlockRef)."""
     groups = discovered(model, input_shape).groups
-    per_block: dict[str, int] = {}
-    for g in groups:
-        if block_of(g.name):
-            per_block[block_of(g.name)[0]] = per_block.get(block_of(g.name)[0], 0) + 1
-    refs = []
-    for g in groups:
-        block = block_of(g.name)
-        if block and per_block[block[0]] == 1:
-            refs.append(BlockRef(block[0], block[1], block[2], g))
-        else:
-            refs.append(BlockRef(g.name, block[1] if block else 0, block[2] if block else 0, g))
-    return refs
+    blocks = [block_of(g.name) or (None, 0, 0) for g in groups]
+    per_block = Counter(path for path, _, _ in blocks if path)
+    return [BlockRef(path if path and per_block[path] == 1 else g.name, stage, index, g)
+            for g, (path, stage, index) in zip(groups, blocks)]
 
 
 GROUP_DEFAULTS = {"preset": "paper", "include": [], "exclude": []}
