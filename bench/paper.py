@@ -41,13 +41,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib import REPO, machine, mean_std
+from lib import REPO, commit, machine, mean_std
 from common.config import load_config
 from common.errors import UserError
 
@@ -128,6 +129,11 @@ class Plan:
         self.smoke, self.scale = args.smoke, args.epochs_scale
         self.finetune_scale = args.epochs_scale if args.finetune_epochs_scale is None else args.finetune_epochs_scale
         self.machine = {"data.root": args.data_root, **(SMOKE if args.smoke else {}), **args.set}
+        self.methods, self.rise_keep = args.methods, args.rise_keep
+
+    def chosen(self, methods) -> tuple:
+        """A matrix's pretraining methods, less those `--methods` leaves out."""
+        return tuple(m for m in methods if self.methods is None or m in self.methods)
 
     def base(self, cfg) -> dict:
         """Every job's keys: the machine and scale; lossless accuracy where the data has it (the
@@ -142,7 +148,8 @@ class Plan:
         return 1 if self.smoke else max(1, round(e * self.finetune_scale))
 
     def keeps(self, keeps) -> tuple:
-        """rise's R values: the smoke runs the two ends only."""
+        """rise's R values: `--rise-keep`, else all; the smoke runs the two ends only."""
+        keeps = self.rise_keep or keeps
         return (keeps[0], keeps[-1]) if self.smoke else keeps
 
     def epoch_points(self, points) -> list[int]:
@@ -207,7 +214,7 @@ def finetune_sets(plan, cfg) -> dict:
 
 def table1_jobs(plan, runs, row, seed) -> list[Job]:
     jobs, spec = [], TABLE1_ROWS[row]
-    for method in spec.methods:
+    for method in plan.chosen(spec.methods):
         job, sets, cfg = table1_pretrain("table1", plan, runs, row, seed, method)
         ft = finetune_sets(plan, cfg)
         jobs.append(job)
@@ -220,21 +227,38 @@ def table1_jobs(plan, runs, row, seed) -> list[Job]:
 
 def fig4_jobs(plan, runs, panel, seed) -> list[Job]:
     jobs, row = [], FIG4_PANELS[panel]
-    for method in FIG4_METHODS:
+    for method in plan.chosen(FIG4_METHODS):
         job, sets, _ = table1_pretrain("fig4", plan, runs, row, seed, method)
-        jobs += [job, Job(job_name("fig4", runs, job.run_dir, "distance"), "02_filter_distance.py",
-                          TABLE1_ROWS[row].config, job.run_dir, sets, ["--force"],
-                          done=job.run_dir / "distance/summary.json")]
+        jobs += [job, distance_job("fig4", runs, row, job, sets)]
     return jobs
 
 
+def distance_job(matrix, runs, row, pretrain: Job, sets) -> Job:
+    return Job(job_name(matrix, runs, pretrain.run_dir, "distance"), "02_filter_distance.py", TABLE1_ROWS[row].config,
+               pretrain.run_dir, sets, ["--force"], done=pretrain.run_dir / "distance/summary.json")
+
+
+MARKS = {"filter_emergence_epoch": "filter emergence", "early_bird_epoch": "early bird"}  # 02's summary.json keys
+
+
+def marked_epochs(run_dir: Path) -> dict[int, list[str]]:
+    """The epochs 02's rules marked in this run ({} before 02 has run, or where no rule fired)."""
+    summary, marks = read_json(run_dir / "distance/summary.json") or {}, {}
+    for key, mark in MARKS.items():
+        if summary.get(key) is not None:
+            marks.setdefault(int(summary[key]), []).append(mark)
+    return marks
+
+
 def fig5_jobs(plan, runs, seed) -> list[Job]:
+    """Tickets drawn at the scaled epochs and, once 02 has run, at the epochs its emergence and
+    early-bird rules mark: does stopping there give as good a ticket as pretraining to the end?"""
     jobs = []
-    for method in FIG5_METHODS:
+    for method in plan.chosen(FIG5_METHODS):
         job, sets, cfg = table1_pretrain("fig5", plan, runs, FIG5_ROW, seed, method)
         ft = finetune_sets(plan, cfg)
-        jobs.append(job)
-        for e in plan.epoch_points(FIG5_EPOCHS):
+        jobs += [job, distance_job("fig5", runs, FIG5_ROW, job, sets)]
+        for e in sorted(set(plan.epoch_points(FIG5_EPOCHS)) | set(marked_epochs(job.run_dir))):
             if e <= sets["pretrain.epochs"]:
                 tag = f"l1_p50_e{e:03d}"
                 jobs += ticket_jobs("fig5", runs, TABLE1_ROWS[FIG5_ROW].config, job.run_dir,
@@ -313,23 +337,40 @@ def unique(jobs: list[Job]) -> list[Job]:
 
 
 def run(args) -> int:
+    """Run the first unfinished job, then plan again (fig5's marked draws appear once 02 has run),
+    until none is left or the budget is spent."""
     plan, runs = Plan(args), Path(args.runs)
     chosen = selection(args.only)
-    names = list(chosen)
-    jobs = unique([j for m, panels in chosen.items() for j in matrix_jobs(m, plan, runs, args.seeds, panels)])
+
+    def planned() -> list[Job]:
+        return unique([j for m, panels in chosen.items() for j in matrix_jobs(m, plan, runs, args.seeds, panels)])
+
     start, log = time.time(), runs / "paper_log.txt"
     runs.mkdir(parents=True, exist_ok=True)
+    with open(runs / "paper_commands.txt", "a") as f:  # the report lists how its runs were made
+        f.write(f"{commit()}  {args.command}\n")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for i, job in enumerate(jobs):
-        if job.done.exists():
-            print(f"[{i + 1}/{len(jobs)}] skip {job.name} (done)")
-            continue
+    ran, seen_done = set(), set()
+    while True:
+        jobs = planned()
+        for i, job in enumerate(jobs):
+            if job.done.exists() and job.done not in seen_done:
+                seen_done.add(job.done)
+                print(f"[{i + 1}/{len(jobs)}] skip {job.name} (done)")
+        i, job = next(((i, j) for i, j in enumerate(jobs) if not j.done.exists()), (None, None))
+        if job is None:
+            print(f"all {len(jobs)} jobs of {', '.join(chosen)} done")
+            return 0
+        if job.done in ran:  # it exited 0 without its output: running it again would loop
+            print(f"error: {job.name} finished without writing {job.done}; see {log}", file=sys.stderr)
+            return 1
         left = args.budget_s - (time.time() - start) if args.budget_s else None
         if left is not None and left < 1:
             print(f"budget of {args.budget_s} s reached before {job.name}; run again to continue")
             return 0
         print(f"[{i + 1}/{len(jobs)}] {job.name}", flush=True)
         t0 = time.time()
+        ran.add(job.done)
         try:
             with open(log, "a") as f:
                 f.write(f"\n$ {' '.join(job.command())}\n")
@@ -342,10 +383,9 @@ def run(args) -> int:
         if r.returncode != 0:
             print(f"error: {job.name} failed (exit {r.returncode}); see {log}", file=sys.stderr)
             return r.returncode
+        seen_done.add(job.done)
         with open(runs / "paper_times.jsonl", "a") as f:
             f.write(json.dumps({"job": job.name, "seconds": round(time.time() - t0, 1)}) + "\n")
-    print(f"all {len(jobs)} jobs of {', '.join(names)} done")
-    return 0
 
 
 # ------------------------------------------------------------------------ report
@@ -449,18 +489,29 @@ def fig4_report(runs: Path, panel: str, seeds, plt, out: Path) -> str:
 
 
 def fig5_report(runs: Path, seeds, plt, out: Path) -> str:
-    lines = ["| method | pretraining epoch | ticket acc. (%) | seeds |", "|---|---:|---:|---:|"]
+    """Ticket accuracy against the epoch it is drawn at; the rows 02's rules marked say whether
+    stopping pretraining there gives the final epoch's ticket quality."""
+    lines = ["| method | pretraining epoch | ticket acc. (%) | seeds | marked by 02 |", "|---|---:|---:|---:|---|"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in FIG5_METHODS:
+    for i, method in enumerate(FIG5_METHODS):
         by_epoch = {}
+        marks = marked_epochs(table1_run(runs, FIG5_ROW, seeds[0], method))
         for seed in seeds:
             run = table1_run(runs, FIG5_ROW, seed, method)
             for name, res in results_under(run, "finetune_l1_p50_e*_finetune/result.json").items():
                 by_epoch.setdefault(int(name.split("_e")[1][:3]), []).append(res["final_test_acc"])
+        last = max(by_epoch, default=None)
         for e in sorted(by_epoch):
-            lines.append(f"| {method} | {e} | {mean_std(by_epoch[e])} | {len(by_epoch[e])} |")
+            marked = marks.get(e, []) + (["final epoch"] if e == last else [])
+            lines.append(f"| {method} | {e} | {mean_std(by_epoch[e])} | {len(by_epoch[e])} | {', '.join(marked)} |")
         if by_epoch:
-            ax.plot(sorted(by_epoch), [sum(v) / len(v) for _, v in sorted(by_epoch.items())], marker="o", label=method)
+            xs = sorted(by_epoch)
+            ys = [sum(by_epoch[e]) / len(by_epoch[e]) for e in xs]
+            ax.plot(xs, ys, marker="o", color=f"C{i}", label=method)
+            hit = [(e, y) for e, y in zip(xs, ys) if e in marks]
+            if hit:
+                ax.scatter(*zip(*hit), marker="*", s=160, color=f"C{i}", edgecolor="k", zorder=3,
+                           label=f"{method}: marked by 02 (emergence / early bird)")
     save_plot(fig, ax, out / "fig5.png", xlabel="pretraining epoch the ticket is drawn at",
               ylabel="ticket accuracy (%)", title=f"Fig. 5 ({FIG5_ROW}, p = 50 %)")
     return "\n".join(lines)
@@ -531,13 +582,31 @@ def report(args) -> int:
     per_matrix = {}
     for t in times:
         per_matrix[t["job"].split(":")[0]] = per_matrix.get(t["job"].split(":")[0], 0) + t["seconds"]
+    made = (runs / "paper_commands.txt").read_text().splitlines() if (runs / "paper_commands.txt").exists() else []
+    sections.append("## Made by (commit, command)\n\n" + "\n".join(f"    {line}" for line in made))
     sections.append("## Wall time per matrix (stage processes)\n\n" +
                     "\n".join(f"- {m}: {s / 60:.1f} min" for m, s in per_matrix.items()))
     text = "\n\n".join(sections)
     (out / "paper.md").write_text(text + "\n")
+    if args.docs:
+        embed(Path(args.docs), text)
     (out / "table1.json").write_text(json.dumps(all_rows, indent=1))
     print(text)
     return 0
+
+
+DOCS_BEGIN, DOCS_END = "<!-- begin: bench/paper.py report -->", "<!-- end: bench/paper.py report -->"
+
+
+def embed(page: Path, text: str):
+    """Put the report between the page's markers (headings one level down), so the page's tables
+    are the ones the report made from the runs."""
+    doc = page.read_text()
+    if DOCS_BEGIN not in doc or DOCS_END not in doc:
+        raise UserError(f"--docs {page}: no '{DOCS_BEGIN}' ... '{DOCS_END}' block to write the report into")
+    head, rest = doc.split(DOCS_BEGIN, 1)
+    body = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+    page.write_text(f"{head}{DOCS_BEGIN}\n{body}\n{DOCS_END}{rest.split(DOCS_END, 1)[1]}")
 
 
 def gpu_name() -> str | None:
@@ -563,13 +632,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fine-tuning epochs times this instead (default: --epochs-scale)")
     p.add_argument("--set", action="append", default=[], type=key_value, metavar="KEY=VALUE",
                    help="a config key for every job, e.g. model.width=0.25 (repeatable; the matrix's own keys win)")
+    p.add_argument("--methods", default=None, type=lambda s: s.split(","),
+                   help=f"comma-separated pretraining methods to keep in table1, fig4 and fig5 ({', '.join(METHOD_SETS)})")
+    p.add_argument("--rise-keep", default=None, type=lambda s: tuple(float(x) for x in s.split(",")),
+                   help="rise's kept fractions R instead of " + ", ".join(map(str, RISE_KEEP)))
     p.add_argument("--budget-s", type=float, default=0, help="stop before this many seconds of wall time (0: no limit)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the driver in minutes")
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--runs", default=str(REPO / "runs/paper"))
     p.add_argument("--out", default=str(REPO / "bench/results/paper"))
+    p.add_argument("--docs", default=None, help="report: also write the tables into this Markdown page, between "
+                   "its '<!-- begin: bench/paper.py report -->' and '<!-- end: ... -->' lines")
     args = p.parse_args(argv)
     args.set = dict(args.set)
+    args.command = shlex.join(["bench/paper.py", *(sys.argv[1:] if argv is None else argv)])
+    unknown = [m for m in args.methods or () if m not in METHOD_SETS]
+    if unknown:
+        p.error(f"--methods {','.join(unknown)}: not one of {', '.join(METHOD_SETS)}")
+    if any(not 0 < r <= 1 for r in args.rise_keep or ()):
+        p.error(f"--rise-keep {args.rise_keep}: each R is a kept fraction in (0, 1]")
     return args
 
 
