@@ -473,16 +473,25 @@ def table1_flops_plot(row: str, rows: list, plt, out: Path):
 
 
 def fig4_report(runs: Path, panel: str, seeds, plt, out: Path) -> str:
-    lines = ["| method | distance to final, each epoch | filter emergence epoch | early-bird epoch |", "|---|---|---:|---:|"]
+    lines = ["| method | distance to final, each epoch | consecutive F(e, e+1), each e | filter emergence epoch | "
+             "early-bird epoch |", "|---|---|---|---:|---:|"]
     fig, ax = plt.subplots(figsize=(6, 4))
+    rules = {}
     for method in FIG4_METHODS:
         s = read_json(table1_run(runs, FIG4_PANELS[panel], seeds[0], method) / "distance/summary.json")
         if not s:
             continue
         d = {int(e): v for e, v in s["distance_to_final"].items()}
-        ax.plot(sorted(d), [d[e] for e in sorted(d)], marker="o", label=method)
-        lines.append(f"| {method} | {' '.join(f'{d[e]:.3f}' for e in sorted(d))} | "
+        line, = ax.plot(sorted(d), [d[e] for e in sorted(d)], marker="o", label=method)
+        fired = s.get("filter_emergence_epoch")
+        if fired is not None and int(fired) in d:
+            ax.scatter([int(fired)], [d[int(fired)]], marker="*", s=160, color=line.get_color(), edgecolor="k",
+                       zorder=3, label=f"{method}: filter emergence")
+        consecutive = " ".join(f"{v:.3f}" for v in s.get("consecutive", {}).values())
+        lines.append(f"| {method} | {' '.join(f'{d[e]:.3f}' for e in sorted(d))} | {consecutive} | "
                      f"{dash(s.get('filter_emergence_epoch'))} | {dash(s.get('early_bird_epoch'))} |")
+        rules = {"filter emergence": s.get("filter_emergence_rule"), "early bird": s.get("early_bird_rule")}
+    lines += [""] + [f"- {name} (— where it did not fire): {rule}" for name, rule in rules.items() if rule]
     save_plot(fig, ax, out / f"fig4_{panel}.png", xlabel="pretraining epoch",
               ylabel="filter distance to the final epoch", title=f"Fig. 4, {panel} ({FIG4_PANELS[panel]})")
     return "\n".join(lines)

@@ -163,6 +163,56 @@ def test_every_matrix_scales_through_the_same_flags():
         == {1, 2, 4, 5}                                                          # epochs 5..20, / 4, rounded
 
 
+def test_methods_and_rise_keep_pick_a_subset_and_bad_values_stop_in_one_line(capsys):
+    paper = bench("paper")
+    jobs = jobs_of(paper, "--only", "table1:preresnet18_c10,fig4:cifar10,fig5,rise:resnet32_c10",
+                   "--methods", "dense,loft-4-shard,loft-4", "--rise-keep", "0.1,0.5")
+    pretrained = {m: {(c.pretrain.method, c.pretrain.workers, c.pretrain.data) for j, c in js
+                      if j.script == "01_pretrain_loft.py"} for m, js in jobs.items()}
+    assert pretrained["table1"] == {("dense", 4, "full"), ("loft", 4, "shard"), ("loft", 4, "full")}
+    assert pretrained["fig4"] == pretrained["fig5"] == {("dense", 4, "full"), ("loft", 4, "full")}  # their own lists
+    kept = {round(1 - c.prune.ratio, 2) for j, c in jobs["rise"] if j.script == "04_finetune.py"}
+    assert kept == {0.1, 0.5}
+    for bad in (["--methods", "dense,loft-3"], ["--rise-keep", "0.1,1.5"]):
+        with pytest.raises(SystemExit) as e:
+            paper.parse_args(["run", *bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert ": error: --" in err[-1] and ("loft-3" in err[-1] or "1.5" in err[-1])
+
+
+def test_fig5_draws_at_the_epochs_02_marks_once_it_has_run(tmp_path):
+    # before 02: the scaled epochs only; after: also the emergence and early-bird epochs it wrote
+    paper = bench("paper")
+    args = paper.parse_args(["run", "--data-root", "/nowhere", "--methods", "loft-4", "--only", "fig5"])
+    plan = paper.Plan(args)
+
+    def draws():
+        return {j.flags[j.flags.index("--from") + 1][-6:-3] for j in paper.matrix_jobs("fig5", plan, tmp_path, [0])
+                if j.script == "03_prune.py"}
+    assert draws() == {"005", "010", "015", "020"}
+    distance = paper.table1_run(tmp_path, "preresnet18_c10", 0, "loft-4") / "distance"
+    distance.mkdir(parents=True)
+    (distance / "summary.json").write_text(json.dumps({"filter_emergence_epoch": 7, "early_bird_epoch": None}))
+    assert draws() == {"005", "007", "010", "015", "020"}
+    (distance / "summary.json").write_text(json.dumps({"filter_emergence_epoch": 10, "early_bird_epoch": 3}))
+    assert draws() == {"003", "005", "010", "015", "020"}
+    assert paper.marked_epochs(distance.parent) == {10: ["filter emergence"], 3: ["early bird"]}
+
+
+def test_report_writes_its_tables_between_the_pages_markers_only(tmp_path):
+    paper = bench("paper")
+    page = tmp_path / "results.md"
+    page.write_text(f"# Results\nbefore\n{paper.DOCS_BEGIN}\nold table\n{paper.DOCS_END}\nafter\n")
+    paper.embed(page, "# Paper-scale results\n\n## Fig. 5\n\n| a |")
+    assert page.read_text() == (f"# Results\nbefore\n{paper.DOCS_BEGIN}\n## Paper-scale results\n\n### Fig. 5\n\n"
+                                f"| a |\n{paper.DOCS_END}\nafter\n")
+    (tmp_path / "plain.md").write_text("# no markers\n")
+    with pytest.raises(paper.UserError, match="no '<!-- begin"):
+        paper.embed(tmp_path / "plain.md", "x")
+    assert (tmp_path / "plain.md").read_text() == "# no markers\n"
+
+
 def test_table1_report_gives_gpipe_in_the_papers_convention_with_fwd_bwd_beside_it(tmp_path):
     # comm.json as 01 writes it for the paper's PreResNet-18 CIFAR-10 setting (S = 4, 20 epochs,
     # batch 128, K = 25): the report's analytic column must be the paper's Table 1 convention
