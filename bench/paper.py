@@ -598,24 +598,27 @@ def report(args) -> int:
     text = "\n\n".join(sections)
     (out / "paper.md").write_text(text + "\n")
     if args.docs:
-        embed(Path(args.docs), text)
+        embed(Path(args.docs), text, os.path.relpath(out.resolve(), REPO))
     (out / "table1.json").write_text(json.dumps(all_rows, indent=1))
     print(text)
     return 0
 
 
-DOCS_BEGIN, DOCS_END = "<!-- begin: bench/paper.py report -->", "<!-- end: bench/paper.py report -->"
+def markers(out: str) -> tuple[str, str]:
+    """The lines a page marks a report's block with: one block per --out folder."""
+    return f"<!-- begin: bench/paper.py report --out {out} -->", f"<!-- end: bench/paper.py report --out {out} -->"
 
 
-def embed(page: Path, text: str):
-    """Put the report between the page's markers (headings one level down), so the page's tables
-    are the ones the report made from the runs."""
+def embed(page: Path, text: str, out: str):
+    """Put the report between the page's markers for its --out folder (headings one level down), so
+    the page's tables are the ones the report made from the runs."""
+    begin, end = markers(out)
     doc = page.read_text()
-    if DOCS_BEGIN not in doc or DOCS_END not in doc:
-        raise UserError(f"--docs {page}: no '{DOCS_BEGIN}' ... '{DOCS_END}' block to write the report into")
-    head, rest = doc.split(DOCS_BEGIN, 1)
+    if begin not in doc or end not in doc:
+        raise UserError(f"--docs {page}: no '{begin}' ... '{end}' block to write the report into")
+    head, rest = doc.split(begin, 1)
     body = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
-    page.write_text(f"{head}{DOCS_BEGIN}\n{body}\n{DOCS_END}{rest.split(DOCS_END, 1)[1]}")
+    page.write_text(f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}")
 
 
 def gpu_name() -> str | None:
@@ -651,7 +654,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", default=str(REPO / "runs/paper"))
     p.add_argument("--out", default=str(REPO / "bench/results/paper"))
     p.add_argument("--docs", default=None, help="report: also write the tables into this Markdown page, between "
-                   "its '<!-- begin: bench/paper.py report -->' and '<!-- end: ... -->' lines")
+                   "its '<!-- begin: bench/paper.py report --out OUT -->' and '<!-- end: ... -->' lines")
     args = p.parse_args(argv)
     args.set = dict(args.set)
     args.command = shlex.join(["bench/paper.py", *(sys.argv[1:] if argv is None else argv)])

@@ -203,13 +203,14 @@ def test_fig5_draws_at_the_epochs_02_marks_once_it_has_run(tmp_path):
 def test_report_writes_its_tables_between_the_pages_markers_only(tmp_path):
     paper = bench("paper")
     page = tmp_path / "results.md"
-    page.write_text(f"# Results\nbefore\n{paper.DOCS_BEGIN}\nold table\n{paper.DOCS_END}\nafter\n")
-    paper.embed(page, "# Paper-scale results\n\n## Fig. 5\n\n| a |")
-    assert page.read_text() == (f"# Results\nbefore\n{paper.DOCS_BEGIN}\n## Paper-scale results\n\n### Fig. 5\n\n"
-                                f"| a |\n{paper.DOCS_END}\nafter\n")
+    (b1, e1), (b2, e2) = paper.markers("bench/results/paper"), paper.markers("bench/results/other")
+    page.write_text(f"# Results\nbefore\n{b1}\nold table\n{e1}\nmiddle\n{b2}\nother table\n{e2}\n")
+    paper.embed(page, "# Paper-scale results\n\n## Fig. 5\n\n| a |", "bench/results/paper")
+    assert page.read_text() == (f"# Results\nbefore\n{b1}\n## Paper-scale results\n\n### Fig. 5\n\n"
+                                f"| a |\n{e1}\nmiddle\n{b2}\nother table\n{e2}\n")
     (tmp_path / "plain.md").write_text("# no markers\n")
     with pytest.raises(paper.UserError, match="no '<!-- begin"):
-        paper.embed(tmp_path / "plain.md", "x")
+        paper.embed(tmp_path / "plain.md", "x", "bench/results/paper")
     assert (tmp_path / "plain.md").read_text() == "# no markers\n"
 
 
