@@ -571,7 +571,7 @@ def report(args) -> int:
     import matplotlib.pyplot as plt
     runs, out = Path(args.runs), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sections, all_rows = [f"# Paper-scale results\n\n{machine()}" + (f"; GPU {gpu_name()}" if gpu_name() else "")], []
+    sections, all_rows = [f"# The papers' experiment matrices (bench/paper.py report)\n\n{machine()}" + (f"; GPU {gpu_name()}" if gpu_name() else "")], []
     for row in TABLE1_ROWS:
         text, rows = table1_report(runs, row, args.seeds)
         if rows:
@@ -610,14 +610,14 @@ def markers(out: str) -> tuple[str, str]:
 
 
 def embed(page: Path, text: str, out: str):
-    """Put the report between the page's markers for its --out folder (headings one level down), so
-    the page's tables are the ones the report made from the runs."""
+    """Put the report between the page's markers for its --out folder, so the page's tables are the
+    ones the report made from the runs; its headings go two levels down, under the page's section."""
     begin, end = markers(out)
     doc = page.read_text()
     if begin not in doc or end not in doc:
         raise UserError(f"--docs {page}: no '{begin}' ... '{end}' block to write the report into")
     head, rest = doc.split(begin, 1)
-    body = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+    body = "\n".join("##" + line if line.startswith("#") else line for line in text.splitlines())
     page.write_text(f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}")
 
 

@@ -206,7 +206,7 @@ def test_report_writes_its_tables_between_the_pages_markers_only(tmp_path):
     (b1, e1), (b2, e2) = paper.markers("bench/results/paper"), paper.markers("bench/results/other")
     page.write_text(f"# Results\nbefore\n{b1}\nold table\n{e1}\nmiddle\n{b2}\nother table\n{e2}\n")
     paper.embed(page, "# Paper-scale results\n\n## Fig. 5\n\n| a |", "bench/results/paper")
-    assert page.read_text() == (f"# Results\nbefore\n{b1}\n## Paper-scale results\n\n### Fig. 5\n\n"
+    assert page.read_text() == (f"# Results\nbefore\n{b1}\n### Paper-scale results\n\n#### Fig. 5\n\n"
                                 f"| a |\n{e1}\nmiddle\n{b2}\nother table\n{e2}\n")
     (tmp_path / "plain.md").write_text("# no markers\n")
     with pytest.raises(paper.UserError, match="no '<!-- begin"):
