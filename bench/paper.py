@@ -4,10 +4,10 @@
     python bench/paper.py run --only table1 --seeds 0,1 --data-root $LOFT_DATA
     python bench/paper.py run --only table1:preresnet18_c10,fig4:cifar10     # single panels
     python bench/paper.py run --only rise --epochs-scale 0.25                   # the same matrix, shorter
-    python bench/paper.py run --only table1:preresnet18_c10 --epochs-scale 0.3 --finetune-epochs-scale 0.07 \
-        --set model.width=0.25 --set data.train_subset=4000 --set data.test_subset=2000 \
-        --set pretrain.batch_size=64 --set pretrain.local_iters=10 --set finetune.batch_size=64   # CPU scale
-    python bench/paper.py report                                                # tables and plots so far
+    python bench/paper.py run --only table1:preresnet18_c10 --methods dense,loft-4-shard --epochs-scale 0.3 \
+        --finetune-epochs-scale 0.07 --set pretrain.local_iters=5 --set model.width=0.25 \
+        --set data.train_subset=4000 --set data.test_subset=2000        # CPU scale (docs/results.md)
+    python bench/paper.py report --seeds 0,1 --docs docs/results.md             # tables and plots so far
     python bench/paper.py run --smoke --runs /tmp/p --out /tmp/p/out            # tiny sizes (the suite)
 
 Matrices and their panels (runs in RUNS/table1/ROW/seedS/METHOD/, RUNS/rise/MODEL/seedS/dense/):
