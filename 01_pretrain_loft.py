@@ -36,7 +36,8 @@ def main(argv=None):
     from common.dist import Comm, agreed, on_main, setup_from_config, teardown
     from common.emergence import EmergenceWatch
     from common.evaluation import load_splits
-    from common.models import arch_of, build_model, prunable_blocks
+    from common.models import arch_of, build_model
+    from common.selection import prunable_blocks
     from common.pretrain import METHODS
     arch = arch_of(cfg.model, NUM_CLASSES[cfg.data.dataset], input_shape(cfg.data.dataset))
     if args.dry_run:
@@ -48,13 +49,13 @@ def main(argv=None):
     resuming = on_main(env, f"checking {out}", check_stage_dir, out, args.resume, args.force)  # rank 0's folder
     train_set, test_set, lossless = load_splits(cfg, env)
     torch.manual_seed(cfg.seed)
-    init = build_model(arch).state_dict()
+    init = build_model(arch, cfg.importable).state_dict()
     comm = Comm(env, cfg.comm.wire_dtype)
     method = METHODS[cfg.pretrain.method](cfg, arch, init, train_set, env, comm)
     start, rows, comm_total, watch = 1, [], 0, None
     if cfg.pretrain.stop_on_emergence:
-        watch = EmergenceWatch(prunable_blocks(build_model(arch), arch), cfg.prune.ratio,
-                               cfg.distance.emergence_eps, cfg.distance.emergence_window)
+        watch = EmergenceWatch(prunable_blocks(build_model(arch, cfg.importable), arch), cfg.prune.ratio,
+                               cfg.distance.emergence_eps, cfg.distance.emergence_window, kind=cfg.prune.kind)
         watch.start(init)
     if resuming:
         start, rows, comm_total, done = resume(method, out, cfg, comm, watch)
@@ -111,7 +112,7 @@ def save_epoch(state, arch, epoch, cfg, train_set, test, env, out, train_flops: 
     from common.models import build_model
     from common.pretrain import recal_stream
     from common.train import recalibrate_bn
-    model = build_model(arch).to(env.device)
+    model = build_model(arch, cfg.importable).to(env.device)
     model.load_state_dict(state)
     if epoch > 0:
         recalibrate_bn(model, recal_stream(train_set, cfg), cfg.pretrain.bn_recal_batches, env.device)
@@ -141,10 +142,11 @@ def group_table(cfg, arch) -> str:
     config's choice (model.group_*, pretrain.overlap) partitions or prunes it and why not, and the
     places that are no group."""
     from common.data import input_shape
-    from common.groups import discovered, format_groups
     from common.errors import UserError
-    from common.models import build_model, group_selection
-    model = build_model(arch)
+    from common.groups import discovered
+    from common.models import build_model
+    from common.selection import format_groups, group_selection
+    model = build_model(arch, cfg.importable)
     found = discovered(model, tuple(arch.get("input_shape") or input_shape(cfg.data.dataset)))
     try:
         _, chosen = group_selection(model, arch, cfg.pretrain.partition_stage1, cfg.pretrain.overlap)
@@ -155,7 +157,7 @@ def group_table(cfg, arch) -> str:
 
 def loft_blocks(model, cfg, arch) -> list:
     """The groups LoFT would split; none for a model that is not partitionable (e.g. MobileNetV3)."""
-    from common.models import is_partitionable, partitioned_blocks
+    from common.selection import is_partitionable, partitioned_blocks
     return (partitioned_blocks(model, cfg.pretrain.partition_stage1, arch, cfg.pretrain.overlap)
             if is_partitionable(model, arch) else [])
 
@@ -170,11 +172,11 @@ def dry_run_report(cfg, arch) -> dict:
     from common.loft import draw_partition, worker_arch
     from common.models import build_model
     pc, shape = cfg.pretrain, input_shape(cfg.data.dataset)
-    model = build_model(arch)
+    model = build_model(arch, cfg.importable)
     blocks = loft_blocks(model, cfg, arch)
     shared, part = split_params(model, blocks)
     n_train = cfg.data.train_subset or TRAIN_SIZE[cfg.data.dataset]
-    sub = build_model(worker_arch(arch, draw_partition(blocks, pc.workers, cfg.seed, 0), 0))
+    sub = build_model(worker_arch(arch, draw_partition(blocks, pc.workers, cfg.seed, 0), 0), cfg.importable)
     return {
         "arch": arch, "workers": pc.workers,
         "params_total": shared + part, "params_partitioned": part,
@@ -187,7 +189,7 @@ def dry_run_report(cfg, arch) -> dict:
         "train_flops_ratio_to_dense": {  # at this pretrain.data: shard equalises samples, not FLOPs
             m: None if m == "loft" and not blocks else round(train_flops_ratio_to_dense(
                 arch, blocks, m, pc.workers, pc.epochs, n_train, pc.batch_size, pc.local_iters, shape,
-                shard=pc.data == "shard"), 4) for m in ("loft", "localsgd")},
+                shard=pc.data == "shard", importable=cfg.importable), 4) for m in ("loft", "localsgd")},
     }
 
 
@@ -196,7 +198,7 @@ def comm_table(cfg, arch) -> str:
     from common.costs import analytic_bytes
     from common.data import TRAIN_SIZE, input_shape
     from common.models import build_model
-    pc, model, shape = cfg.pretrain, build_model(arch), input_shape(cfg.data.dataset)
+    pc, model, shape = cfg.pretrain, build_model(arch, cfg.importable), input_shape(cfg.data.dataset)
     blocks = loft_blocks(model, cfg, arch)
     n_train = cfg.data.train_subset or TRAIN_SIZE[cfg.data.dataset]
     lines = [f"{arch['name']} (width {arch['width']}), {pc.epochs} epochs, {n_train} images, batch {pc.batch_size}, "
@@ -218,12 +220,13 @@ def write_comm_json(cfg, arch, n_train, measured_total, out, epochs_run: int):
     from common.data import input_shape
     from common.models import build_model
     pc = cfg.pretrain
-    model = build_model(arch)
+    model = build_model(arch, cfg.importable)
     analytic = analytic_bytes(model, loft_blocks(model, cfg, arch), pc.workers, epochs_run, n_train, pc.batch_size,
                               pc.local_iters, input_shape(cfg.data.dataset), shard=pc.data == "shard")
     blocks = loft_blocks(model, cfg, arch) if pc.method == "loft" else []
     ratio = train_flops_ratio_to_dense(arch, blocks, pc.method, pc.workers, epochs_run, n_train, pc.batch_size,
-                                       pc.local_iters, input_shape(cfg.data.dataset), shard=pc.data == "shard")
+                                       pc.local_iters, input_shape(cfg.data.dataset), shard=pc.data == "shard",
+                                       importable=cfg.importable)
     report = {
         "method": pc.method, "workers": pc.workers, "wire_dtype": cfg.comm.wire_dtype,
         "pretrain_data": DATA_NOTE[pc.data], "train_flops_ratio_to_dense": round(ratio, 4),

@@ -40,11 +40,11 @@ def main(argv=None):
     run = run_dir_of(args, cfg)
     out = run / (f"distance_{check_tag(args.tag)}" if args.tag else "distance")
     made_by = stage_command("01_pretrain_loft.py", args)
-    series = load_series(run / "pretrain", made_by)
+    series = load_series(run / "pretrain", made_by, cfg.prune.kind, cfg.importable)
     print(f"{run / 'pretrain'}: epochs {series.epochs[0]}..{series.epochs[-1]} of {series.arch['name']} "
           f"(width {series.arch['width']}, method {series.method}), {len(series.norms)} prunable layers")
 
-    check_analysis_dir(out, cfg.to_dict(), ("prune.ratio", "distance."), args.force)
+    check_analysis_dir(out, cfg.to_dict(), ("prune.ratio", "prune.kind", "distance."), args.force)
     res = analyse(series, cfg.prune.ratio)
     ep = series.epochs
     filt = emergence_epoch(consecutive_distances(res), cfg.distance.emergence_eps, cfg.distance.emergence_window)
@@ -52,7 +52,8 @@ def main(argv=None):
     marks = {"filter emergence": None if filt is None else ep[filt], "early bird": None if bird is None else ep[bird]}
     curves = {f"{run} ({series.method})": (ep, to_final(res))}
     for other in map(Path, args.compare):  # the same network-mean curve of every other run (paper Fig. 4)
-        s = load_series(other / "pretrain", f"{python_command()} 01_pretrain_loft.py --config yaml/<NAME>.yaml --run-dir {other}")
+        s = load_series(other / "pretrain", f"{python_command()} 01_pretrain_loft.py --config yaml/<NAME>.yaml --run-dir {other}",
+                        cfg.prune.kind, cfg.importable)
         curves[f"{other} ({s.method})"] = (s.epochs, to_final(analyse(s, cfg.prune.ratio)))
 
     save_config(cfg.to_dict(), out / "config.yaml")

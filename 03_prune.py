@@ -46,7 +46,7 @@ def main(argv=None):
 
     src_path = Path(args.source) if args.source else last_epoch(run / "pretrain", pretrain_command(args))
     src = load_source(src_path, cfg, pretrain_command(args))
-    model = build_model(src["arch"])
+    model = build_model(src["arch"], cfg.importable)
     model.load_state_dict(src["model"])
     old_mask = src.get("mask")
     print(f"source {src_path}: {src['arch']['name']} width {src['arch']['width']}, epoch {src['epoch']}"

@@ -51,7 +51,7 @@ def main(argv=None):
     ticket = load_ticket(ticket_path, make_ticket)
     lineage = check_lineage(ticket, ticket_path, fc.mode, fc.rewind_epoch, remake_command(ticket, ticket_path, args))
     out = run / f"finetune_{check_tag(args.tag) if args.tag else default_folder(ticket_path, fc)}"
-    weights = ticket_weights(ticket, fc.mode, fc.rewind_epoch, cfg.seed)
+    weights = ticket_weights(ticket, fc.mode, fc.rewind_epoch, cfg.seed, cfg.importable)
     env = setup_from_config(cfg.dist)
     resuming = on_main(env, f"checking {out}", check_stage_dir, out, args.resume, args.force)  # rank 0's folder
     train_set, test_set, lossless = load_splits(cfg, env)
@@ -135,7 +135,7 @@ def save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage):
     from common.models import build_model
     fc = cfg.finetune
     base = complexity_base(ticket, fc.mode, fc.rewind_epoch)
-    per_sample = train_flops_per_sample(build_model(ticket["arch"]), input_shape(cfg.data.dataset), ticket.get("mask"))
+    per_sample = train_flops_per_sample(build_model(ticket["arch"], cfg.importable), input_shape(cfg.data.dataset), ticket.get("mask"))
     ticket_flops = trainer.steps_done * fc.batch_size * per_sample
     spent_before = int(ticket.get("lineage_flops", ticket.get("train_flops", 0)))
     train_flops = base + ticket_flops

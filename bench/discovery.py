@@ -21,7 +21,8 @@ import torch_pruning as tp
 import torchvision.models as tvm
 
 from lib import machine
-from common.groups import ROOT_TYPES, describe, discover, reason_kinds
+from common.groups import ROOT_TYPES, discover, reason_kinds
+from common.selection import describe
 from common.models import ARCH_NAMES, build_model
 
 TORCHVISION = {

@@ -115,7 +115,8 @@ def count_ops(config: str, sets: list[str], env=None) -> dict:
     from common.dist import DistEnv
     from common.finetune import LockedUpdate
     from common.loft import draw_partition, worker_arch
-    from common.models import arch_of, build_model, partitioned_blocks
+    from common.models import arch_of, build_model
+    from common.selection import partitioned_blocks
     from common.prune import magnitude_mask, maskable_weights
     cfg = load_config(config, sets + ["pretrain.workers=4"])
     env = env or DistEnv()

@@ -36,11 +36,12 @@ import torch.nn.functional as F
 from lib import REPO, machine
 from ops import count_ops
 from common.config import load_config
-from common.costs import flops_per_sample
+from common.costs import flops_per_sample, measured_round_bytes
 from common.data import TRAIN_SIZE, Stream, input_shape, load_dataset, on_device
 from common.dist import Comm, DistEnv, configure_kernels
-from common.loft import SlicePlan, aggregate, draw_partition, extract, worker_arch
-from common.models import arch_of, build_model, partitioned_blocks
+from common.loft import draw_partition, worker_arch
+from common.models import arch_of, build_model
+from common.selection import partitioned_blocks
 from common.pretrain import RECAL_STREAM, Dense, Loft
 from common.train import evaluate, make_sgd, recalibrate_bn
 
@@ -120,11 +121,7 @@ def cpu_training_memory(model, x, y) -> int:
 
 def round_bytes(blocks, state, S, wire) -> int:
     """Payload of one LoFT aggregation (all S workers) through the real code path."""
-    part = draw_partition(blocks, S, 0, 0)
-    plan = SlicePlan.of(blocks, state)
-    comm = Comm(DistEnv(), wire)
-    aggregate(state, plan, part, {w: extract(state, plan, part, w) for w in range(S)}, comm, S)
-    return comm.bytes_sent
+    return measured_round_bytes(state, blocks, S, wire)
 
 
 def project_dense(cfg, arch, init, train_set, env):

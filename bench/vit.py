@@ -8,7 +8,7 @@ Each run: 01 (dense, or LoFT-S with pretrain.data=shard: every image seen as oft
 02 (filter distance of the MLP neurons' L1 rankings to the final epoch), 03 (L1, 50 % of every
 MLP hidden layer), 04 (fine-tune the ticket). Bytes per round: LoFT's measured (comm.json) and the
 paper's parameter-server count, against Local SGD's over the same real aggregation code path
-(`common.loft.aggregate` with no partitioned group). Per-worker memory: the parameters a worker
+(`common.costs.measured_round_bytes` with no partitioned group: the trainers' own exchange). Per-worker memory: the parameters a worker
 holds (fp32). The table reads the stages' files; nothing here trains by itself.
 """
 from __future__ import annotations
@@ -29,18 +29,15 @@ METHODS = {"dense": {"pretrain.method": "dense"},
 def localsgd_round_bytes(arch: dict, workers: int) -> int:
     """Bytes one Local SGD round hands to the collectives: every worker's full state, through the
     same aggregation code LoFT uses (measured by its Comm, one process)."""
-    from common.dist import Comm, DistEnv
-    from common.loft import SlicePlan, aggregate
+    from common.costs import measured_round_bytes
     from common.models import build_model
-    state = build_model(arch).state_dict()
-    plan, comm = SlicePlan({}), Comm(DistEnv())
-    aggregate(state, plan, {}, {w: dict(state) for w in range(workers)}, comm, workers)
-    return comm.bytes_sent
+    return measured_round_bytes(build_model(arch).state_dict(), [], workers)
 
 
 def worker_params(arch: dict, workers: int, method: str) -> int:
     from common.loft import draw_partition, worker_arch
-    from common.models import build_model, partitioned_blocks
+    from common.models import build_model
+    from common.selection import partitioned_blocks
     model = build_model(arch)
     if method == "dense":
         return sum(p.numel() for p in model.parameters())

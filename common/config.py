@@ -138,6 +138,12 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def importable(self) -> frozenset[str]:
+        """The package.module:callable a stage run with this config may import to build a model
+        (common.models.build_model): the one its model.arch names, and only for this invocation."""
+        return frozenset({self.model.arch}) if ":" in self.model.arch else frozenset()
+
 
 # --------------------------------------------------------------------- parsing
 def _coerce(key: str, value, typ):
@@ -201,9 +207,6 @@ def _check_defaults(obj, prefix=""):
             _check_defaults(v, f"{prefix}{f.name}.")
         else:
             _check_range(prefix + f.name, v, f.metadata)
-
-
-IMPORTS_NAMED: set[str] = set()   # package.module:callable archs named by a loaded config (common/models.py imports only these)
 
 
 def is_brought(arch: str) -> bool:
@@ -327,8 +330,6 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     if not cfg.name:
         cfg.name = Path(path).stem if path is not None else "default"
     cross_check(cfg)
-    if ":" in cfg.model.arch:   # the only code a stage may import for a model: what its config names
-        IMPORTS_NAMED.add(cfg.model.arch)
     return cfg
 
 

@@ -7,8 +7,10 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from common.loft import SlicePlan, draw_partition, slice_shape, worker_arch
-from common.models import BlockRef, build_model
+from common.loft import draw_partition, worker_arch
+from common.models import build_model
+from common.narrowing import SlicePlan
+from common.selection import BlockRef
 
 FP32 = 4
 
@@ -90,7 +92,8 @@ def partitioned_sent(model: nn.Module, blocks: list[BlockRef], workers: int) -> 
     state = dict(model.named_parameters())
     plan = SlicePlan.of(blocks, state)
     part = draw_partition(blocks, workers, 0, 0)   # sizes: the same every round, whatever the seed
-    return sum(math.prod(slice_shape(state, plan, part, k, w)) for k in plan.entries for w in range(workers))
+    return sum(math.prod(plan.shape(state, k, {g: sets[w] for g, sets in part.items()}))
+               for k in plan.entries for w in range(workers))
 
 
 def pipeline_cuts(num_layers: int, stages: int) -> list[int]:
@@ -145,27 +148,52 @@ def analytic_bytes(model: nn.Module, blocks: list[BlockRef], workers: int, epoch
 
 
 def pretrain_train_flops(arch: dict, blocks: list[BlockRef], method: str, workers: int, epochs: int, n_train: int,
-                         batch: int, local_iters: int, input_shape=(3, 32, 32), shard: bool = False) -> int:
+                         batch: int, local_iters: int, input_shape=(3, 32, 32), shard: bool = False,
+                         importable: frozenset[str] = frozenset()) -> int:
     """Forward+backward FLOPs of a pretraining run, counted as its trainer counts them (steps taken
     x FLOPs of one step, common/pretrain.py). Dense and GPipe: N // B steps an epoch of the full
     model. LoFT and Local SGD: whole rounds of K steps, each step a batch through every worker's
     subnetwork (Local SGD: a full replica); N // B steps an epoch, (N // S) // B with `shard`."""
     if method in ("dense", "gpipe"):
-        return epochs * (n_train // batch) * batch * flops_per_sample(build_model(arch), input_shape, backward=True)
+        return epochs * (n_train // batch) * batch * flops_per_sample(build_model(arch, importable), input_shape, backward=True)
     steps = rounds_total(epochs, n_train // workers if shard else n_train, batch, local_iters) * local_iters
     part = draw_partition(blocks, workers, 0, 0) if method == "loft" else {}  # sizes: the same every round
     widths = [tuple(len(sets[w]) for sets in part.values()) for w in range(workers)]
-    cost = {wd: flops_per_sample(build_model(worker_arch(arch, part, widths.index(wd))), input_shape, backward=True)
+    cost = {wd: flops_per_sample(build_model(worker_arch(arch, part, widths.index(wd)), importable), input_shape,
+                                 backward=True)
             for wd in set(widths)}  # workers differ by at most one channel a block: count each width once
     return steps * batch * sum(cost[wd] for wd in widths)
 
 
 def train_flops_ratio_to_dense(arch: dict, blocks: list[BlockRef], method: str, workers: int, epochs: int,
                                n_train: int, batch: int, local_iters: int, input_shape=(3, 32, 32),
-                               shard: bool = False) -> float:
+                               shard: bool = False, importable: frozenset[str] = frozenset()) -> float:
     """A run's training FLOPs over those of dense for the same epochs, data and batch size. With
     `shard` (equal samples) LoFT-S spends about c_subnet / c_dense of dense, not 1: each sample
     goes through one narrow subnetwork instead of the full model."""
-    run = pretrain_train_flops(arch, blocks, method, workers, epochs, n_train, batch, local_iters, input_shape, shard)
-    dense = pretrain_train_flops(arch, [], "dense", workers, epochs, n_train, batch, local_iters, input_shape)
+    run = pretrain_train_flops(arch, blocks, method, workers, epochs, n_train, batch, local_iters, input_shape, shard,
+                               importable)
+    dense = pretrain_train_flops(arch, [], "dense", workers, epochs, n_train, batch, local_iters, input_shape,
+                                 importable=importable)
     return run / dense
+
+
+def measured_round_bytes(state: dict, blocks: list[BlockRef], workers: int, wire_dtype: str = "fp32") -> int:
+    """Bytes one round's aggregation hands to the collectives (all S workers, in one process),
+    measured by running the trainers' own exchange (common.loft.RoundExchange) on `state`; no
+    block: a Local SGD round (every worker's full state)."""
+    from common.dist import Comm, DistEnv
+    from common.loft import FlatLayout, RoundExchange, mean_of_workers
+    from common.train import flat_buffers
+    part = draw_partition(blocks, workers, 0, 0)
+    plan, layout = SlicePlan.of(blocks, state), FlatLayout.of(state)
+    keys = list(state)
+    like = [torch.empty(plan.shape(state, k, {g: sets[w] for g, sets in part.items()}), dtype=state[k].dtype)
+            for w in range(workers) for k in keys]
+    flats, pieces = flat_buffers(like)
+    local = {w: dict(zip(keys, pieces[w * len(keys):(w + 1) * len(keys)])) for w in range(workers)}
+    exchange = RoundExchange(plan, layout, part, workers, local, flats, "cpu")
+    exchange.begin_round(part)
+    comm = Comm(DistEnv(), wire_dtype)
+    exchange.aggregate(layout.flatten(state, "cpu"), comm, mean_of_workers)
+    return comm.bytes_sent

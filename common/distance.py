@@ -40,8 +40,8 @@ import torch
 import torch.nn as nn
 
 from common.errors import UserError
-from common.importance import l1_filter_norm, structured_keep
-from common.models import BlockRef
+from common.importance import filter_ranking, structured_keep
+from common.selection import BlockRef
 
 NETWORK_MEAN, NETWORK_WEIGHTED = "network_mean", "network_weighted"
 
@@ -109,15 +109,16 @@ def layer_name(block: BlockRef) -> str:
     return block.producer
 
 
-def filter_norms(state: dict, blocks: list[BlockRef]) -> dict[str, torch.Tensor]:
-    """Per prunable layer ("layerS.J.conv1"): the L1 norm of each conv1 filter — 03's criterion
-    (common.importance), so 02 and the emergence stop rank the filters 03 cuts."""
-    out = {}
+def filter_norms(state: dict, blocks: list[BlockRef], kind: str = "l1") -> dict[str, torch.Tensor]:
+    """Per prunable group, named by its first producer ("layerS.J.conv1"): each channel's score by
+    the criterion `prune.kind` names (common.importance.filter_ranking; L1 by default), so 02 and
+    the emergence stop rank the filters 03 cuts."""
+    out, score = {}, filter_ranking(kind)
     for b in blocks:
         missing = [p for p, _ in b.group.producers if f"{p}.weight" not in state]
         if missing:
             raise UserError(f"checkpoint has no {missing[0]}.weight: not a model of this architecture")
-        out[layer_name(b)] = l1_filter_norm(state, b)
+        out[layer_name(b)] = score(state, b.group)
     return out
 
 

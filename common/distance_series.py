@@ -13,7 +13,8 @@ from common.distance import (NETWORK_MEAN, NETWORK_WEIGHTED, bn_gamma_keys, chan
                              layer_name, mask_distances, pairwise_distances)
 from common.errors import UserError
 from common.lineage import epoch_files
-from common.models import build_model, prunable_blocks
+from common.models import build_model
+from common.selection import prunable_blocks
 
 
 @dataclass
@@ -22,13 +23,14 @@ class Series:
     epochs: list[int]
     arch: dict
     method: str
-    norms: dict[str, torch.Tensor]   # layer → [E, n] filter L1 norms
+    norms: dict[str, torch.Tensor]   # layer → [E, n] filter scores (L1 norms unless prune.kind says otherwise)
     params: dict[str, int]           # layer → conv1 parameter count (the weighted mean's weights)
     gammas: torch.Tensor             # [E, N] all BN scales
 
 
-def load_series(pretrain_dir: Path, made_by: str) -> Series:
-    """Read every epoch_*.pt of a pretraining run; `made_by` is the command that writes them."""
+def load_series(pretrain_dir: Path, made_by: str, kind: str = "l1", importable: frozenset[str] = frozenset()) -> Series:
+    """Read every epoch_*.pt of a pretraining run; `made_by` is the command that writes them. Filters
+    are scored by the criterion `kind` (prune.kind) names: the one 03 prunes by."""
     files = [f for _, f in sorted(epoch_files(Path(pretrain_dir)).items())]
     if not Path(pretrain_dir).is_dir() or not files:
         raise UserError(f"{pretrain_dir}: no pretraining checkpoints epoch_*.pt (run: {made_by})")
@@ -40,14 +42,14 @@ def load_series(pretrain_dir: Path, made_by: str) -> Series:
         ck = load_checkpoint(f, required=("model", "arch", "epoch"), made_by=made_by)
         if arch is None:
             arch, method = ck["arch"], str(ck.get("method", "unknown"))
-            model = build_model(arch)
+            model = build_model(arch, importable)
             blocks, bn_keys = prunable_blocks(model, arch), bn_gamma_keys(model)
             if not blocks:
                 raise UserError(f"{f}: {arch['name']} has no prunable blocks")
         elif ck["arch"] != arch:
             raise UserError(f"{f}: architecture {ck['arch']} differs from the run's {arch}")
         epochs.append(int(ck["epoch"]))
-        for layer, v in filter_norms(ck["model"], blocks).items():
+        for layer, v in filter_norms(ck["model"], blocks, kind).items():
             norms.setdefault(layer, []).append(v)
         missing = [k for k in bn_keys if k not in ck["model"]]
         if missing:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from common.distance import filter_norms, network_distance
-from common.models import BlockRef
+from common.selection import BlockRef
 
 EB_EPS = 0.1      # You et al. 2019: the early bird has emerged when all recent mask distances are <= 0.1
 EB_HISTORY = 4    # ... to each of the previous 4 epochs (their FIFO queue of 5 masks)
@@ -48,17 +48,17 @@ class EmergenceWatch:
     `consecutive` goes into last.pt so a resumed run continues the same series."""
 
     def __init__(self, blocks: list[BlockRef], ratio: float, eps: float, window: int,
-                 consecutive: list[float] | None = None):
-        self.blocks, self.ratio, self.eps, self.window = blocks, ratio, eps, window
+                 consecutive: list[float] | None = None, kind: str = "l1"):
+        self.blocks, self.ratio, self.eps, self.window, self.kind = blocks, ratio, eps, window, kind
         self.consecutive = list(consecutive or [])
         self.prev = None
 
     def start(self, state: dict):
-        self.prev = filter_norms(state, self.blocks)
+        self.prev = filter_norms(state, self.blocks, self.kind)
 
     def update(self, state: dict) -> int | None:
         """Add the newest epoch's weights; the emergence epoch once the rule fires, else None."""
-        now = filter_norms(state, self.blocks)
+        now = filter_norms(state, self.blocks, self.kind)
         self.consecutive.append(network_distance(now, self.prev, self.ratio))
         self.prev = now
         return emergence_epoch(self.consecutive, self.eps, self.window)

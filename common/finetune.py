@@ -21,9 +21,10 @@ from common.checkpoint import describe, load_checkpoint
 from common.config import section_from_file
 from common.errors import UserError
 from common.lineage import check_unchanged, file_sha256
-from common.models import build_model, prunable_blocks
+from common.models import build_model
 from common.prune import slice_blocks
 from common.schedule import Schedule, schedule_of, ticket_schedule_source
+from common.selection import prunable_blocks
 
 FINETUNE_STREAM = 8_000_001  # data stream id of fine-tuning batches
 
@@ -42,28 +43,30 @@ def rewind_checkpoint(ticket: dict, epoch: int) -> dict:
                            made_by="01_pretrain_loft.py (finetune.rewind_epoch must be a saved epoch)")
 
 
-def rewind_weights(ticket: dict, epoch: int) -> dict:
+def rewind_weights(ticket: dict, epoch: int, importable: frozenset[str] = frozenset()) -> dict:
     """The pretraining weights of `epoch`, cut to the ticket's structure (kept filters)."""
     src = rewind_checkpoint(ticket, epoch)
     state = src["model"]
     if ticket.get("kept"):
-        blocks = prunable_blocks(build_model(_full_arch(ticket["arch"])), ticket["arch"])
+        blocks = prunable_blocks(build_model(_full_arch(ticket["arch"]), importable), ticket["arch"])
         state = slice_blocks(state, blocks, ticket["kept"])
     return state
 
 
-def ticket_weights(ticket: dict, mode: str, rewind_epoch: int, seed: int) -> dict:
-    """Initial weights of the ticket's model for a fine-tuning mode."""
+def ticket_weights(ticket: dict, mode: str, rewind_epoch: int, seed: int,
+                   importable: frozenset[str] = frozenset()) -> dict:
+    """Initial weights of the ticket's model for a fine-tuning mode. `scratch` draws the model's own
+    init at full width and keeps the ticket's channels of it (common.narrowing: the same cut as 03's)."""
     mask = ticket.get("mask") or {}
     if mode == "rise" and not mask:
         raise UserError("finetune.mode=rise needs a magnitude ticket (prune.kind=magnitude): it locks masked weights")
     if mode == "finetune":
         state = {k: v.clone() for k, v in ticket["model"].items()}
     elif mode in ("rewind", "rise"):
-        state = rewind_weights(ticket, rewind_epoch)
+        state = rewind_weights(ticket, rewind_epoch, importable)
     elif mode == "scratch":
         torch.manual_seed(seed + 1)  # not the pretraining init: a new draw of the pruned architecture
-        state = build_model(ticket["arch"]).state_dict()
+        state = build_model(ticket["arch"], importable).state_dict()
     else:
         raise UserError(f"finetune.mode={mode!r} is not known")
     if mode != "rise":  # losers start at (and stay at) zero; rise keeps their epoch-k values

@@ -12,20 +12,16 @@ output, an unknown op or a custom autograd function).
     found = discover(model, input_shape=(3, 32, 32))
     found.groups          # [ChannelGroup(name="layer2.1.conv1", width=128, producers=..., ...), ...]
     found.rejected        # [("layer1.0.conv3", "add"), ("fc", "model output (fc)"), ...]
-    small = narrow(model, found.groups, {"layer2.1.conv1": kept_indices})
-    reference = masked(model, found.groups, {"layer2.1.conv1": kept_indices})  # same outputs
 
-`paper_preset` is the LoFT paper's choice among the zoo's groups (SPEC section 1).
+Which groups a run uses: common.selection; cutting them: common.narrowing.
 """
 from __future__ import annotations
 
-import copy
-import fnmatch
 import math
 import re
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -64,13 +60,6 @@ class ChannelGroup:
         for module in self.members:
             out.update({f"{module}.{leaf}": (0, 1) for leaf in ("weight", "bias", "running_mean", "running_var")})
         return {k: v for k, v in out.items() if k in state}
-
-
-def channel_columns(channels: torch.Tensor, repeat: int) -> torch.Tensor:
-    """Indices along a dimension that holds each channel `repeat` times in a row (after a flatten)."""
-    if repeat == 1:
-        return channels
-    return (channels[:, None] * repeat + torch.arange(repeat, device=channels.device)).reshape(-1)
 
 
 @dataclass
@@ -433,83 +422,6 @@ def reason_kinds(reason: str) -> list[str]:
     return [part.split(" (")[0] for part in reason.split("; ")]
 
 
-# ------------------------------------------------------------------------------- narrowing
-def _check_keep(groups: list[ChannelGroup], keep: dict) -> dict[str, torch.Tensor]:
-    by_name = {g.name: g for g in groups}
-    out = {}
-    for name, idx in keep.items():
-        if name not in by_name:
-            raise UserError(f"no channel group named {name!r} (groups: {', '.join(by_name) or 'none'})")
-        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
-        width = by_name[name].width
-        if idx.numel() == 0 or idx.unique().numel() != idx.numel() or idx.min() < 0 or idx.max() >= width:
-            raise UserError(f"group {name}: kept channels must be distinct indices in [0, {width}), at least one")
-        out[name] = idx.sort().values
-    return out
-
-
-@torch.no_grad()
-def narrow(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, torch.Tensor]) -> nn.Module:
-    """A physically smaller copy of `model`: every group in `keep` reduced to its kept channels
-    (ascending order) in its producers, members and consumers (Torch-Pruning's per-layer pruners)."""
-    keep = _check_keep(groups, keep)
-    small = copy.deepcopy(model)
-    modules = dict(small.named_modules())
-    for g in groups:
-        if g.name not in keep:
-            continue
-        removed = _removed(g.width, keep[g.name])
-        if not removed:
-            continue
-        for name, _ in g.producers:
-            m = modules[name]
-            (tp.prune_linear_out_channels if isinstance(m, nn.Linear) else tp.prune_conv_out_channels)(m, removed)
-        for name, _, repeat in g.consumers:
-            m = modules[name]
-            columns = channel_columns(torch.tensor(removed), repeat).tolist()
-            (tp.prune_linear_in_channels if isinstance(m, nn.Linear) else tp.prune_conv_in_channels)(m, columns)
-        for name in g.members:
-            m = modules[name]
-            if isinstance(m, CONV_TYPES):
-                tp.prune_depthwise_conv_out_channels(m, removed)
-            elif isinstance(m, nn.PReLU):
-                tp.prune_prelu_out_channels(m, removed)
-            else:
-                tp.prune_batchnorm_out_channels(m, removed)
-    return small
-
-
-def _removed(width: int, kept: torch.Tensor) -> list[int]:
-    return sorted(set(range(width)) - set(kept.tolist()))
-
-
-def masked(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, torch.Tensor]) -> nn.Module:
-    """The reference for `narrow`: a copy of `model` whose consumers see the removed channels as
-    zeros (a forward pre-hook multiplies their input by a 0/1 mask on the channel dimension)."""
-    keep = _check_keep(groups, keep)
-    ref = copy.deepcopy(model)
-    modules = dict(ref.named_modules())
-    for g in groups:
-        if g.name not in keep:
-            continue
-        mask = torch.zeros(g.width)
-        mask[keep[g.name]] = 1.0
-        for name, _, repeat in g.consumers:
-            m = modules[name]
-            columns = mask.repeat_interleave(repeat)
-            m.register_forward_pre_hook(_mask_input(columns, channel_dim=-1 if isinstance(m, nn.Linear) else 1))
-    return ref
-
-
-def _mask_input(columns: torch.Tensor, channel_dim: int):
-    def hook(module, args):
-        x = args[0]
-        shape = [1] * x.dim()
-        shape[channel_dim] = -1
-        return (x * columns.to(x).view(shape), *args[1:])
-    return hook
-
-
 # ------------------------------------------------------------------- discovery, once per structure
 _DISCOVERED: dict = {}   # structure key → Discovery
 TRACES = [0]             # how many times `discovered` traced a model (the rest came from the cache)
@@ -525,111 +437,3 @@ def discovered(model: nn.Module, input_shape=(3, 32, 32)) -> Discovery:
         example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
         _DISCOVERED[key] = discover(model, input_shape, example.to(next(model.parameters()).device))
     return _DISCOVERED[key]
-
-
-# --------------------------------------------------------------------------------- presets
-BLOCK_NAME = re.compile(r"(layer(\d+)\.(\d+))\.")   # a group inside block j of residual stage s
-
-
-def block_of(group_name: str) -> tuple[str, int, int] | None:
-    """(block path, stage s, index j) of a group inside a residual block `layerS.J`, else None."""
-    m = BLOCK_NAME.match(group_name)
-    return (m.group(1), int(m.group(2)), int(m.group(3))) if m else None
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which groups a preset prunes and partitions, and why each other group is left alone."""
-    prunable: tuple[str, ...]
-    partitioned: tuple[str, ...]
-    why_not: dict[str, str] = field(default_factory=dict)   # group → why it is not partitioned
-
-
-def paper_preset(groups: list[ChannelGroup], partition_stage1: bool = False) -> Selection:
-    """The LoFT paper's choice (SPEC section 1): prune the groups of blocks [1:] of every residual
-    stage `layerS` (the first block of a stage is the strided or widening one: kept whole) and
-    partition those of stages 2..last (stage 1 too if `partition_stage1`)."""
-    prunable, partitioned, why_not = [], [], {}
-    for g in groups:
-        block = block_of(g.name)
-        if block is None:
-            why_not[g.name] = "not inside a residual block layerS.J"
-        elif block[2] == 0:
-            why_not[g.name] = "first block of its stage (strided or widening)"
-        else:
-            prunable.append(g.name)
-            if block[1] > 1 or partition_stage1:
-                partitioned.append(g.name)
-            else:
-                why_not[g.name] = "stage 1 (partitioned only if asked)"
-    return Selection(tuple(prunable), tuple(partitioned), why_not)
-
-
-def all_preset(groups: list[ChannelGroup], partition_stage1: bool = False) -> Selection:
-    """Every discovered group, pruned and partitioned (a model without the zoo's residual stages)."""
-    names = tuple(g.name for g in groups)
-    return Selection(names, names, {})
-
-
-PRESETS = {"paper": paper_preset, "all": all_preset}
-
-
-def filter_selection(chosen: Selection, keys: dict[str, str], include: list[str], exclude: list[str]) -> Selection:
-    """`chosen` narrowed by fnmatch patterns, each matched against a group's name and its key
-    (`keys`: name → key, e.g. layer2.1.conv1 → layer2.1): with `include`, only groups matching one
-    of them; never a group matching one of `exclude`."""
-    if not include and not exclude:
-        return chosen
-
-    def matches(name: str, patterns: list[str]) -> bool:
-        return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in (name, keys.get(name, name)))
-
-    def why(name: str) -> str | None:
-        if include and not matches(name, include):
-            return "matches no model.group_include pattern"
-        if matches(name, exclude):
-            return "matches a model.group_exclude pattern"
-        return None
-
-    why_not = dict(chosen.why_not)
-    for name in chosen.prunable:
-        if why(name):
-            why_not[name] = why(name)
-    return Selection(tuple(n for n in chosen.prunable if not why(n)),
-                     tuple(n for n in chosen.partitioned if not why(n)), why_not)
-
-
-# ------------------------------------------------------------------------ the dry-run table
-def format_groups(found: Discovery, chosen: Selection | None = None) -> str:
-    """The table `01 --dry-run` prints: every group (name, width, producers, consumers, chosen or
-    not and why), then every place that is no group, with its reasons."""
-    def chosen_text(name: str) -> str:
-        if chosen is None:
-            return ""
-        if name in chosen.partitioned:
-            return "partition + prune"
-        if name in chosen.prunable:
-            return f"prune only: {chosen.why_not.get(name, '')}"
-        return f"no: {chosen.why_not.get(name, 'not selected')}"
-
-    rows = [("group", "width", "producers", "consumers", "chosen" if chosen else "")]
-    for g in found.groups:
-        consumers = ", ".join(c if r == 1 else f"{c} (x{r})" for c, _, r in g.consumers)
-        rows.append((g.name, str(g.width), ", ".join(p for p, _ in g.producers), consumers, chosen_text(g.name)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:<{widths[3]}}  {r[4]}".rstrip()
-             for r in rows]
-    lines.append(f"{len(found.groups)} channel groups; not groups (shared channels), {len(found.rejected)} places:")
-    place = max((len(p) for p, _ in found.rejected), default=0)
-    lines += [f"  {p:<{place}}  {reason}" for p, reason in found.rejected]
-    return "\n".join(lines)
-
-
-def describe(model: nn.Module, input_shape=(3, 32, 32), preset: str | None = "paper",
-             partition_stage1: bool = False) -> str:
-    """Discover `model`'s groups and format them with the named preset's choice (None: no choice)."""
-    if preset is not None and preset not in PRESETS:
-        raise UserError(f"unknown group preset {preset!r} (choose from {', '.join(PRESETS)})")
-    found = discover(model, input_shape)
-    chosen = PRESETS[preset](found.groups, partition_stage1=partition_stage1) if preset else None
-    return format_groups(found, chosen)

@@ -2,8 +2,8 @@
 emergence stop of 01 and 03 (pruning) take it from.
 
 A pruning criterion is one scoring function and one registration:
-- `@filter_criterion(name)`: fn(state, block) → one score per mid channel of a prunable block
-  (higher = kept); `prune.kind=name` then prunes structurally (narrower blocks, `kept` indices);
+- `@filter_criterion(name)`: fn(state, group) → one score per channel of a prunable channel
+  group (common.groups.ChannelGroup; higher = kept); `prune.kind=name` then prunes structurally (narrower blocks, `kept` indices);
 - `@weight_criterion(name)`: fn(weight) → one score per weight (higher = kept); `prune.kind=name`
   then prunes by masks (unstructured, `mask`).
 Keep counts: a block keeps ceil((1 - p)·C) filters (at least one); a group of n weights keeps
@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from common.models import BlockRef
+from common.groups import ChannelGroup
 
 FILTER_CRITERIA: dict[str, Callable] = {}
 WEIGHT_CRITERIA: dict[str, Callable] = {}
@@ -45,13 +45,19 @@ def is_structured(kind: str) -> bool:
     return kind in FILTER_CRITERIA
 
 
+def filter_ranking(kind: str) -> Callable:
+    """The filter criterion 02 and the emergence stop rank by for `prune.kind`: its own when it is
+    structured (so they rank what 03 cuts), L1 for a weight criterion (which ranks no filters)."""
+    return FILTER_CRITERIA[kind] if is_structured(kind) else FILTER_CRITERIA["l1"]
+
+
 @filter_criterion("l1")
-def l1_filter_norm(state: dict, block: BlockRef) -> torch.Tensor:
+def l1_filter_norm(state: dict, group: ChannelGroup) -> torch.Tensor:
     """L1 norm of each filter of the group's producer (conv1 in a BasicBlock; LoFT; Li et al.
     2016), float64 on the CPU. A group with two producers (an SE gate beside its expand conv)
     ranks a channel by the sum of its filters' L1 norms over both."""
     return sum(state[f"{name}.weight"].detach().cpu().double().abs().flatten(1).sum(1)
-               for name, _ in block.group.producers)
+               for name, _ in group.producers)
 
 
 @weight_criterion("magnitude")

@@ -18,21 +18,15 @@ Every model exposes `layer_list()`: the modules whose sequential application is 
 pass ([stem conv, stem norm, block_1 .. block_n, head], the list GPipe cuts, SPEC section 3);
 each model's forward *is* that sequential application, so hooks on the list fire in training.
 
-Residual blocks are not named here: `block_refs` takes the channel groups that tracing finds
-(common.groups, Torch-Pruning's DependencyGraph; once per model structure) inside a block
-`layerS.J`, and the `paper` preset (SPEC section 1) says which 03 prunes (`prunable_blocks`) and
-LoFT partitions (`partitioned_blocks`). A `BlockRef` is such a group keyed by its block: the key of
-`arch["mids"]`, a ticket's kept channels and LoFT's partition; `slice_dims` are the group's
-state-dict entries. `build_model(arch)` rebuilds a model whose groups are narrowed to the widths in
-`arch["mids"]`, which is how both a LoFT subnetwork and a pruned ticket become real, smaller modules.
-A model whose groups lie in no such block (MobileNetV3: its inverted-residual blocks are
-`features.N`) is not partitionable by the preset: `block_refs` raises a `UserError` saying so.
+Nothing here names a residual block: the channel groups are found by tracing (common.groups),
+chosen in common.selection and cut by common.narrowing. `build_model(arch)` rebuilds a model whose
+keyed groups are narrowed to the widths in `arch["mids"]`, which is how both a LoFT subnetwork and
+a pruned ticket become real, smaller modules.
 """
 from __future__ import annotations
 
 import copy
 import importlib
-from collections import Counter
 import inspect
 import re
 from dataclasses import dataclass
@@ -43,9 +37,10 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torchvision.models.mobilenetv3 import _mobilenet_v3_conf  # what mobilenet_v3_small() itself calls
 
-from common.config import IMPORTS_NAMED, is_brought
+from common.config import is_brought
 from common.errors import UserError
-from common.groups import CONV_TYPES, PRESETS, ChannelGroup, Selection, block_of, discovered, filter_selection
+from common.narrowing import narrow
+from common.selection import GROUP_DEFAULTS, block_refs
 
 
 # --------------------------------------------------------------------------- blocks
@@ -327,7 +322,7 @@ def is_zoo(name: str) -> bool:
     return not is_brought(name)
 
 
-def _brought(arch: dict) -> nn.Module:
+def _brought(arch: dict, importable: frozenset[str]) -> nn.Module:
     """The user's model: a torchvision builder or class (`torchvision.resnet50`,
     `torchvision.VisionTransformer`) or `package.module:callable`, called with arch["kwargs"]
     (num_classes added where the callable takes it and the kwargs do not set it)."""
@@ -338,7 +333,7 @@ def _brought(arch: dict) -> nn.Module:
         if not callable(make) or attr.startswith("_"):
             raise UserError(f"model.arch={name}: torchvision.models has no builder or class {attr!r}")
     else:
-        if name not in IMPORTS_NAMED:   # a checkpoint never makes a stage import code its config did not name
+        if name not in importable:   # a checkpoint never makes a stage import code its config did not name
             raise UserError(f"arch {name!r} comes from a checkpoint, but this stage's config does not name it "
                             "(set model.arch to it)")
         module_name, _, attr = name.partition(":")
@@ -377,180 +372,27 @@ def _build_full(name: str, num_classes: int, width: float, dropout: float = 0.0)
     raise UserError(f"model.arch: unknown architecture {name!r} (choose from {', '.join(ARCH_NAMES)})")
 
 
-# --------------------------------------------------------------- group description
-@dataclass(frozen=True)
-class BlockRef:
-    """A channel group (common.groups) and its key: the key of `arch["mids"]`, of a ticket's kept
-    channels and of LoFT's partition. Found by tracing, never by a layer's name.
-
-    The key is the residual block's path (`layer2.1`) when the group is the only one inside a
-    block `layerS.J` (the zoo's BasicBlocks: the paper's name for it), else the group's own name,
-    its first producer (`layer2.1.conv2` in a Bottleneck, `features.3.block.0.0` in a MobileNet)."""
-    name: str            # the key
-    stage: int           # 1-based residual stage of its block `layerS.J`; 0 outside such a block
-    index: int           # index of the block inside its stage (0 outside)
-    group: ChannelGroup  # e.g. layer2.1.conv1 → layer2.1.bn1 → layer2.1.conv2
-
-    @property
-    def mid(self) -> int:
-        """Current width of the group (conv1's filters in a BasicBlock)."""
-        return self.group.width
-
-    @property
-    def producer(self) -> str:
-        """The group's first producer: its name in 02's tables (a group's filters are ranked over
-        all its producers: common.importance.l1_filter_norm)."""
-        return self.group.producers[0][0]
-
-    def slice_dims(self, state: dict) -> dict[str, tuple[int, int]]:
-        """state-dict keys that live on the group's channels → (dim they index, repeat: how many
-        consecutive columns a channel has there, > 1 behind a flatten)."""
-        return self.group.entries(state)
-
-
-def block_refs(model: nn.Module, input_shape=(3, 32, 32)) -> list[BlockRef]:
-    """Every channel group traced in `model` (once per structure), keyed (see BlockRef)."""
-    groups = discovered(model, input_shape).groups
-    blocks = [block_of(g.name) or (None, 0, 0) for g in groups]
-    per_block = Counter(path for path, _, _ in blocks if path)
-    return [BlockRef(path if path and per_block[path] == 1 else g.name, stage, index, g)
-            for g, (path, stage, index) in zip(groups, blocks)]
-
-
-GROUP_DEFAULTS = {"preset": "paper", "include": [], "exclude": []}
-
-
-def group_choice(arch: dict | None) -> dict:
-    """The groups an arch prunes and partitions: a preset (common.groups.PRESETS) narrowed by
-    include/exclude patterns (fnmatch, on group names or keys). Stored in the arch (and so in every
-    checkpoint) only when it differs from the paper preset, so the zoo's files are unchanged."""
-    return {**GROUP_DEFAULTS, **((arch or {}).get("groups") or {})}
-
-
-def _chosen(model: nn.Module, arch: dict | None, partition_stage1: bool) -> tuple[list[BlockRef], Selection]:
-    choice = group_choice(arch)
-    refs = block_refs(model, tuple((arch or {}).get("input_shape") or (3, 32, 32)))
-    if choice["preset"] not in PRESETS:
-        raise UserError(f"model.group_preset: unknown preset {choice['preset']!r} (choose from {', '.join(PRESETS)})")
-    chosen = PRESETS[choice["preset"]]([b.group for b in refs], partition_stage1=partition_stage1)
-    chosen = filter_selection(chosen, {b.group.name: b.name for b in refs}, choice["include"], choice["exclude"])
-    if not chosen.prunable:
-        raise UserError(f"{type(model).__name__} is not partitionable with model.group_preset={choice['preset']}"
-                        f"{' and the include/exclude patterns' if choice['include'] or choice['exclude'] else ''}: "
-                        f"none of its {len(refs)} channel groups is chosen (01 --dry-run lists them); "
-                        "choose groups, or use pretrain.method=dense, localsgd or gpipe and prune.kind=magnitude")
-    return refs, chosen
-
-
-def is_partitionable(model: nn.Module, arch: dict | None = None) -> bool:
-    """Whether the arch's group choice selects any group (LoFT, structured pruning, filter distance)."""
-    try:
-        _chosen(model, arch, False)
-    except UserError:
-        return False
-    return True
-
-
-def prunable_blocks(model: nn.Module, arch: dict | None = None) -> list[BlockRef]:
-    """The groups 03 prunes and 02 ranks (the paper preset: blocks [1:] of every stage)."""
-    refs, chosen = _chosen(model, arch, False)
-    return [b for b in refs if b.group.name in chosen.prunable]
-
-
-OVERLAPS = ("block_diagonal", "non_adjacent")
-
-
-def partitioned_blocks(model: nn.Module, partition_stage1: bool = False, arch: dict | None = None,
-                       overlap: str = "block_diagonal") -> list[BlockRef]:
-    refs, chosen = group_selection(model, arch, partition_stage1, overlap)
-    return [b for b in refs if b.group.name in chosen.partitioned]
-
-
-def group_selection(model: nn.Module, arch: dict | None = None, partition_stage1: bool = False,
-                    overlap: str = "block_diagonal") -> tuple[list[BlockRef], Selection]:
-    """The groups LoFT splits across workers (the paper preset: prunable ones, stage 1 only if asked).
-
-    Where one tensor lies on two chosen groups (a Bottleneck's 3x3 conv: its inputs are conv1's
-    group, its outputs its own), `overlap` says what a worker gets: `block_diagonal` (IST) keeps
-    both groups, and worker w trains the block [its outputs x its inputs], the off-diagonal blocks
-    untouched that round; `non_adjacent` keeps, in module order, only groups sharing no tensor
-    with a group kept before them."""
-    refs, chosen = _chosen(model, arch, partition_stage1)
-    if overlap == "block_diagonal":
-        return refs, chosen
-    if overlap != "non_adjacent":
-        raise UserError(f"pretrain.overlap: unknown {overlap!r} (choose from {', '.join(OVERLAPS)})")
-    state, owner, kept, why_not = model.state_dict(), {}, [], dict(chosen.why_not)
-    for b in refs:
-        if b.group.name not in chosen.partitioned:
-            continue
-        keys = set(b.slice_dims(state))
-        shared = sorted(keys & set(owner))
-        if shared:
-            why_not[b.group.name] = f"shares {shared[0]} with {owner[shared[0]]} (pretrain.overlap=non_adjacent)"
-        else:
-            kept.append(b.group.name)
-            owner.update({k: b.group.name for k in keys})
-    return refs, Selection(chosen.prunable, tuple(kept), why_not)
-
-
-# --------------------------------------------------------------------- narrowing
-def _narrowed(module: nn.Module, path: str, out_ch: int | None = None, in_ch: int | None = None) -> nn.Module:
-    """A fresh module like `module` with `out_ch` outputs (a BN, a depthwise conv: `out_ch`
-    channels) or `in_ch` inputs. Fresh modules, not slices: their values are loaded afterwards."""
-    kind = type(module)
-    if kind in CONV_TYPES and module.groups == 1:
-        return kind(in_ch or module.in_channels, out_ch or module.out_channels, module.kernel_size, module.stride,
-                    module.padding, module.dilation, 1, module.bias is not None, module.padding_mode)
-    if kind in CONV_TYPES and module.groups == module.in_channels == module.out_channels and out_ch:
-        return kind(out_ch, out_ch, module.kernel_size, module.stride, module.padding, module.dilation, out_ch,
-                    module.bias is not None, module.padding_mode)
-    if kind is nn.Linear:
-        return nn.Linear(in_ch or module.in_features, out_ch or module.out_features, module.bias is not None)
-    if kind in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-        return kind(out_ch, module.eps, module.momentum, module.affine, module.track_running_stats)
-    if kind is nn.PReLU and out_ch:
-        return nn.PReLU(out_ch)
-    raise UserError(f"cannot narrow {path}: a {kind.__name__} (narrowed: Conv, depthwise Conv, Linear, BatchNorm, "
-                    "PReLU); leave its group out with model.group_exclude")
-
-
-def set_mid_widths(model: nn.Module, mids: dict[str, int], input_shape=(3, 32, 32)) -> nn.Module:
-    """Narrow each keyed channel group to `mids[key]` channels (in place): its producers, members
-    and consumers, in that order, replaced by fresh modules of the new width. Groups are traced on
-    the full model first, so two groups on one module (a Bottleneck's conv2) narrow both its dims."""
-    if not mids:
-        return model
-    groups = {b.name: b.group for b in block_refs(model, input_shape)}
-    unknown = sorted(set(mids) - set(groups))
-    if unknown:
-        raise UserError(f"arch mids name no channel group of this model: {', '.join(unknown)} (a ticket or "
-                        "checkpoint of another architecture?)")
-    for name, width in mids.items():
-        g = groups[name]
-        for path, _ in g.producers:
-            _replace(model, path, _narrowed(model.get_submodule(path), path, out_ch=width))
-        for path in g.members:
-            _replace(model, path, _narrowed(model.get_submodule(path), path, out_ch=width))
-        for path, _, repeat in g.consumers:
-            _replace(model, path, _narrowed(model.get_submodule(path), path, in_ch=width * repeat))
-    return model
-
-
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent), leaf, module)
-
-
-def build_model(arch: dict) -> nn.Module:
+def build_model(arch: dict, importable: frozenset[str] = frozenset()) -> nn.Module:
     """Rebuild a model from its description: {name, num_classes, width, mids?, dropout? (WRN only),
-    and for a model the user brings kwargs, input_shape, groups?}."""
+    and for a model the user brings kwargs, input_shape, groups?}. `mids` (group key → width) keeps
+    the first `width` channels of each keyed group (common.narrowing.narrow); the caller loads the
+    values. `importable`: the package.module:callable names this stage invocation may import (its
+    config's model.arch, `Config.importable`): a checkpoint alone never makes a stage import code."""
     if is_zoo(arch["name"]):
         model = _build_full(arch["name"], int(arch["num_classes"]), float(arch["width"]),
                             float(arch.get("dropout", 0.0)))
     else:
-        model = _brought(arch)
-    return set_mid_widths(model, dict(arch.get("mids") or {}), tuple(arch.get("input_shape") or (3, 32, 32)))
+        model = _brought(arch, importable)
+    mids = dict(arch.get("mids") or {})
+    if mids:
+        groups = {b.name: b.group for b in block_refs(model, tuple(arch.get("input_shape") or (3, 32, 32)))}
+        unknown = sorted(set(mids) - set(groups))
+        if unknown:
+            raise UserError(f"arch mids name no channel group of this model: {', '.join(unknown)} (a ticket or "
+                            "checkpoint of another architecture?)")
+        narrow(model, list(groups.values()), {groups[k].name: torch.arange(int(w)) for k, w in mids.items()},
+               in_place=True)
+    return model
 
 
 def arch_of(model_cfg, num_classes: int, input_shape) -> dict:

@@ -28,9 +28,10 @@ from common.dist import Comm, DistEnv, workers_of_rank
 from common.errors import UserError
 from common.fused import fuse, fused_criterion, worker_views
 from common.progress import progress
-from common.loft import (FlatLayout, RoundExchange, SlicePlan, aggregate, draw_partition, extract, mean_of_workers,
-                         partition_to, worker_arch)
-from common.models import build_model, partitioned_blocks
+from common.loft import FlatLayout, RoundExchange, draw_partition, mean_of_workers, worker_arch
+from common.models import build_model
+from common.narrowing import SlicePlan
+from common.selection import partitioned_blocks
 from common.schedule import schedule_of
 from common.train import SGDStep, check_finite, flat_buffers, lr_at, make_sgd
 
@@ -45,11 +46,6 @@ def recal_stream(train_set, cfg) -> Stream:
 def _progress(it, epoch, env, unit):
     """A bar on a terminal (rank 0), nothing in a log: the stage prints one line per epoch."""
     return progress(it, f"epoch {epoch} {unit}", env.is_main)
-
-
-def _to(state: dict | None, device) -> dict | None:
-    """A copy of `state` on `device` (a copy even where it already is: the caller's dict stays untouched)."""
-    return None if state is None else {k: v.to(device, copy=True) for k, v in state.items()}
 
 
 def _cpu(state: dict | None) -> dict | None:
@@ -71,67 +67,75 @@ def into_flat_buffers(modules: list[nn.Module]) -> dict[torch.dtype, torch.Tenso
 
 
 # ----------------------------------------------------------------- LoFT / LocalSGD
-class Worker:
-    """One LoFT / Local SGD worker: its subnetwork module, optimizer and batch stream, built once
-    (a worker's partition sizes are the same every round); each round its slices of the global
-    state are copied into the module in place and its momentum starts afresh (or carried)."""
+@torch.no_grad()
+def momentum_into_flat_buffers(sgds: list[SGDStep]) -> tuple[dict[torch.dtype, torch.Tensor] | None, list[dict]]:
+    """One flat buffer per dtype holding the SGD momentum of every parameter of `sgds`' models, and
+    per SGDStep its buffers by parameter name (views into the flat buffers), attached to its
+    optimizer: SGD updates them in place, so a round resets, loads and reads them all with one
+    operator per dtype (common.loft.RoundExchange). None without momentum (SGD keeps no buffers)."""
+    if not sgds or sgds[0].tc.momentum == 0:
+        return None, [{} for _ in sgds]
+    named = [list(sgd.model.named_parameters()) for sgd in sgds]
+    flats, pieces = flat_buffers([p for params in named for _, p in params])
+    by_sgd, i = [], 0
+    for sgd, params in zip(sgds, named):
+        mine = pieces[i:i + len(params)]
+        sgd.attach_momentum(mine)
+        by_sgd.append({k: buf for (k, _), buf in zip(params, mine)})
+        i += len(params)
+    return flats, by_sgd
 
-    def __init__(self, arch: dict, tcfg, device, schedule, stream: Stream):
-        self.sgd = SGDStep(build_model(arch), tcfg, device, schedule, compile=tcfg.compile)
-        self.stream = stream
-        self.module_state = self.sgd.model.state_dict()  # views of the live parameters and buffers
 
-    @torch.no_grad()
-    def load(self, state: dict, plan: SlicePlan, part: dict, worker: int, momentum: dict | None):
-        """The round's start tensor by tensor (what RoundExchange.load does in one gather)."""
-        extract(state, plan, part, worker, out=self.module_state)
-        self.reset_momentum(momentum, plan, part, worker)
+@torch.no_grad()
+def fresh_momentum(flats: dict[torch.dtype, torch.Tensor] | None):
+    """Momentum as at a fresh start (LoFT's default every round), one fill per dtype. -0.0 is the
+    exact additive identity: with dampening 0 the first step's buf = momentum·buf + grad is then
+    grad bit for bit, as from no buffer (+0.0 would turn a -0.0 gradient into +0.0)."""
+    for flat in (flats or {}).values():
+        flat.fill_(-0.0)
 
-    def reset_momentum(self, momentum: dict | None, plan: SlicePlan, part: dict | None, worker: int):
-        self.sgd.reset_optimizer(None if momentum is None else extract(momentum, plan, part, worker))
+
+class SequentialWorkers:
+    """This rank's LoFT / Local SGD workers one after another: each its own subnetwork module,
+    optimizer and batch stream, built once (a worker's widths are the same every round). Their
+    tensors and momentum buffers live in flat buffers (`flats`, `momentum_flats`) into which the
+    round exchange loads each round's slices in place."""
+
+    def __init__(self, arch_of: dict[int, dict], tcfg, device, schedule, streams: dict[int, Stream],
+                 importable: frozenset[str] = frozenset()):
+        self.sgds = {w: SGDStep(build_model(a, importable), tcfg, device, schedule, compile=tcfg.compile)
+                     for w, a in arch_of.items()}
+        self.streams = streams
+        self.flats = into_flat_buffers([sgd.model for sgd in self.sgds.values()])
+        self.module_states = {w: sgd.model.state_dict() for w, sgd in self.sgds.items()}  # views into `flats`
+        self.momentum_flats, momenta = momentum_into_flat_buffers(list(self.sgds.values()))
+        self.momentum_states = dict(zip(self.sgds, momenta))
 
     def train(self, steps: range) -> torch.Tensor:
-        """K local steps; the sum of their losses (a device scalar)."""
-        self.sgd.model.train()
-        return torch.stack([self.sgd(t, [self.stream.batch(t)]) for t in steps]).sum()
+        """K local steps of each worker; the sum of all their losses (a device scalar)."""
+        losses = []
+        for w, sgd in self.sgds.items():
+            sgd.model.train()
+            losses += [sgd(t, [self.streams[w].batch(t)]) for t in steps]
+        return torch.stack(losses).sum()
 
 
 class FusedWorkers:
     """This rank's LoFT / Local SGD workers as one fused module (common.fused): one forward,
-    backward and update per step for all of them. Same interface as a dict of `Worker`s."""
+    backward and update per step for all of them. Same interface as `SequentialWorkers`."""
 
-    def __init__(self, arch_of: dict[int, dict], tcfg, device, schedule, streams: dict[int, Stream]):
+    def __init__(self, arch_of: dict[int, dict], tcfg, device, schedule, streams: dict[int, Stream],
+                 importable: frozenset[str] = frozenset()):
         self.ids = sorted(arch_of)
-        sub = build_model(arch_of[self.ids[0]])
+        sub = build_model(arch_of[self.ids[0]], importable)
         n = len(self.ids)
         self.sgd = SGDStep(fuse(sub, n), tcfg, device, schedule, loss_fn=fused_criterion(n), compile=tcfg.compile)
         self.streams = streams
         self.flats = into_flat_buffers([self.sgd.model])
         shapes = {k: v.shape for k, v in sub.state_dict().items()}
-        self.views = dict(zip(self.ids, worker_views(self.sgd.model.state_dict(), shapes, n)))
-
-    @property
-    def module_states(self) -> dict[int, dict]:
-        return self.views
-
-    @torch.no_grad()
-    def load(self, state: dict, plan: SlicePlan, part: dict, momentum: dict | None):
-        """The round's start tensor by tensor (what RoundExchange.load does in one gather)."""
-        for w in self.ids:
-            extract(state, plan, part, w, out=self.views[w])
-        self.reset_momentum(momentum, plan, part)
-
-    @torch.no_grad()
-    def reset_momentum(self, momentum: dict | None, plan: SlicePlan, part: dict | None):
-        fused_momentum = None
-        if momentum is not None:  # each worker's momentum slices, placed like its weights
-            fused_momentum = {k: torch.empty_like(p) for k, p in self.sgd.model.named_parameters()}
-            for w, views in zip(self.ids, self._views(fused_momentum)):
-                extract(momentum, plan, part, w, out=views)
-        self.sgd.reset_optimizer(fused_momentum)
-
-    def _views(self, fused: dict) -> list[dict]:
-        return worker_views(fused, {k: self.views[self.ids[0]][k].shape for k in fused}, len(self.ids))
+        self.module_states = dict(zip(self.ids, worker_views(self.sgd.model.state_dict(), shapes, n)))
+        self.momentum_flats, (fused_momentum,) = momentum_into_flat_buffers([self.sgd])
+        self.momentum_states = dict(zip(self.ids, worker_views(fused_momentum, shapes, n))) if fused_momentum else {}
 
     def train(self, steps: range) -> torch.Tensor:
         """K fused steps; the sum of all workers' losses over them."""
@@ -141,39 +145,6 @@ class FusedWorkers:
             xs, ys = zip(*(self.streams[w].batch(t) for w in self.ids))
             losses.append(self.sgd(t, [(torch.cat(xs, 1), torch.stack(ys, 1))]))
         return torch.stack(losses).sum()
-
-    def momenta(self, fallback: dict[int, dict]) -> dict[int, dict]:
-        # every fused parameter holds a buffer: `load` set them all (`fallback` is never needed)
-        return dict(zip(self.ids, self._views(self.sgd.momentum(fallback={}))))
-
-
-class SequentialWorkers:
-    """This rank's workers one after another, each a persistent `Worker`; their tensors all live in
-    one flat buffer per dtype (`flats`), so a round loads and reads them with one operator."""
-
-    def __init__(self, arch_of: dict[int, dict], tcfg, device, schedule, streams: dict[int, Stream]):
-        self.workers = {w: Worker(a, tcfg, device, schedule, streams[w]) for w, a in arch_of.items()}
-        self.flats = into_flat_buffers([worker.sgd.model for worker in self.workers.values()])
-        for worker in self.workers.values():
-            worker.module_state = worker.sgd.model.state_dict()  # views into the flat buffers now
-
-    @property
-    def module_states(self) -> dict[int, dict]:
-        return {w: worker.module_state for w, worker in self.workers.items()}
-
-    def load(self, state: dict, plan: SlicePlan, part: dict, momentum: dict | None):
-        for w, worker in self.workers.items():
-            worker.load(state, plan, part, w, momentum)
-
-    def reset_momentum(self, momentum: dict | None, plan: SlicePlan, part: dict | None):
-        for w, worker in self.workers.items():
-            worker.reset_momentum(momentum, plan, part, w)
-
-    def train(self, steps: range) -> torch.Tensor:
-        return torch.stack([worker.train(steps) for worker in self.workers.values()]).sum()
-
-    def momenta(self, fallback: dict[int, dict]) -> dict[int, dict]:
-        return {w: worker.sgd.momentum(fallback[w]) for w, worker in self.workers.items()}
 
 
 class Loft:
@@ -186,7 +157,7 @@ class Loft:
         self.cfg, self.arch, self.env, self.comm = cfg, arch, env, comm
         pc = cfg.pretrain
         self.S, self.K = pc.workers, pc.local_iters
-        model = build_model(arch)
+        model = build_model(arch, cfg.importable)
         self.blocks = self.split_blocks(model)
         self.my_workers = workers_of_rank(self.S, env)
         shard = pc.data == "shard"
@@ -203,22 +174,29 @@ class Loft:
         self.flat = self.layout.flatten(init_state, env.device)  # the global state (`state`: its views)
         self._state, self._state_of = None, None
         self.plan = SlicePlan.of(self.blocks, self.state)
-        self.momentum = ({k: torch.zeros_like(v, device=env.device) for k, v in model.named_parameters()}
-                         if pc.carry_momentum else None)
         self.round = 0
         part = draw_partition(self.blocks, self.S, cfg.seed, 0)  # sizes per worker are the same every round
         self.train_flops_per_step = pc.batch_size * sum(
-            flops_per_sample(build_model(worker_arch(arch, part, w)), input_shape(cfg.data.dataset), backward=True)
-            for w in range(self.S))
+            flops_per_sample(build_model(worker_arch(arch, part, w), cfg.importable), input_shape(cfg.data.dataset),
+                             backward=True) for w in range(self.S))
         streams = {w: Stream(train_set, pc.batch_size, cfg.seed, w, device=env.device,
                              shard=(w, self.S) if shard else None) for w in self.my_workers}
         arch_of = {w: worker_arch(arch, part, w) for w in self.my_workers}
         if pc.fused_workers:
             self.check_fusable(part)
         self.workers = (FusedWorkers if pc.fused_workers else SequentialWorkers)(
-            arch_of, pc, env.device, self.schedule, streams)
+            arch_of, pc, env.device, self.schedule, streams, cfg.importable)
         self.exchange = RoundExchange(self.plan, self.layout, part, self.S, self.workers.module_states,
                                       self.workers.flats, env.device)
+        # carried momentum: a global state of its own (parameters only), moved by the same exchange
+        self.momentum_flat, self.momentum_exchange = None, None
+        if pc.carry_momentum and self.workers.momentum_flats is not None:
+            params = {k: torch.zeros_like(v) for k, v in model.named_parameters()}
+            self.momentum_layout = FlatLayout.of(params)
+            self.momentum_flat = self.momentum_layout.flatten(params, env.device)
+            self.momentum_exchange = RoundExchange(self.plan, self.momentum_layout, part, self.S,
+                                                   self.workers.momentum_states, self.workers.momentum_flats,
+                                                   env.device)
 
     @property
     def state(self) -> dict:
@@ -247,19 +225,21 @@ class Loft:
 
     def run_round(self, r: int) -> torch.Tensor:
         """Partition, train this rank's workers for K steps each, aggregate. Returns the losses'
-        sum over this rank's workers and steps (a device scalar). Loading and aggregation run on
-        the flat buffers (common.loft.RoundExchange); carried momentum tensor by tensor."""
+        sum over this rank's workers and steps (a device scalar). The weights, and the momentum
+        when it is carried, go through the round exchange (common.loft.RoundExchange)."""
         part = draw_partition(self.blocks, self.S, self.cfg.seed, r)
         steps = range(r * self.K, (r + 1) * self.K)
         self.exchange.begin_round(part)
         self.exchange.load(self.flat)
-        carried = partition_to(part, self.env.device) if self.momentum is not None else None
-        self.workers.reset_momentum(self.momentum, self.plan, carried)
+        if self.momentum_exchange is not None:
+            self.momentum_exchange.begin_round(part)
+            self.momentum_exchange.load(self.momentum_flat)
+        else:
+            fresh_momentum(self.workers.momentum_flats)
         loss = self.workers.train(steps)
         new_flat = self.exchange.aggregate(self.flat, self.comm, self.combine)
-        if self.momentum is not None:
-            moms = self.workers.momenta({w: extract(self.momentum, self.plan, carried, w) for w in self.my_workers})
-            self.momentum = aggregate(self.momentum, self.plan, carried, moms, self.comm, self.S, self.combine_momentum)
+        if self.momentum_exchange is not None:
+            self.momentum_flat = self.momentum_exchange.aggregate(self.momentum_flat, self.comm, self.combine_momentum)
         check_finite(loss, f"round {r} (steps {steps.start}-{steps.stop - 1})",
                      self.comm if self.env.distributed else None)
         self.flat, self.round = new_flat, r + 1
@@ -280,12 +260,18 @@ class Loft:
     def steps_done(self) -> int:
         return self.round * self.K
 
+    @property
+    def momentum(self) -> dict | None:
+        """The carried momentum by parameter name (views into `momentum_flat`); None when not carried."""
+        return None if self.momentum_flat is None else self.momentum_layout.views(self.momentum_flat)
+
     def state_dict(self) -> dict:
         return {"round": self.round, "momentum": _cpu(self.momentum)}
 
     def load_state_dict(self, d: dict, weights: dict):
         self.flat, self.round = self.layout.flatten(weights, self.env.device), int(d["round"])
-        self.momentum = _to(d["momentum"], self.env.device)
+        if self.momentum_flat is not None:
+            self.momentum_flat = self.momentum_layout.flatten(d["momentum"], self.env.device)
 
 
 class LocalSGD(Loft):
@@ -330,7 +316,7 @@ class Dense:
         if tc.batch_size % self.micro or self.micro % env.world:
             raise UserError(f"batch_size={tc.batch_size} must split into {self.micro} micro-batches, "
                             f"a multiple of the {env.world} ranks")
-        model = build_model(arch)
+        model = build_model(arch, cfg.importable)
         model.load_state_dict(init_state)
         self._init_schedule(cfg, tc, arch, train_set, stream_id, schedule)
         self.sgd = SGDStep(model, tc, env.device, self.schedule, grad_hook)
@@ -343,14 +329,15 @@ class Dense:
                 "gradient_accumulation_steps": self.micro // env.world, "gradient_clipping": tc.grad_clip,
                 "steps_per_print": 10**9})
 
-    def _init_schedule(self, cfg, tc, arch, train_set, stream_id: int, schedule=None):
+    def _init_schedule(self, cfg, tc, arch: dict, train_set, stream_id: int, schedule=None):
         """The batch stream, step counters, lr schedule (the section's own unless given) and
         training FLOPs of a full-model trainer."""
         self.stream = Stream(train_set, tc.batch_size, cfg.seed, stream_id, device=self.env.device)
         self.steps_per_epoch = len(train_set) // tc.batch_size
         self.schedule = schedule or schedule_of(tc, self.steps_per_epoch, getattr(tc, "local_iters", None))  # K: pretraining only
         self.step = 0
-        self.train_flops_per_step = tc.batch_size * flops_per_sample(build_model(arch), input_shape(cfg.data.dataset),
+        self.train_flops_per_step = tc.batch_size * flops_per_sample(build_model(arch, cfg.importable),
+                                                                     input_shape(cfg.data.dataset),
                                                                      backward=True)
 
     def my_chunks(self, t: int):
@@ -451,7 +438,7 @@ class GPipe(Dense):
         self.micro = tc.micro_batches or S
         if tc.batch_size % self.micro:
             raise UserError(f"pretrain.batch_size={tc.batch_size} must split into {self.micro} micro-batches")
-        self.model = build_model(arch)
+        self.model = build_model(arch, cfg.importable)
         self.model.load_state_dict(init_state)
         pipe = PipelineModule(layers=pipeline_stages(self.model, S), num_stages=S, loss_fn=F.cross_entropy,
                               partition_method="uniform")

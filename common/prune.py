@@ -1,14 +1,12 @@
 """Pruning (SPEC section 5): structured L1 filter pruning and unstructured magnitude masks.
 
-Structured (LoFT; Li et al. 2016). For every prunable block (`common.models.prunable_blocks`:
-the channel group the `paper` preset prunes, blocks [1:] of every stage) keep the ceil((1-p)·C)
-producer (conv1) filters of largest L1 norm (at least one; ties go to the lower index), with the
-group's member (mid-BN) channels and its consumer's (conv2's) input channels
-(`BlockRef.slice_dims`). Kept indices are sorted ascending, so channel order is
-preserved. The result is a physically smaller model, `build_model(arch)` with narrower
-`arch["mids"]`, whose forward equals the full model's with the pruned mid channels masked
-(conv2's input columns zeroed). The groups come from the traced graph (common.groups), so
-nothing below names a layer by hand; the slicing is ours (`common.loft.select_channels`).
+Structured (LoFT; Li et al. 2016). For every prunable channel group (`common.selection.prunable_blocks`:
+with the `paper` preset, blocks [1:] of every stage) keep the ceil((1-p)·C) producer (conv1)
+filters of largest L1 norm (at least one; ties go to the lower index), with the group's member
+(mid-BN) channels and its consumers' (conv2's) input channels. Kept indices are sorted ascending,
+so channel order is preserved. The result is the model narrowed by `common.narrowing.narrow` (a
+physically smaller model, rebuilt later by `build_model` from `arch["mids"]`), whose forward
+equals the full model's with the pruned channels masked (conv2's input columns zeroed).
 Pruning an already narrowed model prunes its current widths further; `kept` indices are
 then composed with the source's, so they always index the pretrained (full-width) model.
 
@@ -26,6 +24,7 @@ Scores and keep counts come from common/importance.py (a new criterion: one func
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import dataclass, field
@@ -37,8 +36,9 @@ from common.costs import flops_per_sample, layer_flops
 from common.errors import UserError
 from common.importance import (FILTER_CRITERIA, WEIGHT_CRITERIA, is_structured, structured_keep, top_filters,
                                unstructured_keep)
-from common.loft import SlicePlan, select_channels
-from common.models import BlockRef, build_model, count_params, narrowed_arch, prunable_blocks
+from common.models import count_params, narrowed_arch
+from common.narrowing import SlicePlan, narrow, select_channels
+from common.selection import BlockRef, prunable_blocks
 
 
 def slice_blocks(state: dict, blocks: list[BlockRef], kept: dict[str, torch.Tensor]) -> dict:
@@ -70,13 +70,12 @@ def prune_filters(model: nn.Module, arch: dict, ratio: float,
     blocks = prunable_blocks(model, arch)
     rel, rows = {}, []
     for b in blocks:
-        norms = FILTER_CRITERIA[kind](state, b)
+        norms = FILTER_CRITERIA[kind](state, b.group)
         rel[b.name] = top_filters(norms, structured_keep(b.mid, ratio))
         rows.append({"block": b.name, "before": b.mid, "after": len(rel[b.name]),
                      "l1_threshold": float(norms[rel[b.name]].min())})
     new_arch = narrowed_arch(arch, {name: len(idx) for name, idx in rel.items()})
-    pruned = build_model(new_arch)
-    pruned.load_state_dict(slice_blocks(state, blocks, rel))
+    pruned = narrow(model, [b.group for b in blocks], {b.group.name: rel[b.name] for b in blocks})
     source_kept = source_kept or {}
     kept = {name: (source_kept[name][idx] if name in source_kept else idx).clone() for name, idx in rel.items()}
     return Pruned(pruned.eval(), new_arch, rows, kept=kept)
@@ -124,9 +123,8 @@ def prune_magnitude(model: nn.Module, arch: dict, ratio: float, scope: str,
     state = model.state_dict()
     names = maskable_weights(model)
     mask = magnitude_mask({k: state[k] for k in names}, ratio, scope, old_mask, kind)
-    new_state = {k: (v * mask[k] if k in mask else v).clone() for k, v in state.items()}
-    pruned = build_model(arch)
-    pruned.load_state_dict(new_state)
+    pruned = copy.deepcopy(model)
+    pruned.load_state_dict({k: (v * mask[k] if k in mask else v).clone() for k, v in state.items()})
     rows = [{"layer": k, "size": state[k].numel(),
              "before": int(old_mask[k].sum()) if old_mask else state[k].numel(),
              "after": int(mask[k].sum())} for k in names]

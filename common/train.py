@@ -59,7 +59,6 @@ class SGDStep:
         self.autocast = tcfg.bf16 and device.type == "cuda"
         self.opt = make_sgd(self.model, tcfg.lr, tcfg.momentum, 0.0 if grad_hook else tcfg.weight_decay)
         self.forward_model = torch.compile(self.model) if compile else self.model  # the same parameters either way
-        self.momentum_flats, self.momentum_buffers = None, None  # made by the first reset_optimizer
 
     def lr(self, t: int) -> float:
         return lr_at(t, self.schedule)
@@ -87,31 +86,12 @@ class SGDStep:
         self.opt.step()
         return total / n if n > 1 else total
 
-    @torch.no_grad()
-    def reset_optimizer(self, momentum: dict | None = None):
-        """Momentum as at a fresh start (LoFT's default every round), or the given buffers (by name).
-
-        The buffers are kept and overwritten in place (one fill, or one foreach copy) rather than
-        dropped and re-created by a clone per parameter at the next step. A fresh start fills them
-        with -0.0, the exact additive identity: with dampening 0 the next step's buf = momentum·buf
-        + grad is then grad bit for bit, as from no buffer (+0.0 would turn a -0.0 gradient into +0.0)."""
-        if self.tc.momentum == 0:  # SGD keeps no buffers
-            return
-        params = [p for _, p in self.model.named_parameters()]
-        if self.momentum_flats is None:
-            self.momentum_flats, self.momentum_buffers = flat_buffers(params)
-        for p, buf in zip(params, self.momentum_buffers):  # (re)attached: a test may have replaced one
+    def attach_momentum(self, buffers: list[torch.Tensor]):
+        """Make `buffers` (one per parameter, in `named_parameters` order) the optimizer's momentum
+        buffers. SGD then updates them in place, so their owner (LoFT's workers: flat buffers,
+        common.pretrain) resets, loads and reads them all with one operator per dtype."""
+        for (_, p), buf in zip(self.model.named_parameters(), buffers):
             self.opt.state[p]["momentum_buffer"] = buf
-        if momentum is None:
-            for flat in self.momentum_flats.values():
-                flat.fill_(-0.0)
-        else:
-            torch._foreach_copy_(self.momentum_buffers, [momentum[k] for k, _ in self.model.named_parameters()])
-
-    def momentum(self, fallback: dict) -> dict:
-        """The momentum buffers by parameter name (`fallback` for a parameter never updated)."""
-        return {k: self.opt.state[p]["momentum_buffer"].detach() if "momentum_buffer" in self.opt.state.get(p, {})
-                else fallback[k] for k, p in self.model.named_parameters()}
 
 
 def flat_buffers(like: list[torch.Tensor]) -> tuple[dict[torch.dtype, torch.Tensor], list[torch.Tensor]]:

@@ -147,7 +147,7 @@ def test_comm_json_counts_the_epochs_that_ran_after_an_early_stop(tiny_config, t
     assert comm["analytic_ps_bytes"]["rounds"] == rounds
     model = build_model({"name": "preresnet18", "num_classes": 10, "width": 0.125})
     from common.costs import split_params
-    from common.models import partitioned_blocks
+    from common.selection import partitioned_blocks
     shared, part = split_params(model, partitioned_blocks(model))
     assert comm["analytic_ps_bytes"]["loft"] == rounds * 2 * (2 * shared + part) * 4
 
@@ -158,7 +158,7 @@ def test_sharded_loft_spends_a_fraction_of_dense_training_flops_not_the_same(wor
     # each sample goes through one subnetwork, not the full model. The audit's figures: 0.796 / 0.690
     # (S = 4 also drops the last 2 of 390 steps: 12,500 // 128 = 97 steps per worker).
     from common.costs import train_flops_ratio_to_dense
-    from common.models import partitioned_blocks
+    from common.selection import partitioned_blocks
     arch = {"name": "preresnet18", "num_classes": 10, "width": 1.0}
     blocks = partitioned_blocks(build_model(arch))
     shard = train_flops_ratio_to_dense(arch, blocks, "loft", workers, 1, 50_000, 128, 1, shard=True)

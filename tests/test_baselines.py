@@ -8,7 +8,8 @@ import torch
 from conftest import CPU_RANKS, deepspeed_launcher, run_cli
 from common.config import load_config
 from common.costs import analytic_bytes, cut_activation_numels
-from common.models import build_model, partitioned_blocks
+from common.models import build_model
+from common.selection import partitioned_blocks
 
 
 def epoch_weights(run, e=1):

@@ -219,7 +219,8 @@ def test_table1_report_gives_gpipe_in_the_papers_convention_with_fwd_bwd_beside_
     # batch 128, K = 25): the report's analytic column must be the paper's Table 1 convention
     # (GPipe-4 659.42 G, forward activations once; LoFT-4 64.57 G), fwd+bwd beside it for GPipe
     from common.costs import analytic_bytes
-    from common.models import build_model, partitioned_blocks
+    from common.models import build_model
+    from common.selection import partitioned_blocks
     paper = bench("paper")
     model = build_model({"name": "preresnet18", "num_classes": 10, "width": 1.0})
     analytic = analytic_bytes(model, partitioned_blocks(model), 4, 20, 50_000, 128, 25)

@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from conftest import DATA, REPO, brought_model_config, deepspeed_launcher, randomised, run_cli, stage
-from common.config import IMPORTS_NAMED, load_config
+from common.config import load_config
 from common.dist import Comm, DistEnv
 from common.errors import UserError
-from common.groups import masked
-from common.loft import SlicePlan, aggregate, draw_partition, extract, select_channels, worker_arch
-from common.models import (block_refs, build_model, group_selection, narrowed_arch, partitioned_blocks,
-                           prunable_blocks)
+from common.narrowing import SlicePlan, masked, select_channels
+from common.loft import draw_partition, worker_arch
+from reference_round import aggregate, extract
+from common.models import build_model, narrowed_arch
+from common.selection import block_refs, group_selection, partitioned_blocks, prunable_blocks
 
 sys.path.insert(0, str(REPO / "tests"))   # byom_model: the user's module
 R50 = {"name": "torchvision.resnet50", "num_classes": 10, "width": 1.0, "kwargs": {"width_per_group": 8},
@@ -175,11 +176,21 @@ def test_a_callable_model_runs_pretrain_and_prune_and_is_imported_only_when_name
     ticket = torch.load(run / "prune_l1_p50/ticket.pt", weights_only=True)
     assert ticket["arch"]["mids"] == {"0": 4, "4": 8, "9": 16}    # the flatten-consumed group too
     assert ticket["model"]["9.weight"].shape == (16, 8 * 16)      # fc1 read 8 kept channels x 16 positions
-    IMPORTS_NAMED.discard("byom_model:small_cnn")                 # a stage whose config names another model
     with pytest.raises(UserError, match="does not name it"):
-        build_model(ticket["arch"])
-    load_config(cfg)
-    assert build_model(ticket["arch"])
+        build_model(ticket["arch"])                               # no config named it for this call
+
+
+def test_the_importable_set_belongs_to_one_config_and_does_not_leak_to_the_next(tmp_path):
+    """Two configs loaded in one process (as bench/ runs stages): the second, naming a zoo model,
+    may not import the module the first one named."""
+    named = load_config(brought_model_config(tmp_path, "cnn", {"arch": "byom_model:small_cnn", "kwargs": {"width": 8},
+                                                               "group_preset": "all"}, local_iters=2))
+    other = load_config(None, ["model.arch=resnet20"])
+    assert named.importable == {"byom_model:small_cnn"} and other.importable == frozenset()
+    arch = {**CNN, "kwargs": {"width": 8}}
+    assert build_model(arch, named.importable)
+    with pytest.raises(UserError, match="does not name it"):
+        build_model(arch, other.importable)
 
 
 def test_a_checkpoint_of_another_group_structure_is_one_line(tmp_path):

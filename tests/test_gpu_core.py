@@ -11,9 +11,11 @@ from common.config import load_config
 from common.data import Stream, _gen, load_cifar10, normalize
 from common.dist import Comm, DistEnv, setup_distributed
 from common.errors import UserError
-from common.loft import SlicePlan, aggregate, draw_partition, extract, worker_arch
+from common.loft import draw_partition, worker_arch
+from common.narrowing import SlicePlan
+from reference_round import aggregate, extract
 from common.models import build_model
-from common.pretrain import Loft
+from common.pretrain import Loft, fresh_momentum
 from common.schedule import schedule_of
 from common.train import SGDStep, lr_at, make_sgd
 
@@ -246,27 +248,24 @@ def test_fused_steps_equal_sequential_steps_from_equal_weights(cifar, tmp_path, 
         path = tmp_path / f"{fused}.yaml"
         path.write_text(yaml.safe_dump({**TINY, "pretrain": {**TINY["pretrain"], "workers": 2, "fused_workers": fused}}))
         sides[fused] = Loft(load_config(path), arch, init, cifar, DistEnv(), Comm(DistEnv()))
-    from common.loft import partition_to
     seq, fus = sides[False].workers, sides[True].workers
-    part = partition_to(draw_partition(sides[False].blocks, 2, 0, 0), "cpu")
+    part = draw_partition(sides[False].blocks, 2, 0, 0)
     for side in sides.values():
-        side.workers.load(side.state, side.plan, part, None)
+        side.exchange.begin_round(part)
+        side.exchange.load(side.flat)
+        fresh_momentum(side.workers.momentum_flats)
     for t in range(4):
         with torch.no_grad():
-            for w, worker in seq.workers.items():
-                for k, v in worker.module_state.items():
-                    fus.views[w][k].copy_(v)
-            if t:
-                named = {w: dict(worker.sgd.model.named_parameters()) for w, worker in seq.workers.items()}
-                for name, p in fus.sgd.model.named_parameters():
-                    buf = torch.empty_like(p)
-                    for w, views in zip(fus.ids, fus._views({name: buf})):
-                        views[name].copy_(seq.workers[w].sgd.opt.state[named[w][name]]["momentum_buffer"])
-                    fus.sgd.opt.state[p]["momentum_buffer"] = buf
+            for w, state in seq.module_states.items():
+                for k, v in state.items():
+                    fus.module_states[w][k].copy_(v)
+            for w, momentum in seq.momentum_states.items():
+                for k, v in momentum.items():
+                    fus.momentum_states[w][k].copy_(v)
         torch.testing.assert_close(fus.train(range(t, t + 1)), seq.train(range(t, t + 1)), rtol=1e-6, atol=1e-5)
-        for w, worker in seq.workers.items():
-            for k, v in worker.module_state.items():
-                torch.testing.assert_close(fus.views[w][k], v, rtol=0, atol=1e-6, msg=f"step {t} worker {w} {k}")
+        for w, state in seq.module_states.items():
+            for k, v in state.items():
+                torch.testing.assert_close(fus.module_states[w][k], v, rtol=0, atol=1e-6, msg=f"step {t} worker {w} {k}")
 
 
 @pytest.fixture

@@ -14,8 +14,10 @@ import torch.nn as nn
 import torchvision.models as tvm
 
 from common.errors import UserError
-from common.groups import discover, masked, narrow, paper_preset, reason_kinds
-from common.models import ARCH_NAMES, PreActBlock, block_refs, build_model, partitioned_blocks, prunable_blocks
+from common.groups import discover, reason_kinds
+from common.narrowing import masked, narrow
+from common.selection import block_refs, paper_preset, partitioned_blocks, prunable_blocks
+from common.models import ARCH_NAMES, PreActBlock, build_model
 
 FIRST_STAGE = {"resnet20": 16, "resnet32": 16, "resnet56": 16, "wrn16_4": 64, "wrn16_8": 128, "wrn22_8": 128,
                "wrn28_10": 160, "wrn34_10": 160, "wrn40_4": 64}
@@ -473,7 +475,7 @@ def test_a_branch_on_a_shape_is_fine():
 
 
 def test_dry_run_table_lists_every_group_with_its_choice_and_every_rejected_place():
-    from common.groups import describe
+    from common.selection import describe
     model, found = built("resnet20")
     lines = describe(model).splitlines()
     assert lines[0].split() == ["group", "width", "producers", "consumers", "chosen"]

@@ -14,9 +14,10 @@ from common.config import load_config
 from common.data import load_cifar10
 from common.dist import Comm, DistEnv
 from common.finetune import LockedUpdate
-from common.loft import aggregate, draw_partition, extract, mean_of_workers, partition_to
+from common.loft import draw_partition, mean_of_workers
+from reference_round import aggregate, extract, partition_to
 from common.models import build_model
-from common.pretrain import METHODS
+from common.pretrain import METHODS, fresh_momentum, momentum_into_flat_buffers
 from common.train import SGDStep, make_sgd
 
 sys.path.insert(0, str(REPO / "tests"))   # byom_model
@@ -39,7 +40,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("weight_decay", [0.0, 5e-4])
 def test_momentum_zeroed_in_place_steps_as_no_buffer_bit_for_bit_in_float64(weight_decay):
-    """reset_optimizer keeps the buffers and fills them with -0.0; with dampening 0 the next steps
+    """fresh_momentum keeps the buffers and fills them with -0.0; with dampening 0 the next steps
     then equal those from no buffer (a cleared state), bit for bit and zero signs included, for
     gradients and weights holding ±0.0. A +0.0 fill would turn a -0.0 gradient into +0.0."""
     torch.manual_seed(0)
@@ -55,13 +56,14 @@ def test_momentum_zeroed_in_place_steps_as_no_buffer_bit_for_bit_in_float64(weig
     for how in ("cleared", "zeroed"):
         model = torch.nn.Linear(5, 6, bias=False).double()
         sgd = SGDStep(model, tcfg, "cpu", schedule=None)
+        flats, _ = momentum_into_flat_buffers([sgd])
         for _ in range(2):  # two rounds: the second reuses the first one's buffers
             with torch.no_grad():
                 model.weight.copy_(w0)
             if how == "cleared":
                 sgd.opt.state.clear()
             else:
-                sgd.reset_optimizer()
+                fresh_momentum(flats)
             for g in grads:
                 model.weight.grad = g.clone()
                 sgd.opt.step()

@@ -2,11 +2,13 @@
 import pytest
 import torch
 
-from common.dist import Comm, DistEnv
+from common.dist import Comm, DistEnv, workers_of_rank
 from common.errors import UserError
-from common.dist import workers_of_rank
-from common.loft import SlicePlan, aggregate, draw_partition, extract, worker_arch
-from common.models import build_model, partitioned_blocks
+from common.loft import draw_partition, worker_arch
+from common.narrowing import SlicePlan
+from reference_round import aggregate, extract
+from common.models import build_model
+from common.selection import partitioned_blocks
 
 ARCH = {"name": "preresnet18", "num_classes": 10, "width": 0.25}
 

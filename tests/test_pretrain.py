@@ -33,7 +33,8 @@ def test_one_process_and_two_deepspeed_ranks_give_the_same_weights_and_bytes(tin
 def test_measured_bytes_are_one_push_per_worker_per_round(tiny_config, tmp_path):
     """Independent count: per round each worker hands its partitioned slices and a full copy of
     every shared tensor (params and BN buffers, fp32; num_batches_tracked int64)."""
-    from common.models import build_model, partitioned_blocks
+    from common.models import build_model
+    from common.selection import partitioned_blocks
     cfg = tiny_config(pretrain={"epochs": 1})
     pretrain.main(["--config", str(cfg), "--run-dir", str(tmp_path / "r")])
     comm = json.loads((tmp_path / "r/pretrain/comm.json").read_text())

@@ -13,7 +13,8 @@ from common.checkpoint import save_atomic
 from common.costs import flops_per_sample
 from common.data import load_cifar10, normalize
 from common.errors import UserError
-from common.models import build_model, count_params, prunable_blocks
+from common.models import build_model, count_params
+from common.selection import prunable_blocks
 from common.prune import magnitude_mask, maskable_weights, prune_filters, prune_magnitude
 from conftest import DATA, randomised, run_cli, stage
 

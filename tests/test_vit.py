@@ -11,9 +11,12 @@ import torch
 
 from conftest import brought_model_config, deepspeed_launcher, run_cli, stage
 from common.dist import Comm, DistEnv
-from common.groups import discovered, masked
-from common.loft import SlicePlan, aggregate, draw_partition, extract, select_channels, worker_arch
-from common.models import block_refs, build_model, narrowed_arch, partitioned_blocks, prunable_blocks
+from common.groups import discovered
+from common.narrowing import SlicePlan, masked, select_channels
+from common.loft import draw_partition, worker_arch
+from reference_round import aggregate, extract
+from common.models import build_model, narrowed_arch
+from common.selection import block_refs, partitioned_blocks, prunable_blocks
 
 KW = {"image_size": 32, "patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64}
 VIT = {"name": "torchvision.VisionTransformer", "num_classes": 10, "width": 1.0, "kwargs": KW,

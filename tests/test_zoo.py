@@ -14,9 +14,11 @@ from common.config import load_config
 from common.data import NUM_CLASSES, input_shape, load_cifar10, normalize
 from common.dist import Comm, DistEnv
 from common.errors import UserError
-from common.loft import SlicePlan, aggregate, draw_partition, extract, worker_arch
-from common.models import (ARCH_NAMES, PadShortcut, arch_of, block_refs, build_model, count_params, is_partitionable,
-                           partitioned_blocks, prunable_blocks)
+from common.loft import draw_partition, worker_arch
+from common.narrowing import SlicePlan
+from reference_round import aggregate, extract
+from common.models import ARCH_NAMES, PadShortcut, arch_of, build_model, count_params
+from common.selection import block_refs, is_partitionable, partitioned_blocks, prunable_blocks
 from common.prune import maskable_weights, prune_filters, prune_magnitude
 from conftest import DATA, REPO, randomised
 

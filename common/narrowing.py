@@ -1,0 +1,177 @@
+"""Narrowing a model to some of its channels: the one mechanism behind a LoFT worker's subnetwork,
+a pruned ticket and a rebuilt checkpoint (`common.models.build_model`).
+
+`narrow` cuts every chosen channel group (common.groups.ChannelGroup) in place: its producers'
+output channels, its members (BN, depthwise conv, PReLU) and its consumers' input columns, with
+Torch-Pruning's per-layer pruners. A pruner slices a module's tensors and updates its width
+attributes, so the module keeps its type and every other setting (timm's BatchNormAct2d keeps its
+activation). A module holding a tensor the pruner would not cut (a LoRA adapter on a Linear, a BN
+subclass with a per-channel tensor of its own) cannot be narrowed: `narrowing_problem` says so,
+and the selection (common.selection) leaves its group out.
+
+`SlicePlan` and `select_channels` do the same cut on a state dict (no module), which is what a
+LoFT round moves and what 04 rewinds a structured ticket to.
+
+    small = narrow(model, groups, {"layer2.1.conv1": kept})
+    reference = masked(model, groups, {"layer2.1.conv1": kept})    # same outputs
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from common.errors import UserError
+from common.groups import CONV_TYPES, ChannelGroup
+
+# The tensors each role's pruner cuts (or, for num_batches_tracked, leaves as the scalar it is).
+PRODUCER_TENSORS = {"weight", "bias"}
+CONSUMER_TENSORS = {"weight", "bias"}   # a consumer's bias lies on its own outputs: untouched
+MEMBER_TENSORS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+def channel_columns(channels: torch.Tensor, repeat: int) -> torch.Tensor:
+    """Indices along a dimension that holds each channel `repeat` times in a row (after a flatten)."""
+    if repeat == 1:
+        return channels
+    return (channels[:, None] * repeat + torch.arange(repeat, device=channels.device)).reshape(-1)
+
+
+# ----------------------------------------------------------------------------- modules
+def _own_tensors(module: nn.Module) -> set[str]:
+    return {n for n, _ in module.named_parameters(recurse=False)} | {n for n, _ in module.named_buffers(recurse=False)}
+
+
+def narrowing_problem(model: nn.Module, group: ChannelGroup) -> str | None:
+    """Why `narrow` cannot cut `group` in `model` ("BatchNormXyz cannot be narrowed (holds foo)"), or None."""
+    modules = dict(model.named_modules())
+    roles = [(p, PRODUCER_TENSORS) for p, _ in group.producers] + [(c, CONSUMER_TENSORS) for c, _, _ in group.consumers]
+    roles += [(m, MEMBER_TENSORS) for m in group.members]
+    for name, allowed in roles:
+        extra = sorted(_own_tensors(modules[name]) - allowed)
+        if extra:
+            return f"{type(modules[name]).__name__} cannot be narrowed (holds {', '.join(extra)})"
+    return None
+
+
+def _check_keep(groups: list[ChannelGroup], keep: dict) -> dict[str, torch.Tensor]:
+    by_name = {g.name: g for g in groups}
+    out = {}
+    for name, idx in keep.items():
+        if name not in by_name:
+            raise UserError(f"no channel group named {name!r} (groups: {', '.join(by_name) or 'none'})")
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1).cpu()
+        width = by_name[name].width
+        if idx.numel() == 0 or idx.unique().numel() != idx.numel() or idx.min() < 0 or idx.max() >= width:
+            raise UserError(f"group {name}: kept channels must be distinct indices in [0, {width}), at least one")
+        out[name] = idx.sort().values
+    return out
+
+
+@torch.no_grad()
+def narrow(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, torch.Tensor],
+           in_place: bool = False) -> nn.Module:
+    """A copy of `model` (`model` itself if `in_place`) with every group named in `keep` (group
+    name → kept channels) cut to those channels, in ascending order, in its producers, members and
+    consumers. Groups are those traced on `model` as it is, so two groups on one module (a
+    Bottleneck's 3x3 conv) cut both of its dims."""
+    keep = _check_keep(groups, keep)
+    model = model if in_place else copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    for g in groups:
+        if g.name not in keep:
+            continue
+        problem = narrowing_problem(model, g)
+        if problem:
+            raise UserError(f"group {g.name}: {problem}; leave it out with model.group_exclude")
+        removed = sorted(set(range(g.width)) - set(keep[g.name].tolist()))
+        if not removed:
+            continue
+        for name, _ in g.producers:
+            m = modules[name]
+            (tp.prune_linear_out_channels if isinstance(m, nn.Linear) else tp.prune_conv_out_channels)(m, removed)
+        for name, _, repeat in g.consumers:
+            m = modules[name]
+            columns = channel_columns(torch.tensor(removed), repeat).tolist()
+            (tp.prune_linear_in_channels if isinstance(m, nn.Linear) else tp.prune_conv_in_channels)(m, columns)
+        for name in g.members:
+            m = modules[name]
+            if isinstance(m, CONV_TYPES):
+                tp.prune_depthwise_conv_out_channels(m, removed)
+            elif isinstance(m, nn.PReLU):
+                tp.prune_prelu_out_channels(m, removed)
+            else:
+                tp.prune_batchnorm_out_channels(m, removed)
+    return model
+
+
+def masked(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, torch.Tensor]) -> nn.Module:
+    """The reference for `narrow`: a copy of `model` whose consumers see the removed channels as
+    zeros (a forward pre-hook multiplies their input by a 0/1 mask on the channel dimension)."""
+    keep = _check_keep(groups, keep)
+    ref = copy.deepcopy(model)
+    modules = dict(ref.named_modules())
+    for g in groups:
+        if g.name not in keep:
+            continue
+        mask = torch.zeros(g.width)
+        mask[keep[g.name]] = 1.0
+        for name, _, repeat in g.consumers:
+            m = modules[name]
+            m.register_forward_pre_hook(_mask_input(mask.repeat_interleave(repeat),
+                                                    channel_dim=-1 if isinstance(m, nn.Linear) else 1))
+    return ref
+
+
+def _mask_input(columns: torch.Tensor, channel_dim: int):
+    def hook(module, args):
+        x = args[0]
+        shape = [1] * x.dim()
+        shape[channel_dim] = -1
+        return (x * columns.to(x).view(shape), *args[1:])
+    return hook
+
+
+# ------------------------------------------------------------------------- state dicts
+@dataclass(frozen=True)
+class SlicePlan:
+    """Which state entries live on keyed channel groups: key → ((group key, dim, repeat), ...).
+    An entry on two groups (a Bottleneck's conv2: outputs on its own group, inputs on conv1's) is
+    cut along both dims; `repeat` > 1 where a flatten gives each channel that many columns."""
+    entries: dict[str, tuple[tuple[str, int, int], ...]]
+
+    @staticmethod
+    def of(blocks, state: dict) -> "SlicePlan":
+        """`blocks`: keyed groups (common.selection.BlockRef)."""
+        entries: dict[str, tuple] = {}
+        for b in blocks:
+            for k, (dim, repeat) in b.group.entries(state).items():
+                entries[k] = (*entries.get(k, ()), (b.name, dim, repeat))
+        return SlicePlan(entries)
+
+    def cuts(self, key: str, channels: dict) -> list[tuple[int, torch.Tensor]]:
+        """(dim, indices) that cut entry `key` to `channels` (group key → kept channels)."""
+        return [(dim, channel_columns(channels[group], repeat))
+                for group, dim, repeat in self.entries.get(key, ()) if group in channels]
+
+    def shape(self, state: dict, key: str, channels: dict) -> list[int]:
+        """Shape of entry `key` cut to `channels` (group key → kept channels)."""
+        shape = list(state[key].shape)
+        for group, dim, repeat in self.entries.get(key, ()):
+            if group in channels:
+                shape[dim] = len(channels[group]) * repeat
+        return shape
+
+
+def select_channels(state: dict, plan: SlicePlan, channels: dict[str, torch.Tensor]) -> dict:
+    """A new state dict: every planned entry cut to `channels[group]`, the others copied whole."""
+    sub = {}
+    for k, v in state.items():
+        cuts = plan.cuts(k, channels)
+        for dim, idx in cuts:
+            v = v.index_select(dim, idx)
+        sub[k] = v if cuts else v.clone()
+    return sub
