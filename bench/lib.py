@@ -1,4 +1,4 @@
-"""Plain helpers for the benchmarks: run a stage script in-process, read its outputs.
+"""Plain helpers for the benchmarks: run a stage script in-process, read its outputs, format the tables.
 
 The benchmarks never re-implement a stage: they call the stage scripts' `main` with `--set`
 overrides, exactly as a user would from the shell, and read the files the stages write.
@@ -6,6 +6,7 @@ overrides, exactly as a user would from the shell, and read the files the stages
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib
 import json
 import statistics
@@ -51,14 +52,45 @@ def prune_and_finetune(config, run_dir: Path, sets: dict, tag: str) -> dict:
     return read_json(out / "result.json")
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+def read_json(path: Path) -> dict | list | None:
+    """The file's JSON; None where the stage has not written it (yet)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
-def mean_std(xs: list[float]) -> str:
-    if len(xs) == 1:
-        return f"{xs[0]:.2f}"
-    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+def last_row(path: Path) -> dict:
+    """The last row of a metrics.csv; {} where there is none (yet)."""
+    if not Path(path).is_file():
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return rows[-1] if rows else {}
+
+
+def mean_std(values: list) -> str:
+    """Accuracies over seeds: '50.17 ± 1.66', one value alone '53.05', '—' when none (None left out)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+SI_PREFIXES = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
+
+
+def si(x: float, unit: str = "", fmt: str = ".2f", spread: float = 0.0) -> str:
+    """A count with the prefix that fits it, as tables that read at CPU-smoke and paper scale alike:
+    si(7.86e12, "FLOP") = '7.86 TFLOP', si(0, "B") = '0 B' (below 1000: a whole number). Without a
+    unit the prefix sticks to the number and a nonzero `spread` (a std over seeds) follows in the
+    same prefix: si(2.14e6, fmt=".3g", spread=2.1e6) = '2.14M ± 2.1M' (bench/report.py's cells)."""
+    factor, prefix = next(((f, p) for f, p in SI_PREFIXES if abs(x) >= f), (1, ""))
+    number = f"{x / factor:{fmt}}" if factor > 1 else f"{x:.0f}"
+    spread_text = f" ± {spread / factor:.2g}" if spread else ""
+    if unit:
+        return f"{number}{spread_text} {prefix}{unit}"
+    return f"{number}{prefix}" + (f"{spread_text}{prefix}" if spread else "")
 
 
 def machine() -> str:

@@ -48,7 +48,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib import REPO, commit, machine, mean_std
+from lib import REPO, commit, last_row, machine, mean_std, read_json, si
 from common.config import load_config
 from common.errors import UserError
 
@@ -389,24 +389,12 @@ def run(args) -> int:
 
 
 # ------------------------------------------------------------------------ report
-def si(x: float, unit: str) -> str:
-    """1234567 → '1.23 M' + unit: tables that read at CPU-smoke and paper scale alike."""
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= factor:
-            return f"{x / factor:.2f} {prefix}{unit}"
-    return f"{x:.0f} {unit}"
-
-
 def dash(v) -> str:
     return "—" if v is None else str(v)
 
 
-def read_json(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def results_under(folder: Path, pattern: str) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in sorted(folder.glob(pattern))}
+    return {p.parent.name: read_json(p) for p in sorted(folder.glob(pattern))}
 
 
 def byte_cells(method: str, comm: dict) -> tuple[str, str, str]:
@@ -443,10 +431,9 @@ def table1_report(runs: Path, row: str, seeds) -> tuple[str, list]:
             if not sel:
                 continue
             comm = sel[0]["comm"]
-            lossless = [r["acc_lossless"] for r in sel if r["acc_lossless"] is not None]
             flops_ratio = comm.get("train_flops_ratio_to_dense")
             lines.append(f"| {method} | {'0 % (Dense Model)' if p == 0 else f'{round(100 * p)} %'} | "
-                         f"{mean_std([r['acc'] for r in sel])} | {mean_std(lossless) if lossless else '—'} | "
+                         f"{mean_std([r['acc'] for r in sel])} | {mean_std([r['acc_lossless'] for r in sel])} | "
                          f"{' | '.join(byte_cells(method, comm))} | {dash(flops_ratio)} | "
                          f"{si(sel[0]['train_flops'], 'FLOP')} | {len(sel)} |")
     return "\n".join(lines), rows
@@ -531,7 +518,7 @@ def rise_report(runs: Path, model: str, seeds, plt, out: Path) -> str:
     fig, ax = plt.subplots(figsize=(6, 4))
     full = []
     for seed in seeds:
-        ck = last_metrics(rise_run(runs, model, seed) / "pretrain/metrics.csv")
+        ck = last_row(rise_run(runs, model, seed) / "pretrain/metrics.csv")
         if ck:
             full.append((float(ck["test_acc"]), float(ck["train_flops"])))
     for keep in RISE_KEEP:
@@ -555,14 +542,6 @@ def rise_report(runs: Path, model: str, seeds, plt, out: Path) -> str:
     save_plot(fig, ax, out / f"rise_fig4_{model}.png", xlabel="training complexity (FLOPs)", ylabel="test accuracy (%)",
               xscale="log", title=f"RISE Fig. 4 ({model})")
     return "\n".join(lines)
-
-
-def last_metrics(path: Path) -> dict | None:
-    import csv
-    if not path.exists():
-        return None
-    rows = list(csv.DictReader(open(path)))
-    return rows[-1] if rows else None
 
 
 def report(args) -> int:

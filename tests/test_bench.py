@@ -32,6 +32,18 @@ def test_perf_prints_ratios(tmp_path):
         assert m["dense_epoch_s"] > 0 and m["loft4_epoch_s"] > 0 and m["loft4_fused_round_s"] > 0
 
 
+def test_table_helpers_keep_the_committed_reports_formats(tmp_path):
+    # docs/results.md and bench/results/paper*/paper.md (bench/paper.py), bench/report.py's cells
+    lib = bench("lib")
+    assert [lib.si(x, "FLOP") for x in (9.97e12, 2.3e15, 512)] == ["9.97 TFLOP", "2.30 PFLOP", "512 FLOP"]
+    assert [lib.si(x, "B") for x in (0, 301.34e6, 7.8e9)] == ["0 B", "301.34 MB", "7.80 GB"]
+    assert [lib.si(x, fmt=".3g") for x in (0, 5e7, 1.234e4)] == ["0", "50M", "12.3k"]
+    assert lib.si(2.14e6, fmt=".3g", spread=2.1e6) == "2.14M ± 2.1M"
+    assert [lib.mean_std(xs) for xs in ([53.05], [50.0, None, 52.0], [], [None])] == \
+        ["53.05", "51.00 ± 1.41", "—", "—"]
+    assert lib.read_json(tmp_path / "missing.json") is None and lib.last_row(tmp_path / "missing.csv") == {}
+
+
 def test_paper_driver_stops_at_its_budget_resumes_skips_and_reports(tmp_path, capsys):
     paper = bench("paper")
     base = ["--smoke", "--only", "rise:resnet32_c10", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
