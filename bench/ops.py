@@ -60,15 +60,20 @@ def counted(fn, *args) -> OpCounter:
     return c
 
 
-def plain_step(model, batch):
-    """The textbook step (torch.optim.SGD with its defaults): the reference of bench/perf.py."""
+def plain_loop(model, batches, device, bf16: bool = False, channels_last: bool = False):
+    """The reference of bench/perf.py and of these counts: the textbook PyTorch step on pre-made
+    device batches (torch.optim.SGD with its defaults, not the project's make_sgd: the reference
+    does not move with the project); bf16 autocast applies on CUDA only."""
     import torch.nn.functional as F
-    model.train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    x, y = batch
+    batches = [(x.contiguous(memory_format=fmt), y) for x, y in batches]
 
-    def step(_):
-        loss = F.cross_entropy(model(x), y)
+    def step(i):
+        x, y = batches[i % len(batches)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+            loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -140,7 +145,7 @@ def count_ops(config: str, sets: list[str], env=None) -> dict:
     blocks = partitioned_blocks(model, cfg.pretrain.partition_stage1, arch, cfg.pretrain.overlap)
     sub = build_model(worker_arch(arch, draw_partition(blocks, 4, 0, 0), 0))
     for name, m in (("plain_dense_step", build_model(arch)), ("plain_loft4_worker_step", sub)):
-        step = plain_step(m.to(env.device), batch)
+        step = plain_loop(m, [batch], env.device)
         step(0)
         res[name] = counted(step, 1).total
     return res

@@ -13,11 +13,9 @@ Each run: 01 (LoFT), 03 (L1, 50 %), 04 (fine-tune); the table reads their files.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.lib import REPO, add_run_args, pretrain, prune_and_finetune, read_json, write_results  # noqa: E402
+from lib import REPO, add_run_args, pretrain_stage, prune_and_finetune, read_json, run_stage, write_results
 
 CONFIG = REPO / "yaml/resnet50_c10.yaml"
 
@@ -26,7 +24,7 @@ def one_run(root: Path, data_root: str, workers: int, overlap: str, epochs: int,
     run = root / f"s{workers}_{overlap}"
     sets = {"data.root": data_root, "pretrain.workers": workers, "pretrain.overlap": overlap,
             "pretrain.epochs": epochs, "finetune.epochs": finetune_epochs}
-    pretrain(CONFIG, run, sets, epochs)
+    run_stage(pretrain_stage(CONFIG, run, sets))
     result = prune_and_finetune(CONFIG, run, sets, "l1_p50")
     last = read_json(run / "pretrain/comm.json")
     ck = __import__("torch").load(run / f"pretrain/epoch_{epochs:03d}.pt", weights_only=True)

@@ -24,6 +24,8 @@ from lib import REPO
 
 
 def run(cmd, env) -> float:
+    """Wall seconds of one run of `cmd`. Not lib.run_stage: both runs are timed and compared, so
+    each starts over (--force) rather than being skipped, and one goes through the deepspeed launcher."""
     t0 = time.time()
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if r.returncode:

@@ -31,10 +31,11 @@ Scale: every matrix runs at any scale through the same flags. `--epochs-scale` m
 epoch count (epoch milestones, warm-ups, fig5's draws and rise's k with it), `--finetune-epochs-scale`
 the fine-tuning ones alone, `--set KEY=VALUE` sets a key in every job (width, images, ...; the
 matrix's own keys win), `--smoke` is a tiny preset of all three (and rise's two extreme R).
-Every job is one stage command in its own process, run as a user would. A finished job (its
-output file exists) is skipped; an interrupted one resumes from its last.pt. `--budget-s` ends the
-run before a wall-clock limit: a stage still running then is stopped (its checkpoints are atomic)
-and the next `run` continues it. `report` reads only the stages' files.
+Every job is one stage command in its own process, run as a user would, by bench/lib.py's
+`run_stage`: a finished job is skipped, a cut-off one resumes from its last.pt (the rule and why:
+bench/lib.py). `--budget-s` ends the run before a wall-clock limit: a stage still running then is
+stopped (its checkpoints are atomic) and the next `run` continues it. `report` reads only the
+stages' files.
 """
 from __future__ import annotations
 
@@ -45,10 +46,11 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from lib import REPO, commit, machine, mean_std
+from lib import (REPO, Stage, StageFailed, commit, distance_stage, finetune_stage, last_row, machine, mean_std,
+                 pretrain_stage, prune_stage, read_json, run_stage, si)
 from common.config import load_config
 from common.errors import UserError
 
@@ -99,27 +101,6 @@ ANALYTIC_KEY = {"loft": "loft", "localsgd": "localsgd", "gpipe": "gpipe_fwd"}  #
 SMOKE = {"model.width": 0.125, "data.train_subset": 640, "data.test_subset": 200, "data.eval_batch_size": 200,
          "pretrain.batch_size": 32, "pretrain.local_iters": 5, "pretrain.bn_recal_batches": 2,
          "finetune.batch_size": 32, "dist.threads_per_rank": 1}
-
-
-@dataclass
-class Job:
-    """One stage command; `done` exists once it has finished."""
-    name: str
-    script: str
-    config: str
-    run_dir: Path
-    sets: dict
-    flags: list = field(default_factory=list)
-    done: Path = None
-    resumable: Path | None = None  # last.pt: continue with --resume instead of starting over
-
-    def command(self) -> list[str]:
-        cmd = [sys.executable, self.script, "--config", str(REPO / self.config), "--run-dir", str(self.run_dir)]
-        for k, v in self.sets.items():
-            cmd += ["--set", f"{k}={v}"]
-        if self.resumable is not None:
-            cmd.append("--resume" if self.resumable.exists() else "--force")
-        return cmd + self.flags
 
 
 class Plan:
@@ -174,19 +155,14 @@ def job_name(matrix: str, runs: Path, run_dir: Path, what: str) -> str:
     return f"{matrix}:{'/'.join(run_dir.relative_to(runs).parts[1:])}:{what}"
 
 
-def pretrain_job(matrix, runs, config, run_dir, sets) -> Job:
-    return Job(job_name(matrix, runs, run_dir, "pretrain"), "01_pretrain_loft.py", config, run_dir, sets,
-               done=run_dir / "pretrain/comm.json", resumable=run_dir / "pretrain/last.pt")
+def pretrain_job(matrix, runs, config, run_dir, sets) -> Stage:
+    return pretrain_stage(config, run_dir, sets, job_name(matrix, runs, run_dir, "pretrain"))
 
 
-def ticket_jobs(matrix, runs, config, run_dir, sets, tag, source, finetune_sets, ft_tag) -> list[Job]:
-    prune = Job(job_name(matrix, runs, run_dir, f"prune {tag}"), "03_prune.py", config, run_dir, sets,
-                ["--tag", tag, "--force"] + (["--from", str(source)] if source else []),
-                done=run_dir / f"prune_{tag}/ticket.pt")
-    tune = Job(job_name(matrix, runs, run_dir, f"finetune {ft_tag}"), "04_finetune.py", config, run_dir,
-               {**sets, **finetune_sets}, ["--ticket", str(run_dir / f"prune_{tag}/ticket.pt"), "--tag", ft_tag],
-               done=run_dir / f"finetune_{ft_tag}/result.json", resumable=run_dir / f"finetune_{ft_tag}/last.pt")
-    return [prune, tune]
+def ticket_jobs(matrix, runs, config, run_dir, sets, tag, source, finetune_sets, ft_tag) -> list[Stage]:
+    return [prune_stage(config, run_dir, sets, tag, source, job_name(matrix, runs, run_dir, f"prune {tag}")),
+            finetune_stage(config, run_dir, {**sets, **finetune_sets}, tag, ft_tag,
+                           job_name(matrix, runs, run_dir, f"finetune {ft_tag}"))]
 
 
 def table1_run(runs, row, seed, method) -> Path:
@@ -197,7 +173,7 @@ def ticket_tag(ratio: float) -> str:
     return f"l1_p{round(100 * ratio)}"
 
 
-def table1_pretrain(matrix, plan, runs, row, seed, method) -> tuple[Job, dict, object]:
+def table1_pretrain(matrix, plan, runs, row, seed, method) -> tuple[Stage, dict, object]:
     """The pretraining job of one Table 1 run (shared by table1, fig4, fig5), its keys and config."""
     config = TABLE1_ROWS[row].config
     cfg = load_config(REPO / config)
@@ -212,7 +188,7 @@ def finetune_sets(plan, cfg) -> dict:
     return {"finetune.mode": "finetune", **section_sets(cfg.finetune, "finetune", plan.finetune_epochs(cfg.finetune.epochs))}
 
 
-def table1_jobs(plan, runs, row, seed) -> list[Job]:
+def table1_jobs(plan, runs, row, seed) -> list[Stage]:
     jobs, spec = [], TABLE1_ROWS[row]
     for method in plan.chosen(spec.methods):
         job, sets, cfg = table1_pretrain("table1", plan, runs, row, seed, method)
@@ -225,7 +201,7 @@ def table1_jobs(plan, runs, row, seed) -> list[Job]:
     return jobs
 
 
-def fig4_jobs(plan, runs, panel, seed) -> list[Job]:
+def fig4_jobs(plan, runs, panel, seed) -> list[Stage]:
     jobs, row = [], FIG4_PANELS[panel]
     for method in plan.chosen(FIG4_METHODS):
         job, sets, _ = table1_pretrain("fig4", plan, runs, row, seed, method)
@@ -233,9 +209,9 @@ def fig4_jobs(plan, runs, panel, seed) -> list[Job]:
     return jobs
 
 
-def distance_job(matrix, runs, row, pretrain: Job, sets) -> Job:
-    return Job(job_name(matrix, runs, pretrain.run_dir, "distance"), "02_filter_distance.py", TABLE1_ROWS[row].config,
-               pretrain.run_dir, sets, ["--force"], done=pretrain.run_dir / "distance/summary.json")
+def distance_job(matrix, runs, row, pretrain: Stage, sets) -> Stage:
+    return distance_stage(TABLE1_ROWS[row].config, pretrain.run_dir, sets,
+                          job_name(matrix, runs, pretrain.run_dir, "distance"))
 
 
 MARKS = {"filter_emergence_epoch": "filter emergence", "early_bird_epoch": "early bird"}  # 02's summary.json keys
@@ -250,7 +226,7 @@ def marked_epochs(run_dir: Path) -> dict[int, list[str]]:
     return marks
 
 
-def fig5_jobs(plan, runs, seed) -> list[Job]:
+def fig5_jobs(plan, runs, seed) -> list[Stage]:
     """Tickets drawn at the scaled epochs and, once 02 has run, at the epochs its emergence and
     early-bird rules mark: does stopping there give as good a ticket as pretraining to the end?"""
     jobs = []
@@ -271,7 +247,7 @@ def rise_run(runs, model, seed) -> Path:
     return runs / "rise" / model / f"seed{seed}" / "dense"
 
 
-def rise_jobs(plan, runs, model, seed) -> list[Job]:
+def rise_jobs(plan, runs, model, seed) -> list[Stage]:
     config = RISE_MODELS[model]
     cfg = load_config(REPO / config)
     E = plan.epochs(cfg.pretrain.epochs)
@@ -294,7 +270,7 @@ def rise_jobs(plan, runs, model, seed) -> list[Job]:
     return jobs
 
 
-def matrix_jobs(matrix: str, plan: Plan, runs: Path, seeds: list[int], panels=None) -> list[Job]:
+def matrix_jobs(matrix: str, plan: Plan, runs: Path, seeds: list[int], panels=None) -> list[Stage]:
     """The jobs of one matrix, for the given panels (default: all of them)."""
     jobs = []
     for seed in seeds:
@@ -326,12 +302,12 @@ def selection(only: str | None) -> dict[str, list[str]]:
     return chosen
 
 
-def unique(jobs: list[Job]) -> list[Job]:
+def unique(jobs: list[Stage]) -> list[Stage]:
     """Each output once: table1, fig4 and fig5 share their pretraining runs."""
     seen, out = set(), []
     for j in jobs:
-        if j.done not in seen:
-            seen.add(j.done)
+        if j.outputs not in seen:
+            seen.add(j.outputs)
             out.append(j)
     return out
 
@@ -342,71 +318,50 @@ def run(args) -> int:
     plan, runs = Plan(args), Path(args.runs)
     chosen = selection(args.only)
 
-    def planned() -> list[Job]:
+    def planned() -> list[Stage]:
         return unique([j for m, panels in chosen.items() for j in matrix_jobs(m, plan, runs, args.seeds, panels)])
 
     start, log = time.time(), runs / "paper_log.txt"
     runs.mkdir(parents=True, exist_ok=True)
     with open(runs / "paper_commands.txt", "a") as f:  # the report lists how its runs were made
         f.write(f"{commit()}  {args.command}\n")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    ran, seen_done = set(), set()
+    seen_done = set()
     while True:
         jobs = planned()
         for i, job in enumerate(jobs):
-            if job.done.exists() and job.done not in seen_done:
-                seen_done.add(job.done)
+            if job.finished() and job.outputs not in seen_done:
+                seen_done.add(job.outputs)
                 print(f"[{i + 1}/{len(jobs)}] skip {job.name} (done)")
-        i, job = next(((i, j) for i, j in enumerate(jobs) if not j.done.exists()), (None, None))
+        i, job = next(((i, j) for i, j in enumerate(jobs) if not j.finished()), (None, None))
         if job is None:
             print(f"all {len(jobs)} jobs of {', '.join(chosen)} done")
             return 0
-        if job.done in ran:  # it exited 0 without its output: running it again would loop
-            print(f"error: {job.name} finished without writing {job.done}; see {log}", file=sys.stderr)
-            return 1
         left = args.budget_s - (time.time() - start) if args.budget_s else None
         if left is not None and left < 1:
             print(f"budget of {args.budget_s} s reached before {job.name}; run again to continue")
             return 0
         print(f"[{i + 1}/{len(jobs)}] {job.name}", flush=True)
         t0 = time.time()
-        ran.add(job.done)
         try:
-            with open(log, "a") as f:
-                f.write(f"\n$ {' '.join(job.command())}\n")
-                f.flush()
-                r = subprocess.run(job.command(), cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                   timeout=left)
+            run_stage(job, log, timeout=left)
         except subprocess.TimeoutExpired:  # the stage was stopped; its checkpoints are whole
             print(f"budget of {args.budget_s} s reached during {job.name}; run again to continue it")
             return 0
-        if r.returncode != 0:
-            print(f"error: {job.name} failed (exit {r.returncode}); see {log}", file=sys.stderr)
-            return r.returncode
-        seen_done.add(job.done)
+        except StageFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            return e.returncode
+        seen_done.add(job.outputs)
         with open(runs / "paper_times.jsonl", "a") as f:
             f.write(json.dumps({"job": job.name, "seconds": round(time.time() - t0, 1)}) + "\n")
 
 
 # ------------------------------------------------------------------------ report
-def si(x: float, unit: str) -> str:
-    """1234567 → '1.23 M' + unit: tables that read at CPU-smoke and paper scale alike."""
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= factor:
-            return f"{x / factor:.2f} {prefix}{unit}"
-    return f"{x:.0f} {unit}"
-
-
 def dash(v) -> str:
     return "—" if v is None else str(v)
 
 
-def read_json(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def results_under(folder: Path, pattern: str) -> dict[str, dict]:
-    return {p.parent.name: json.loads(p.read_text()) for p in sorted(folder.glob(pattern))}
+    return {p.parent.name: read_json(p) for p in sorted(folder.glob(pattern))}
 
 
 def byte_cells(method: str, comm: dict) -> tuple[str, str, str]:
@@ -443,10 +398,9 @@ def table1_report(runs: Path, row: str, seeds) -> tuple[str, list]:
             if not sel:
                 continue
             comm = sel[0]["comm"]
-            lossless = [r["acc_lossless"] for r in sel if r["acc_lossless"] is not None]
             flops_ratio = comm.get("train_flops_ratio_to_dense")
             lines.append(f"| {method} | {'0 % (Dense Model)' if p == 0 else f'{round(100 * p)} %'} | "
-                         f"{mean_std([r['acc'] for r in sel])} | {mean_std(lossless) if lossless else '—'} | "
+                         f"{mean_std([r['acc'] for r in sel])} | {mean_std([r['acc_lossless'] for r in sel])} | "
                          f"{' | '.join(byte_cells(method, comm))} | {dash(flops_ratio)} | "
                          f"{si(sel[0]['train_flops'], 'FLOP')} | {len(sel)} |")
     return "\n".join(lines), rows
@@ -531,7 +485,7 @@ def rise_report(runs: Path, model: str, seeds, plt, out: Path) -> str:
     fig, ax = plt.subplots(figsize=(6, 4))
     full = []
     for seed in seeds:
-        ck = last_metrics(rise_run(runs, model, seed) / "pretrain/metrics.csv")
+        ck = last_row(rise_run(runs, model, seed) / "pretrain/metrics.csv")
         if ck:
             full.append((float(ck["test_acc"]), float(ck["train_flops"])))
     for keep in RISE_KEEP:
@@ -555,14 +509,6 @@ def rise_report(runs: Path, model: str, seeds, plt, out: Path) -> str:
     save_plot(fig, ax, out / f"rise_fig4_{model}.png", xlabel="training complexity (FLOPs)", ylabel="test accuracy (%)",
               xscale="log", title=f"RISE Fig. 4 ({model})")
     return "\n".join(lines)
-
-
-def last_metrics(path: Path) -> dict | None:
-    import csv
-    if not path.exists():
-        return None
-    rows = list(csv.DictReader(open(path)))
-    return rows[-1] if rows else None
 
 
 def report(args) -> int:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from lib import REPO, machine
-from ops import count_ops
+from ops import count_ops, plain_loop
 from common.config import load_config
 from common.costs import flops_per_sample, measured_round_bytes
 from common.data import TRAIN_SIZE, Stream, input_shape, load_dataset, on_device
@@ -65,24 +65,6 @@ def seconds_per_call(fn, calls: int, device, warmup: int = 3) -> float:
     return (time.perf_counter() - t0) / calls
 
 
-def plain_loop(model, batches, bf16: bool, channels_last: bool, device):
-    """The reference: the textbook PyTorch step on pre-made device batches (torch.optim.SGD with
-    its defaults, not the project's make_sgd: the reference does not move with the project)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=fmt).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    batches = [(x.contiguous(memory_format=fmt), y) for x, y in batches]
-
-    def step(i):
-        x, y = batches[i % len(batches)]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
-
-
 def peak_memory(model_fn, batches, device) -> int:
     """Peak bytes of training a fresh `model_fn()` with the plain loop: weights, gradients,
     momentum and activations — the allocator's peak on CUDA (the batches, made before, not
@@ -92,7 +74,7 @@ def peak_memory(model_fn, batches, device) -> int:
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    step = plain_loop(model_fn(), batches, False, False, device)
+    step = plain_loop(model_fn(), batches, device)
     for i in range(3):
         step(i)
     sync(device)
@@ -143,7 +125,7 @@ def measure(cfg, arch, init, train, env, args, precision: str) -> dict:
     out = {}
     dense_model = build_model(arch)
     dense_model.load_state_dict(init)
-    plain = plain_loop(dense_model, batches, bf16, cl, dev)
+    plain = plain_loop(dense_model, batches, dev, bf16, cl)
     out["dense_plain_s"] = seconds_per_call(plain, args.repeats, dev)
     out["dense_project_s"] = seconds_per_call(project_dense(cfg, arch, init, train, env), args.repeats, dev)
     out["dense_mem"] = peak_memory(lambda: build_model(arch), batches, dev)
@@ -151,7 +133,7 @@ def measure(cfg, arch, init, train, env, args, precision: str) -> dict:
     for S in (2, 4):
         cfg_s = load_config(args.config, base_sets(args) + PRECISIONS[precision] + [f"pretrain.workers={S}"])
         sub = build_model(worker_arch(arch, draw_partition(blocks, S, 0, 0), 0))
-        plain_sub = plain_loop(sub, batches, bf16, cl, dev)
+        plain_sub = plain_loop(sub, batches, dev, bf16, cl)
         out[f"loft{S}_plain_s"] = seconds_per_call(plain_sub, args.repeats, dev)
         run_round, steps_per_round, loft = project_loft(cfg_s, arch, init, train, env)
         rounds = max(1, args.repeats // steps_per_round)

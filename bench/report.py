@@ -12,15 +12,13 @@ folder name), averaged over the seeds that have it. Only files the stages write 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import statistics
 import sys
 from pathlib import Path
 
 import yaml
 
-import lib  # noqa: F401  (puts the repository on sys.path)
+from lib import last_row, mean_std, read_json, si  # lib also puts the repository on sys.path
 from common.runs import flat
 
 # what a configuration is: the pretraining experiment, not the machine it ran on nor its seed
@@ -28,12 +26,6 @@ NOT_CONFIGURATION = ("seed", "name", "dist.", "data.root", "data.eval_batch_size
                      "prune.", "finetune.")
 COLUMNS = ["best acc. (%)", "final acc. (%)", "lossless acc. (%)", "trainable params", "nonzero params",
            "FLOPs/sample", "comm. bytes", "training FLOPs"]
-
-
-def last_row(path: Path) -> dict:
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return rows[-1] if rows else {}
 
 
 def number(value):
@@ -46,13 +38,12 @@ def number(value):
 def read_run(folder: Path) -> dict:
     """One run's pretraining summary and its fine-tuned tickets, from the files the stages wrote."""
     cfg = flat(yaml.safe_load((folder / "pretrain/config.yaml").read_text()))
-    pre = last_row(folder / "pretrain/metrics.csv") if (folder / "pretrain/metrics.csv").is_file() else {}
-    comm = json.loads((folder / "pretrain/comm.json").read_text()) if (folder / "pretrain/comm.json").is_file() else {}
+    pre = last_row(folder / "pretrain/metrics.csv")
+    comm = read_json(folder / "pretrain/comm.json") or {}
     tickets = {}
     for result_file in sorted(folder.glob("finetune_*/result.json")):
-        res = json.loads(result_file.read_text())
-        metrics = result_file.parent / "metrics.csv"
-        final = last_row(metrics) if metrics.is_file() else {}
+        res = read_json(result_file)
+        final = last_row(result_file.parent / "metrics.csv")
         tickets[result_file.parent.name.removeprefix("finetune_")] = {
             "best acc. (%)": res.get("best_test_acc"), "final acc. (%)": res.get("final_test_acc"),
             "lossless acc. (%)": number(final.get("test_acc_lossless")),
@@ -78,25 +69,13 @@ def configuration(cfg: dict) -> tuple:
                         for k, v in cfg.items() if not k.startswith(NOT_CONFIGURATION)))
 
 
-def mean_std(values: list, digits: int = 2) -> str:
+def counts(values: list) -> str:
+    """A count column's cell: the seeds' mean in k/M/G/T/P, ± their std where they disagree."""
     values = [v for v in values if v is not None]
     if not values:
         return "—"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def si(values: list) -> str:
-    """Counts in k/M/G/T, mean ± std when the seeds disagree."""
-    values = [v for v in values if v is not None]
-    if not values:
-        return "—"
-    mean = statistics.mean(values)
-    scale, unit = next(((s, u) for s, u in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")) if abs(mean) >= s),
-                       (1, ""))
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean / scale:.3g}{unit}" + (f" ± {spread / scale:.2g}{unit}" if spread else "")
+    return si(statistics.mean(values), fmt=".3g", spread=spread)
 
 
 def title(cfg: dict, differing: list[str]) -> str:
@@ -136,7 +115,7 @@ def report(root: Path) -> tuple[str, list[dict]]:
                   "|---|---:|" + "---:|" * len(COLUMNS)]
         for name in rows:
             have = [r["tickets"][name] for r in group if name in r["tickets"]]
-            cells = [mean_std([h[c] for h in have]) if "acc." in c else si([h[c] for h in have]) for c in COLUMNS]
+            cells = [(mean_std if "acc." in c else counts)([h[c] for h in have]) for c in COLUMNS]
             lines.append(f"| {name} | {len(have)} | " + " | ".join(cells) + " |")
             points.append({"configuration": title(cfg, differing), "row": name,
                            "acc": [h["final acc. (%)"] for h in have], "flops": [h["training FLOPs"] for h in have]})

@@ -14,11 +14,10 @@ holds (fp32). The table reads the stages' files; nothing here trains by itself.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.lib import REPO, add_run_args, pretrain, prune_and_finetune, read_json, run_stage, write_results  # noqa: E402
+from lib import (REPO, add_run_args, distance_stage, pretrain_stage, prune_and_finetune, read_json, run_stage,
+                 write_results)
 
 CONFIG = REPO / "yaml/vit_c10.yaml"
 METHODS = {"dense": {"pretrain.method": "dense"},
@@ -48,9 +47,8 @@ def worker_params(arch: dict, workers: int, method: str) -> int:
 def one_run(root: Path, data_root: str, label: str, epochs: int, finetune_epochs: int) -> dict:
     run = root / label.lower().replace("-", "")
     sets = {"data.root": data_root, "pretrain.epochs": epochs, "finetune.epochs": finetune_epochs, **METHODS[label]}
-    pretrain(CONFIG, run, sets, epochs)
-    if not (run / "distance/summary.json").exists():
-        run_stage("02_filter_distance", CONFIG, run, sets, "--force")
+    run_stage(pretrain_stage(CONFIG, run, sets))
+    run_stage(distance_stage(CONFIG, run, sets))
     result = prune_and_finetune(CONFIG, run, sets, "l1_p50")
     comm = read_json(run / "pretrain/comm.json")
     summary = read_json(run / "distance/summary.json")

@@ -1,6 +1,11 @@
-"""The benchmarks' smoke forms run the real pipelines end to end and produce their tables."""
+"""The benchmarks' smoke forms run the real pipelines end to end and produce their tables; the one
+way they run a stage (bench/lib.py's run_stage) skips, resumes and starts stages by its rule."""
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +14,6 @@ from conftest import DATA, REPO
 
 
 def bench(name):
-    import sys
     sys.path.insert(0, str(REPO / "bench"))
     spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
@@ -30,6 +34,55 @@ def test_perf_prints_ratios(tmp_path):
         assert m["loft4_mem"] < m["loft2_mem"] < m["dense_mem"]       # narrower workers hold less
         assert 0 < m["loft4_flop_share"] < m["loft2_flop_share"] < 1
         assert m["dense_epoch_s"] > 0 and m["loft4_epoch_s"] > 0 and m["loft4_fused_round_s"] > 0
+
+
+def file_times(folder: Path) -> dict[str, int]:
+    return {f.name: f.stat().st_mtime_ns for f in folder.iterdir() if f.is_file()}
+
+
+def test_run_stage_resumes_a_cut_off_stage_skips_a_finished_one_and_starts_a_fresh_one(tiny_config, tmp_path):
+    lib = bench("lib")
+    cfg, run = tiny_config(), tmp_path / "run"  # LoFT-2, 2 epochs of 20 steps
+    pretrain = lib.pretrain_stage(cfg, run, {})
+    assert pretrain.outputs == (run / "pretrain/epoch_002.pt", run / "pretrain/comm.json")
+    # cut off: its command killed inside epoch 2 (tests/kill_at_step.py), epoch 1's last.pt on disk
+    killed = subprocess.run([sys.executable, str(REPO / "tests/kill_at_step.py"), *pretrain.command()[1:]], cwd=REPO,
+                            env={**os.environ, "KILL_AT_STEP": "25"}, capture_output=True, start_new_session=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not pretrain.finished() and pretrain.start_flags() == ["--resume"]
+    before = file_times(run / "pretrain")
+    assert lib.run_stage(pretrain) and pretrain.finished()
+    after = file_times(run / "pretrain")
+    assert {f: after[f] for f in ("epoch_000.pt", "epoch_001.pt")} == \
+        {f: before[f] for f in ("epoch_000.pt", "epoch_001.pt")}  # continued, not started over
+    # finished: skipped, every file as it was
+    assert lib.run_stage(pretrain) is False and file_times(run / "pretrain") == after
+    # fresh: no flag; started but without its output (and no last.pt): --force
+    prune = lib.prune_stage(cfg, run, {}, "l1_p50")
+    assert prune.start_flags() == [] and lib.run_stage(prune) and prune.finished()
+    (run / "prune_l1_p50/ticket.pt").unlink()
+    assert prune.start_flags() == ["--force"] and lib.run_stage(prune) and prune.finished()
+    # a finished run of fewer epochs is not the run asked for: resumed, and 01 refuses to stretch
+    # its cosine schedule, in one line
+    longer = lib.pretrain_stage(cfg, run, {"pretrain.epochs": 3})
+    assert not longer.finished() and longer.start_flags() == ["--resume"]
+    with pytest.raises(lib.StageFailed, match="failed \\(exit 2\\)"):
+        lib.run_stage(longer, tmp_path / "log.txt")
+    assert "pretrain.epochs was 2" in (tmp_path / "log.txt").read_text()
+    assert file_times(run / "pretrain") == after
+
+
+def test_table_helpers_keep_the_committed_reports_formats(tmp_path):
+    # docs/results.md and bench/results/paper*/paper.md (bench/paper.py), bench/report.py's cells
+    lib = bench("lib")
+    assert [lib.si(x, "FLOP") for x in (9.97e12, 2.3e15, 512)] == ["9.97 TFLOP", "2.30 PFLOP", "512 FLOP"]
+    assert [lib.si(x, "B") for x in (0, 301.34e6, 7.8e9)] == ["0 B", "301.34 MB", "7.80 GB"]
+    assert [lib.si(x, fmt=".3g") for x in (0, 5e7, 1.234e4)] == ["0", "50M", "12.3k"]
+    assert lib.si(2.14e6, fmt=".3g", spread=2.1e6) == "2.14M ± 2.1M"
+    assert [lib.mean_std(xs) for xs in ([53.05], [50.0, None, 52.0], [], [None])] == \
+        ["53.05", "51.00 ± 1.41", "—", "—"]
+    assert lib.read_json(tmp_path / "missing.json") is None and lib.last_row(tmp_path / "missing.csv") == {}
 
 
 def test_paper_driver_stops_at_its_budget_resumes_skips_and_reports(tmp_path, capsys):
