@@ -80,7 +80,7 @@ def train_flops_per_sample(model: nn.Module, input_shape=(3, 32, 32), mask: dict
 def split_params(model: nn.Module, blocks: list[BlockRef]) -> tuple[int, int]:
     """(shared, partitioned) parameter counts for a list of partitioned blocks."""
     state = dict(model.named_parameters())
-    part = sum(state[k].numel() for k in {k for b in blocks for k in b.slice_dims(state)})
+    part = sum(state[k].numel() for k in {k for b in blocks for k in b.group.entries(state)})
     total = sum(p.numel() for p in model.parameters())
     return total - part, part
 

@@ -166,10 +166,6 @@ def prepare_data(cfg_data, env):
                 imagenet_dir(cfg_data.root)
 
 
-def cifar10_dir(root: str | Path, download: bool = True) -> Path:
-    return cifar_dir(root, "cifar10", download)
-
-
 class _ArraysOnly(pickle.Unpickler):
     """The CIFAR release pickles dicts of numpy arrays, lists and bytes: nothing else may load."""
     ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),

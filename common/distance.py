@@ -1,7 +1,8 @@
 """Filter distance between checkpoints (SPEC 4) and the early-bird mask distance (You et al. 2019).
 
-Filter distance. For one layer (conv1 of a prunable block) and two checkpoints a and b, rank
-the filters by the L1 norm of their weights, largest first, ties broken by filter index. For
+Filter distance. For one prunable channel group (its producers' filters: conv1 of a BasicBlock)
+and two checkpoints a and b, rank the filters by their score under `prune.kind`'s criterion (the
+L1 norm of their weights by default), largest first, ties broken by filter index. For
 the filter at 1-based position i of a's ranking let sigma(i) be its 1-based position in b's:
 
     F(a, b)   = sum_{i=1..n} (1/i) |ln i - ln sigma(i)|
@@ -20,8 +21,8 @@ Conventions of this module (docs/method.md repeats them):
   (the paper's Fig. 4: "important filters not yet identified as top rank");
 - the distance between consecutive checkpoints is F(e+1, e): the newer ranking is the
   reference, the one a prune at that moment would use;
-- network summaries are the mean over prunable layers and the mean weighted by each conv1's
-  parameter count.
+- network summaries are the mean over prunable groups and the mean weighted by the parameter
+  count of each group's first producer.
 
 Early-bird mask distance: the channel mask keeps the top (1 - ratio) fraction of |gamma| of
 all BatchNorm2d layers under one global threshold (ties by index); the distance between two

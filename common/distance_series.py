@@ -24,7 +24,7 @@ class Series:
     arch: dict
     method: str
     norms: dict[str, torch.Tensor]   # layer → [E, n] filter scores (L1 norms unless prune.kind says otherwise)
-    params: dict[str, int]           # layer → conv1 parameter count (the weighted mean's weights)
+    params: dict[str, int]           # layer → its producer's parameter count (the weighted mean's weights)
     gammas: torch.Tensor             # [E, N] all BN scales
 
 

@@ -8,8 +8,8 @@ exchange, for the weights and for carried momentum alike: it loads each worker's
 tensors and puts the trained slices back, combining the shared tensors (`mean_of_workers`), with a
 few large operators. tests/reference_round.py says the same tensor by tensor (the reference).
 Output scaling: none. A subnetwork computes exactly the full network with the other workers'
-mid channels removed (equivalently: conv2's input columns outside the worker's sets zeroed), so
-no factor S is applied anywhere.
+channels of each partitioned group removed (equivalently: the consumers' input columns outside
+the worker's sets zeroed), so no factor S is applied anywhere.
 """
 from __future__ import annotations
 

@@ -203,9 +203,6 @@ class ResNet(nn.Module):
         return x
 
 
-CifarResNet = ResNet  # the name it had before the ImageNet stem
-
-
 class TorchvisionResNet(tvm.ResNet):
     """torchvision's ImageNet ResNet with BasicBlocks: the same class, modules, state-dict keys and
     initialisation (at width 1.0, bit for bit what `torchvision.models.resnet18(num_classes=...)`

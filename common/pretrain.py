@@ -112,12 +112,13 @@ class SequentialWorkers:
         self.momentum_states = dict(zip(self.sgds, momenta))
 
     def train(self, steps: range) -> torch.Tensor:
-        """K local steps of each worker; the sum of all their losses (a device scalar)."""
-        losses = []
+        """K local steps of each worker; the sum of all their losses (a device scalar; summed per
+        worker first, the order a fused round sums in)."""
+        sums = []
         for w, sgd in self.sgds.items():
             sgd.model.train()
-            losses += [sgd(t, [self.streams[w].batch(t)]) for t in steps]
-        return torch.stack(losses).sum()
+            sums.append(torch.stack([sgd(t, [self.streams[w].batch(t)]) for t in steps]).sum())
+        return torch.stack(sums).sum()
 
 
 class FusedWorkers:
@@ -475,7 +476,8 @@ class GPipe(Dense):
         full = dict(self.model.state_dict(keep_vars=True))
         return [k for k, t in full.items() if id(t) in mine]
 
-    def train_step(self, t: int) -> float:
+    def train_step(self, t: int) -> torch.Tensor:
+        """Step t; its mean loss (a device scalar), through the pipeline engine under the launcher."""
         if not self.env.distributed:
             return super().train_step(t)
         for g in self.opt.param_groups:

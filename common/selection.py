@@ -134,7 +134,7 @@ def describe(model: nn.Module, input_shape=(3, 32, 32), preset: str | None = "pa
 def _preset(preset: str, model: nn.Module, groups: list[ChannelGroup], partition_stage1: bool) -> Selection:
     """The preset's choice, less the groups narrowing cannot cut (each with the reason)."""
     if preset not in PRESETS:
-        raise UserError(f"model.group_preset: unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+        raise UserError(f"model.group_preset: unknown group preset {preset!r} (choose from {', '.join(PRESETS)})")
     chosen = PRESETS[preset](groups, partition_stage1=partition_stage1)
     problems = {g.name: narrowing_problem(model, g) for g in groups if g.name in chosen.prunable}
     problems = {name: why for name, why in problems.items() if why}
@@ -168,11 +168,6 @@ class BlockRef:
         """The group's first producer: its name in 02's tables (a group's filters are ranked over
         all its producers: common.importance.l1_filter_norm)."""
         return self.group.producers[0][0]
-
-    def slice_dims(self, state: dict) -> dict[str, tuple[int, int]]:
-        """state-dict keys that live on the group's channels → (dim they index, repeat: how many
-        consecutive columns a channel has there, > 1 behind a flatten)."""
-        return self.group.entries(state)
 
 
 def block_refs(model: nn.Module, input_shape=(3, 32, 32)) -> list[BlockRef]:
@@ -249,7 +244,7 @@ def group_selection(model: nn.Module, arch: dict | None = None, partition_stage1
     for b in refs:
         if b.group.name not in chosen.partitioned:
             continue
-        keys = set(b.slice_dims(state))
+        keys = set(b.group.entries(state))
         shared = sorted(keys & set(owner))
         if shared:
             why_not[b.group.name] = f"shares {shared[0]} with {owner[shared[0]]} (pretrain.overlap=non_adjacent)"

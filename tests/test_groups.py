@@ -236,7 +236,7 @@ def test_zoo_groups_are_todays_blocks_and_paper_preset_is_todays_selection(name)
     keep = random_halves(inner)
     today = dict(state)   # the old slicing: every block entry cut to the kept mid channels
     for r in (r for r in block_refs(model) if r.stage):
-        for key, (dim, _) in r.slice_dims(state).items():
+        for key, (dim, _) in r.group.entries(state).items():
             today[key] = state[key].index_select(dim, keep[r.producer].sort().values)
     mine = narrow(model, inner, keep).state_dict()
     assert list(mine) == list(today) and all(torch.equal(mine[k], today[k]) for k in today)

@@ -124,7 +124,7 @@ def loft_of(tmp_path, cifar, model, device="cpu", **pretrain):
     arch = arch_of(cfg.model, 10, input_shape("cifar10"))
     torch.manual_seed(0)
     env = DistEnv(device=torch.device(device))
-    return METHODS[cfg.pretrain.method](cfg, arch, build_model(arch).state_dict(), cifar.to(device), env, Comm(env))
+    return METHODS[cfg.pretrain.method](cfg, arch, build_model(arch, cfg.importable).state_dict(), cifar.to(device), env, Comm(env))
 
 
 TINY_MODEL = TINY["model"]
@@ -193,7 +193,7 @@ def test_pretrain_compile_trains_the_workers_through_torch_compile(tmp_path, cif
         loft = loft_of(tmp_path, cifar, model, workers=2, local_iters=2, compile=compiled)
         loss = loft.run_round(0)
         assert torch.isfinite(loss)
-        forward = loft.workers.workers[0].sgd.forward_model
+        forward = loft.workers.sgds[0].forward_model
         assert isinstance(forward, torch._dynamo.eval_frame.OptimizedModule) == compiled
         states[compiled] = loft.state
     for k, v in states[False].items():

@@ -40,7 +40,7 @@ def test_measured_bytes_are_one_push_per_worker_per_round(tiny_config, tmp_path)
     comm = json.loads((tmp_path / "r/pretrain/comm.json").read_text())
     model = build_model({"name": "preresnet18", "num_classes": 10, "width": 0.125})
     state = model.state_dict()
-    part_keys = {k for b in partitioned_blocks(model) for k in b.slice_dims(state)}
+    part_keys = {k for b in partitioned_blocks(model) for k in b.group.entries(state)}
     shared = sum(v.numel() * v.element_size() for k, v in state.items() if k not in part_keys)
     partitioned = sum(state[k].numel() * 4 for k in part_keys)
     rounds = (640 // 32) // 5

@@ -62,7 +62,7 @@ def test_kept_filters_are_the_top_l1_ones_and_other_blocks_are_unchanged(ratio):
         assert pruned.kept[b.name].dtype == torch.int64
         assert pruned.kept[b.name].tolist() == top.tolist()
         assert pruned.arch["mids"][b.name] == len(top)
-        for key, (dim, _) in b.slice_dims(state).items():
+        for key, (dim, _) in b.group.entries(state).items():
             assert torch.equal(new[key], state[key].index_select(dim, torch.from_numpy(top))), key
             sliced.add(key)
     for key in state.keys() - sliced:                     # stem, first blocks, shortcuts, head: bit-for-bit
@@ -281,27 +281,44 @@ def test_end_to_end_after_real_pretraining(tiny_config, tmp_path):
     assert t["params_after"] == count_params(model) < t["params_before"]
 
 
-def test_a_registered_toy_criterion_prunes_end_to_end(tiny_config, tmp_path, monkeypatch):
-    """One function + one registration: an L2 filter criterion, then 03 and 04 as usual. Its
-    ticket keeps exactly the filters of largest L2 norm (numpy)."""
+def test_a_registered_toy_criterion_prunes_end_to_end_and_02_and_the_emergence_stop_rank_by_it(
+        tiny_config, tmp_path, monkeypatch):
+    """One function + one registration: a criterion keeping the filters of *smallest* L1 norm (so
+    that it ranks unlike L1), then 02, 03 and 04 as usual. The ticket keeps exactly those filters
+    (numpy), and 02's ranking and the emergence stop's rank by it too: their top-k is 03's kept set."""
     import common.importance as imp
     monkeypatch.setattr(imp, "FILTER_CRITERIA", dict(imp.FILTER_CRITERIA))
     import common.prune as P
     monkeypatch.setattr(P, "FILTER_CRITERIA", imp.FILTER_CRITERIA)
 
-    @imp.filter_criterion("l2_toy")
-    def l2(state, block):
-        return state[f"{block.name}.conv1.weight"].double().pow(2).flatten(1).sum(1).sqrt()
+    @imp.filter_criterion("small_l1")
+    def small_l1(state, group):
+        return -state[f"{group.producers[0][0]}.weight"].double().abs().flatten(1).sum(1)
 
     cfg = tiny_config(pretrain={"epochs": 1}, finetune={"epochs": 1, "batch_size": 32, "lr": 0.05})
-    run, sets = tmp_path / "r", ["--set", "prune.kind=l2_toy", "--set", "prune.ratio=0.5"]
+    run, sets = tmp_path / "r", ["--set", "prune.kind=small_l1", "--set", "prune.ratio=0.5"]
     stage("01_pretrain_loft").main(["--config", str(cfg), "--run-dir", str(run)])
+    stage("02_filter_distance").main(["--config", str(cfg), "--run-dir", str(run), *sets])
     stage("03_prune").main(["--config", str(cfg), "--run-dir", str(run), *sets])
-    ticket = torch.load(run / "prune_l2_toy_p50/ticket.pt", weights_only=True)
+    ticket = torch.load(run / "prune_small_l1_p50/ticket.pt", weights_only=True)
     state = torch.load(run / "pretrain/epoch_001.pt", weights_only=True)["model"]
     for block, kept in ticket["kept"].items():
         w = state[f"{block}.conv1.weight"].numpy().astype(np.float64).reshape(len(kept) * 2, -1)
-        assert sorted(kept.tolist()) == sorted(numpy_top(np.sqrt((w ** 2).sum(1)), len(kept)).tolist()), block
+        assert sorted(kept.tolist()) == sorted(numpy_top(-np.abs(w).sum(1), len(kept)).tolist()), block
+        assert sorted(kept.tolist()) != sorted(numpy_top(np.abs(w).sum(1), len(kept)).tolist()), block
+
+    from common.distance_series import load_series
+    from common.emergence import EmergenceWatch
+    from common.importance import top_filters
+    from common.selection import prunable_blocks
+    series = load_series(run / "pretrain", "01", "small_l1")
+    watch = EmergenceWatch(prunable_blocks(build_model(ticket["arch"] | {"mids": {}}), ticket["arch"]), 0.5, 0.05, 3,
+                           kind="small_l1")
+    watch.start(state)
+    for block, kept in ticket["kept"].items():
+        layer = f"{block}.conv1"
+        assert top_filters(series.norms[layer][-1], len(kept)).tolist() == kept.tolist()   # 02: the final epoch
+        assert top_filters(watch.prev[layer], len(kept)).tolist() == kept.tolist()         # 01's emergence stop
     stage("04_finetune").main(["--config", str(cfg), "--run-dir", str(run), *sets,
-                               "--ticket", str(run / "prune_l2_toy_p50/ticket.pt")])
-    assert (run / "finetune_l2_toy_p50_finetune/result.json").exists()
+                               "--ticket", str(run / "prune_small_l1_p50/ticket.pt")])
+    assert (run / "finetune_small_l1_p50_finetune/result.json").exists()

@@ -105,7 +105,7 @@ def test_loft_partition_aggregate_round_trip_and_subnetwork(name, cifar_images):
     assert blocks and all(b.stage > 1 and b.index > 0 for b in blocks)
     state = model.state_dict()
     plan = SlicePlan.of(blocks, state)
-    assert all(len(b.slice_dims(state)) == 6 for b in blocks)  # conv1, 4 mid-BN entries, conv2 (no biases)
+    assert all(len(b.group.entries(state)) == 6 for b in blocks)  # conv1, 4 mid-BN entries, conv2 (no biases)
     part = draw_partition(blocks, 2, 0, 3)
     results = {w: extract(state, plan, part, w) for w in range(2)}
     new = aggregate(state, plan, part, results, Comm(DistEnv()), 2)
