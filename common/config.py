@@ -34,7 +34,7 @@ ZOO = ["resnet18", "resnet34", "preresnet18", "preresnet34", "resnet20", "resnet
 
 @dataclass
 class ModelCfg:
-    arch: str = opt("preresnet18")   # a zoo name (ZOO), torchvision.<builder or class> (torchvision.resnet50), or package.module:callable
+    arch: str = opt("preresnet18")   # a zoo name (ZOO), torchvision.<builder or class> (torchvision.resnet50), timm.<model> (timm.efficientnet_b0), package.module:callable or path/to/file.py:callable (relative to the config file)
     width: float = opt(1.0, lo=0.0, hi=16.0, lo_open=True)  # zoo: channel multiplier, 1.0 = the paper's widths; others: 1.0 (use kwargs)
     kwargs: dict = opt({})           # keyword arguments of a torchvision builder/class or callable (num_classes: from the dataset unless set)
     group_preset: str = opt("paper", choices=["paper", "all"])  # channel groups chosen: paper = blocks [1:] of residual stages layerS; all = every group found
@@ -209,9 +209,18 @@ def _check_defaults(obj, prefix=""):
             _check_range(prefix + f.name, v, f.metadata)
 
 
+LIBRARY_PREFIXES = ("torchvision.", "timm.")   # models named inside a library the toolkit depends on
+
+
 def is_brought(arch: str) -> bool:
-    """A model named by torchvision.<name> or package.module:callable, not from the zoo."""
-    return arch.startswith("torchvision.") or ":" in arch
+    """A model named by torchvision.<name>, timm.<name>, package.module:callable or
+    path/to/file.py:callable, not from the zoo."""
+    return arch.startswith(LIBRARY_PREFIXES) or ":" in arch
+
+
+def is_file_callable(arch: str) -> bool:
+    """path/to/file.py:callable (the module is a file, not an importable package)."""
+    return arch.partition(":")[0].endswith(".py")
 
 
 def check_arch(model: ModelCfg):
@@ -219,11 +228,18 @@ def check_arch(model: ModelCfg):
     brought = is_brought(name)
     if not brought and name not in ZOO:
         raise UserError(f"config key model.arch: {name!r} is not a zoo model ({', '.join(ZOO)}), "
-                        "torchvision.<name> or package.module:callable")
+                        "torchvision.<name>, timm.<name>, package.module:callable or path/to/file.py:callable")
     if ":" in name:
         module, _, attr = name.partition(":")
-        if not (all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()):
-            raise UserError(f"config key model.arch: {name!r} is not package.module:callable")
+        if is_file_callable(name):
+            if not Path(module).is_file():
+                raise UserError(f"config key model.arch: {module} is not a file (a path in model.arch is "
+                                "relative to the config file)")
+        elif not all(p.isidentifier() for p in module.split(".")):
+            raise UserError(f"config key model.arch: {name!r} is not package.module:callable or "
+                            "path/to/file.py:callable")
+        if not attr.isidentifier():
+            raise UserError(f"config key model.arch: {name!r}: {attr!r} after the ':' is not a callable's name")
     if brought and model.width != 1.0:
         raise UserError(f"config key model.width: {model.width} applies to zoo models only; size "
                         f"{name} with model.kwargs")
@@ -327,6 +343,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     cfg = Config()
     _fill(cfg, values)
     _check_defaults(cfg)
+    if is_file_callable(cfg.model.arch):   # recorded absolute: later stages and moved run folders find it
+        module, _, attr = cfg.model.arch.partition(":")
+        base = Path(path).resolve().parent if path is not None else Path.cwd()
+        cfg.model.arch = f"{(base / module).resolve()}:{attr}"
     if not cfg.name:
         cfg.name = Path(path).stem if path is not None else "default"
     cross_check(cfg)

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 import inspect
 import re
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torchvision.models.mobilenetv3 import _mobilenet_v3_conf  # what mobilenet_v3_small() itself calls
 
-from common.config import is_brought
+from common.config import is_brought, is_file_callable
 from common.errors import UserError
 from common.narrowing import narrow
 from common.selection import GROUP_DEFAULTS, block_refs
@@ -312,32 +314,54 @@ def _wrn(name: str, num_classes: int, width: float, dropout: float) -> nn.Module
                   stem_width=_scaled([16], width)[0], dropout=dropout)
 
 
-TORCHVISION_PREFIX = "torchvision."
+TORCHVISION_PREFIX, TIMM_PREFIX = "torchvision.", "timm."
 
 
 def is_zoo(name: str) -> bool:
     return not is_brought(name)
 
 
+def _timm_builder(model_name: str):
+    import timm
+    if model_name not in timm.list_models():
+        raise UserError(f"model.arch=timm.{model_name}: timm has no model {model_name!r} (timm.list_models())")
+    return lambda **kwargs: timm.create_model(model_name, pretrained=False, **kwargs)  # weights: 03 --from
+
+
+def _import_callable(name: str):
+    """The callable `package.module:callable` or `/abs/path/file.py:callable` names."""
+    module_name, _, attr = name.partition(":")
+    try:
+        if is_file_callable(name):
+            spec = importlib.util.spec_from_file_location(f"loft_brought_{Path(module_name).stem}", module_name)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError, FileNotFoundError) as e:
+        hint = "" if is_file_callable(name) else " (is its folder on PYTHONPATH?)"
+        raise UserError(f"model.arch={name}: cannot import it ({type(e).__name__}: {e}){hint}") from None
+
+
 def _brought(arch: dict, importable: frozenset[str]) -> nn.Module:
     """The user's model: a torchvision builder or class (`torchvision.resnet50`,
-    `torchvision.VisionTransformer`) or `package.module:callable`, called with arch["kwargs"]
-    (num_classes added where the callable takes it and the kwargs do not set it)."""
+    `torchvision.VisionTransformer`), a timm model (`timm.efficientnet_b0`, random init), or
+    `package.module:callable` / `/path/file.py:callable`, called with arch["kwargs"] (num_classes
+    added where the callable takes it and the kwargs do not set it)."""
     name, kwargs = arch["name"], dict(arch.get("kwargs") or {})
     if name.startswith(TORCHVISION_PREFIX):
         attr = name[len(TORCHVISION_PREFIX):]
         make = getattr(tvm, attr, None)
         if not callable(make) or attr.startswith("_"):
             raise UserError(f"model.arch={name}: torchvision.models has no builder or class {attr!r}")
+    elif name.startswith(TIMM_PREFIX):
+        make = _timm_builder(name[len(TIMM_PREFIX):])
     else:
         if name not in importable:   # a checkpoint never makes a stage import code its config did not name
             raise UserError(f"arch {name!r} comes from a checkpoint, but this stage's config does not name it "
                             "(set model.arch to it)")
-        module_name, _, attr = name.partition(":")
-        try:
-            make = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise UserError(f"model.arch={name}: cannot import it ({type(e).__name__}: {e})") from None
+        make = _import_callable(name)
     try:
         params = inspect.signature(make).parameters
         takes_classes = "num_classes" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())

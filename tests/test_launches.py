@@ -129,6 +129,7 @@ def loft_of(tmp_path, cifar, model, device="cpu", **pretrain):
 
 TINY_MODEL = TINY["model"]
 R50 = {"arch": "torchvision.resnet50", "kwargs": {"width_per_group": 8}}
+EFFNET = {"arch": "timm.efficientnet_b0", "group_preset": "all"}   # timm's BatchNormAct2d, SE gates
 
 
 @pytest.mark.parametrize("model,pretrain", [
@@ -137,31 +138,42 @@ R50 = {"arch": "torchvision.resnet50", "kwargs": {"width_per_group": 8}}
     (TINY_MODEL, {"workers": 4, "fused_workers": True}),
     (TINY_MODEL, {"workers": 2, "method": "localsgd"}),
     (R50, {"workers": 4}),                      # block-diagonal: conv2 cut along both dims
-], ids=["in-turn", "channels-last", "fused", "localsgd", "resnet50-block-diagonal"])
+    (EFFNET, {"workers": 2}),
+    (TINY_MODEL, {"workers": 2, "carry_momentum": True}),
+], ids=["in-turn", "channels-last", "fused", "localsgd", "resnet50-block-diagonal", "timm-efficientnet",
+        "carried-momentum"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_flat_exchange_loads_and_aggregates_as_extract_and_aggregate(tmp_path, cifar, model, pretrain, device):
     """RoundExchange against the per-tensor reference (extract, aggregate), bit for bit: the
     workers' slices after `load`, and the new global state and bytes after `aggregate` of workers
-    holding arbitrary values (off-diagonal blocks untouched, shared floats averaged in worker order)."""
+    holding arbitrary values (off-diagonal blocks untouched, shared floats averaged in worker order);
+    carried momentum goes through the same exchange and is checked the same way."""
     loft = loft_of(tmp_path, cifar, model, device, **pretrain)
     part = draw_partition(loft.blocks, loft.S, 0, 3)
-    loft.exchange.begin_round(part)
-    loft.exchange.load(loft.flat)
-    state, plan, moved = loft.state, loft.plan, partition_to(part, device)
-    results = loft.workers.module_states
-    for w, tensors in results.items():
-        expected = extract(state, plan, moved, w)
-        assert [k for k, v in tensors.items() if not same_bits(v, expected[k])] == [], w
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for flat in loft.workers.flats.values():  # arbitrary trained values
-            flat.copy_(torch.randn(flat.shape, generator=gen) if flat.is_floating_point()
-                       else torch.randint(0, 100, flat.shape, generator=gen))  # (made on the CPU, copied over)
-    ref_comm, comm = Comm(DistEnv(device=torch.device(device))), Comm(DistEnv(device=torch.device(device)))
-    expected = aggregate(state, plan, moved, results, ref_comm, loft.S)
-    new = loft.layout.views(loft.exchange.aggregate(loft.flat, comm, mean_of_workers))
-    assert [k for k in expected if not same_bits(new[k], expected[k])] == []
-    assert comm.bytes_sent == ref_comm.bytes_sent > 0
+    moved = partition_to(part, device)
+    sides = [(loft.exchange, loft.flat, loft.layout, loft.workers.module_states, loft.workers.flats)]
+    if pretrain.get("carry_momentum"):
+        gen = torch.Generator().manual_seed(2)
+        loft.momentum_flat = {d: torch.randn(f.shape, generator=gen).to(f) for d, f in loft.momentum_flat.items()}
+        sides.append((loft.momentum_exchange, loft.momentum_flat, loft.momentum_layout,
+                      loft.workers.momentum_states, loft.workers.momentum_flats))
+    for exchange, flat, layout, results, local_flats in sides:
+        state = layout.views(flat)
+        exchange.begin_round(part)
+        exchange.load(flat)
+        for w, tensors in results.items():
+            expected = extract(state, loft.plan, moved, w)
+            assert [k for k, v in tensors.items() if not same_bits(v, expected[k])] == [], w
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for local in local_flats.values():  # arbitrary trained values
+                local.copy_(torch.randn(local.shape, generator=gen) if local.is_floating_point()
+                            else torch.randint(0, 100, local.shape, generator=gen))  # (made on the CPU, copied over)
+        ref_comm, comm = Comm(DistEnv(device=torch.device(device))), Comm(DistEnv(device=torch.device(device)))
+        expected = aggregate(state, loft.plan, moved, results, ref_comm, loft.S)
+        new = layout.views(exchange.aggregate(flat, comm, mean_of_workers))
+        assert [k for k in expected if not same_bits(new[k], expected[k])] == []
+        assert comm.bytes_sent == ref_comm.bytes_sent > 0
 
 
 def test_a_round_dispatches_tens_of_operators_besides_its_steps(tmp_path, cifar):
