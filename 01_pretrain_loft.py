@@ -147,7 +147,10 @@ def group_table(cfg, arch) -> str:
     from common.models import build_model
     from common.selection import format_groups, group_selection
     model = build_model(arch, cfg.importable)
-    found = discovered(model, tuple(arch.get("input_shape") or input_shape(cfg.data.dataset)))
+    try:
+        found = discovered(model, tuple(arch.get("input_shape") or input_shape(cfg.data.dataset)))
+    except UserError as e:   # e.g. Torch-Pruning fails on the graph: the message says what still runs
+        return f"no channel groups: {e}"
     try:
         _, chosen = group_selection(model, arch, cfg.pretrain.partition_stage1, cfg.pretrain.overlap)
     except UserError as e:   # nothing chosen: the table still lists what was found

@@ -124,7 +124,8 @@ def _trace_failure(model: nn.Module, example: torch.Tensor, e: Exception) -> str
     inner = traceback.extract_tb(e.__traceback__)[-1]
     if "/torch_pruning/" in inner.filename:
         return (f"cannot discover channel groups of {type(model).__name__}: Torch-Pruning's DependencyGraph fails "
-                f"in {inner.name} ({error})")
+                f"in {inner.name} ({error}); LoFT, structured pruning and the filter distance need them, so use "
+                "pretrain.method=dense or localsgd and prune.kind=magnitude for this model")
     return f"cannot trace {type(model).__name__} on an input of shape {tuple(example.shape)}: {error}"
 
 
@@ -136,11 +137,15 @@ class _Trace:
     def __init__(self):
         self.inputs: dict[nn.Module, set] = {}
         self.outputs: set = set()
+        self.calls: dict[nn.Module, int] = {}   # module → calls in one forward (> 1: weights shared)
 
     def forward(self, model: nn.Module, example: torch.Tensor):
+        self.calls = {}
+
         def record(module, args, kwargs):
             tensors = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t)]
             self.inputs.setdefault(module, set()).update(t.grad_fn for t in tensors if t.grad_fn is not None)
+            self.calls[module] = self.calls.get(module, 0) + 1
         hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()]
         try:
             out = model(example)
@@ -214,8 +219,8 @@ OP_REASONS = {"Add": "add", "Sub": "add", "Cat": "concat", "Stack": "concat", "S
               "ScaledDotProductEfficientAttention": "attention", "ScaledDotProductFlashAttention": "attention"}
 NORMS_OVER_CHANNELS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 REASON_ORDER = ["add", "concat", "split", "slice", "reshape into heads", "reshape", "layout change", "attention",
-                "norm over channels", "grouped conv", "model input", "model output", "custom autograd function",
-                "unknown op"]
+                "norm over channels", "grouped conv", "shared module", "model input", "model output",
+                "custom autograd function", "unknown op"]
 
 
 def _op_name(grad_fn) -> str:
@@ -239,6 +244,8 @@ def _judge(tp_group, graph, names: dict, internal: dict, trace: _Trace):
     for node, role in nodes.items():
         module = node.module
         name = names.get(module)
+        if trace.calls.get(module, 0) > 1:   # the graph holds one node for all its calls: producers would be missed
+            reasons.append(("shared module", f"{name}: called {trace.calls[module]} times per forward"))
         if role == "out" and (node.grad_fn in trace.outputs or node.type == tp_ops.OPTYPE.OUTPUT):
             reasons.append(("model output", name))
         if isinstance(module, ROOT_TYPES) and name is not None:

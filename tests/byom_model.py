@@ -43,3 +43,32 @@ def bn_subclass_cnn(num_classes: int = 10, width: int = 8) -> nn.Module:
         nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), BatchNormScaled(2 * width), nn.ReLU(),
         nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(2 * width, num_classes))
+
+
+class SharedConvNet(nn.Module):
+    """One conv called twice per forward (weight sharing), between two plain groups."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width)
+        self.shared = nn.Conv2d(width, width, 3, padding=1)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        x = self.shared(torch.relu(self.shared(x)))
+        return self.head(x.mean((2, 3)))
+
+
+class LiteralViewNet(nn.Module):
+    """A flatten written with a literal width (view(-1, 16 * 16)): traced fine, but a narrowed
+    model's forward breaks."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(4), nn.Linear(16 * 16, num_classes)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
+        return self.fc(x.view(-1, 16 * 16))

@@ -202,3 +202,27 @@ def test_a_checkpoint_of_another_group_structure_is_one_line(tmp_path):
     r = run_cli(["01_pretrain_loft.py", "--config", str(bad), "--dry-run"])
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: model.arch=torchvision.nope: torchvision.models has no builder or class 'nope'"]
+
+
+def test_a_module_called_twice_per_forward_is_no_group_and_says_so():
+    from byom_model import SharedConvNet
+    from common.groups import discover
+    found = discover(SharedConvNet())
+    assert not any("shared" in name for g in found.groups
+                   for name in [g.name, *(p for p, _ in g.producers), *(c for c, _, _ in g.consumers)])
+    assert any("shared module (shared: called 2 times per forward)" in reason for _, reason in found.rejected)
+
+
+def test_a_literal_width_in_the_forward_is_one_line_naming_the_group(tmp_path):
+    """A file-path model (path relative to the config file) whose forward flattens with a literal
+    width: 01 stops in one line naming the group whose narrowing breaks it, not with a traceback."""
+    cfg = brought_model_config(tmp_path, "literal", {"arch": "byom_model.py:LiteralViewNet", "group_preset": "all"})
+    (tmp_path / "byom_model.py").write_text((REPO / "tests/byom_model.py").read_text())
+    r = run_cli(["01_pretrain_loft.py", "--config", str(cfg), "--run-dir", str(tmp_path / "run")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: model.arch=") and \
+        "narrowing channel group conv2 breaks the model's forward" in r.stderr
+    ok = run_cli(["01_pretrain_loft.py", "--config", str(cfg), "--run-dir", str(tmp_path / "run"),
+                  "--set", "model.group_exclude=[conv2]"])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+

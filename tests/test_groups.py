@@ -535,9 +535,10 @@ def test_reductions_over_the_channels_end_a_group():
 
 def test_a_torch_pruning_failure_is_one_line_naming_it():
     """torch-pruning 1.6.1 cannot map ShuffleNetV2's channel shuffle (view → transpose → view):
-    the refusal names the library and where it failed, not the model's forward."""
+    the refusal names the library and where it failed, not the model's forward, and what still runs."""
     with pytest.raises(UserError) as err:
         discover(tvm.shufflenet_v2_x0_5(num_classes=10))
     assert str(err.value) == ("cannot discover channel groups of ShuffleNetV2: Torch-Pruning's DependencyGraph "
                               "fails in update_reshape_index_mapping (ZeroDivisionError: integer division or "
-                              "modulo by zero)")
+                              "modulo by zero); LoFT, structured pruning and the filter distance need them, so use "
+                              "pretrain.method=dense or localsgd and prune.kind=magnitude for this model")
