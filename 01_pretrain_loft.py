@@ -39,7 +39,7 @@ def main(argv=None):
     from common.models import arch_of, build_model
     from common.selection import prunable_blocks
     from common.pretrain import METHODS
-    arch = arch_of(cfg.model, NUM_CLASSES[cfg.data.dataset], input_shape(cfg.data.dataset))
+    arch = arch_of(cfg.model, cfg.data)
     if args.dry_run:
         print(group_table(cfg, arch), file=sys.stderr)   # stdout stays the JSON (or Markdown) report
         print(comm_table(cfg, arch) if args.table else json.dumps(dry_run_report(cfg, arch), indent=1))
@@ -148,7 +148,7 @@ def group_table(cfg, arch) -> str:
     from common.selection import format_groups, group_selection
     model = build_model(arch, cfg.importable)
     try:
-        found = discovered(model, tuple(arch.get("input_shape") or input_shape(cfg.data.dataset)))
+        found = discovered(model, tuple(arch.get("input_shape") or input_shape(cfg.data)))
     except UserError as e:   # e.g. Torch-Pruning fails on the graph: the message says what still runs
         return f"no channel groups: {e}"
     try:
@@ -174,7 +174,7 @@ def dry_run_report(cfg, arch) -> dict:
     from common.data import TRAIN_SIZE, input_shape
     from common.loft import draw_partition, worker_arch
     from common.models import build_model
-    pc, shape = cfg.pretrain, input_shape(cfg.data.dataset)
+    pc, shape = cfg.pretrain, input_shape(cfg.data)
     model = build_model(arch, cfg.importable)
     blocks = loft_blocks(model, cfg, arch)
     shared, part = split_params(model, blocks)
@@ -201,7 +201,7 @@ def comm_table(cfg, arch) -> str:
     from common.costs import analytic_bytes
     from common.data import TRAIN_SIZE, input_shape
     from common.models import build_model
-    pc, model, shape = cfg.pretrain, build_model(arch, cfg.importable), input_shape(cfg.data.dataset)
+    pc, model, shape = cfg.pretrain, build_model(arch, cfg.importable), input_shape(cfg.data)
     blocks = loft_blocks(model, cfg, arch)
     n_train = cfg.data.train_subset or TRAIN_SIZE[cfg.data.dataset]
     lines = [f"{arch['name']} (width {arch['width']}), {pc.epochs} epochs, {n_train} images, batch {pc.batch_size}, "
@@ -225,10 +225,10 @@ def write_comm_json(cfg, arch, n_train, measured_total, out, epochs_run: int):
     pc = cfg.pretrain
     model = build_model(arch, cfg.importable)
     analytic = analytic_bytes(model, loft_blocks(model, cfg, arch), pc.workers, epochs_run, n_train, pc.batch_size,
-                              pc.local_iters, input_shape(cfg.data.dataset), shard=pc.data == "shard")
+                              pc.local_iters, input_shape(cfg.data), shard=pc.data == "shard")
     blocks = loft_blocks(model, cfg, arch) if pc.method == "loft" else []
     ratio = train_flops_ratio_to_dense(arch, blocks, pc.method, pc.workers, epochs_run, n_train, pc.batch_size,
-                                       pc.local_iters, input_shape(cfg.data.dataset), shard=pc.data == "shard",
+                                       pc.local_iters, input_shape(cfg.data), shard=pc.data == "shard",
                                        importable=cfg.importable)
     report = {
         "method": pc.method, "workers": pc.workers, "wire_dtype": cfg.comm.wire_dtype,

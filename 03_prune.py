@@ -109,7 +109,7 @@ def make_ticket(src: dict, src_path: Path, model, pruned, cfg) -> dict:
     from common.data import input_shape
     from common.importance import is_structured
     from common.prune import nonzero_params, sparse_flops
-    pc, old_mask, shape = cfg.prune, src.get("mask"), input_shape(cfg.data.dataset)
+    pc, old_mask, shape = cfg.prune, src.get("mask"), input_shape(cfg.data)
     ticket = {
         "model": {k: v.detach().clone() for k, v in pruned.model.state_dict().items()},
         "arch": pruned.arch, "epoch": int(src["epoch"]),

@@ -135,7 +135,7 @@ def save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage):
     from common.models import build_model
     fc = cfg.finetune
     base = complexity_base(ticket, fc.mode, fc.rewind_epoch)
-    per_sample = train_flops_per_sample(build_model(ticket["arch"], cfg.importable), input_shape(cfg.data.dataset), ticket.get("mask"))
+    per_sample = train_flops_per_sample(build_model(ticket["arch"], cfg.importable), input_shape(cfg.data), ticket.get("mask"))
     ticket_flops = trainer.steps_done * fc.batch_size * per_sample
     spent_before = int(ticket.get("lineage_flops", ticket.get("train_flops", 0)))
     train_flops = base + ticket_flops

@@ -125,7 +125,7 @@ def count_ops(config: str, sets: list[str], env=None) -> dict:
     from common.prune import magnitude_mask, maskable_weights
     cfg = load_config(config, sets + ["pretrain.workers=4"])
     env = env or DistEnv()
-    arch = arch_of(cfg.model, 10, input_shape(cfg.data.dataset))
+    arch = arch_of(cfg.model, cfg.data)
     train = on_device(load_dataset(cfg.data, train=True), env)
     torch.manual_seed(0)
     model = build_model(arch)

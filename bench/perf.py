@@ -190,7 +190,7 @@ def main(argv=None):
     env = DistEnv(device=dev)
     configure_kernels(dev, deterministic=False)
     cfg = load_config(args.config, base_sets(args))
-    arch = arch_of(cfg.model, 10, input_shape(cfg.data.dataset))
+    arch = arch_of(cfg.model, cfg.data)
     train = on_device(load_dataset(cfg.data, train=True), env)
     test = on_device(load_dataset(cfg.data, train=False), env)
     torch.manual_seed(0)

@@ -51,6 +51,7 @@ class DataCfg:
     eval_batch_size: int = opt(500, lo=1)               # batch size for evaluation and BN recalibration
     lossless_test: int = opt(0, lo=0)                   # also report accuracy on test images of original index < N (../shared/data: 1000 lossless)
     loader_workers: int = opt(4, lo=0)                  # ImageNet: image-decoding processes per stream (0: in process)
+    image_size: int = opt(0, lo=0)                      # side of the model's input: batches resized on the device (bilinear); 0 = the dataset's own (32, ImageNet 224)
 
 
 @dataclass

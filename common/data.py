@@ -55,9 +55,11 @@ IMAGENET_CROP, IMAGENET_RESIZE = 224, 256
 SHARD_STREAM = 6_000_001  # generator namespace of the pass permutation that pretrain.data=shard splits
 
 
-def input_shape(dataset: str) -> tuple[int, int, int]:
-    """C x H x W of one model input (for FLOPs, activation sizes, dry runs)."""
-    side = IMAGENET_CROP if dataset == "imagenet" else 32
+def input_shape(data) -> tuple[int, int, int]:
+    """C x H x W of one model input (for FLOPs, activation sizes, dry runs), for a data config
+    (data.image_size, else the dataset's own side) or a dataset's name."""
+    dataset, image_size = (data, 0) if isinstance(data, str) else (data.dataset, data.image_size)
+    side = image_size or (IMAGENET_CROP if dataset == "imagenet" else 32)
     return (3, side, side)
 
 
@@ -67,17 +69,18 @@ class ImageSet:
     labels: torch.Tensor  # int64, N
     mean: tuple = CIFAR10_MEAN  # per-channel statistics `normalize` uses for this set
     std: tuple = CIFAR10_STD
+    image_size: int = 0         # the model input's side, if not the images' own (data.image_size)
 
     def __len__(self):
         return len(self.labels)
 
     def subset(self, idx: torch.Tensor) -> "ImageSet":
         idx = idx.to(self.labels.device)
-        return ImageSet(self.images[idx], self.labels[idx], self.mean, self.std)
+        return dataclasses.replace(self, images=self.images[idx], labels=self.labels[idx])
 
     def to(self, device) -> "ImageSet":
         """The set on `device` (moved once: batches are then cut and augmented there)."""
-        return ImageSet(self.images.to(device), self.labels.to(device), self.mean, self.std)
+        return dataclasses.replace(self, images=self.images.to(device), labels=self.labels.to(device))
 
 
 # ----------------------------------------------------------------------- CIFAR
@@ -220,6 +223,7 @@ class FolderSet:
     resize: int = IMAGENET_RESIZE        # eval: shorter side resized to this, then centre crop
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
+    image_size: int = 0                  # the model input's side, if not `crop` (data.image_size)
 
     def __len__(self):
         return len(self.labels)
@@ -393,7 +397,17 @@ def load_dataset(cfg_data, train: bool) -> ImageSet | FolderSet:
         if n > len(ds):
             raise UserError(f"data.{'train' if train else 'test'}_subset={n} exceeds the {len(ds)} images")
         ds = ds.subset(balanced_subset(ds.labels, n))
-    return ds
+    return dataclasses.replace(ds, image_size=getattr(cfg_data, "image_size", 0))
+
+
+def model_input(images: torch.Tensor, data: ImageSet | FolderSet) -> torch.Tensor:
+    """A uint8 batch as the model reads it: normalised, and resized (bilinear, on the batch's device)
+    to `data.image_size` where that is set and differs from the images' side."""
+    x = normalize(images, data.mean, data.std)
+    side = data.image_size
+    if side and tuple(x.shape[-2:]) != (side, side):
+        x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+    return x
 
 
 # ------------------------------------------------------------------ transforms
@@ -517,7 +531,7 @@ class Stream:
         if self.train_aug:
             dy, dx, flip = (d[i] for d in self._draws)
             images = apply_augment(images, dy, dx, flip)
-        return normalize(images, self.data.mean, self.data.std), self.data.labels.index_select(0, idx)
+        return model_input(images, self.data), self.data.labels.index_select(0, idx)
 
     def folder_items(self, t: int) -> list:
         """Step t's DataLoader items: image indices, with per-image augmentation seeds if augmenting."""
@@ -535,7 +549,7 @@ class Stream:
         images, labels = self._loader.next()
         self._next_t = t + 1
         images = images.to(self.device, non_blocking=True)
-        return normalize(images, self.data.mean, self.data.std), labels.to(self.device, non_blocking=True)
+        return model_input(images, self.data), labels.to(self.device, non_blocking=True)
 
 
 def eval_batches(data: ImageSet | FolderSet, batch_size: int, device=None):
@@ -547,9 +561,9 @@ def eval_batches(data: ImageSet | FolderSet, batch_size: int, device=None):
         for _ in range(math.ceil(len(data) / batch_size)):
             images, labels = loader.next()
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            yield normalize(images, data.mean, data.std), labels
+            yield model_input(images, data), labels
         return
     device = torch.device(device) if device is not None else data.images.device
     for i in range(0, len(data), batch_size):
         images, labels = data.images[i:i + batch_size].to(device), data.labels[i:i + batch_size].to(device)
-        yield normalize(images, data.mean, data.std), labels
+        yield model_input(images, data), labels

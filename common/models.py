@@ -40,6 +40,7 @@ import torchvision.models as tvm
 from torchvision.models.mobilenetv3 import _mobilenet_v3_conf  # what mobilenet_v3_small() itself calls
 
 from common.config import is_brought, is_file_callable
+from common.data import NUM_CLASSES, input_shape
 from common.errors import UserError
 from common.groups import discovered
 from common.narrowing import narrow
@@ -443,11 +444,15 @@ def _check_narrowed_forward(model: nn.Module, arch: dict, importable: frozenset[
     raise UserError(f"model.arch={arch['name']}: the narrowed model's forward fails ({error})")
 
 
-def arch_of(model_cfg, num_classes: int, input_shape) -> dict:
-    """The arch a config describes (what 01 stores in every checkpoint; later stages rebuild from it)."""
-    arch = {"name": model_cfg.arch, "num_classes": num_classes, "width": model_cfg.width}
+def arch_of(model_cfg, data_cfg) -> dict:
+    """The arch a config describes (what 01 stores in every checkpoint; later stages rebuild from it):
+    the model, its classes, and its input shape where it is not the zoo's default (a brought model,
+    or data.image_size set)."""
+    arch = {"name": model_cfg.arch, "num_classes": NUM_CLASSES[data_cfg.dataset], "width": model_cfg.width}
     if not is_zoo(model_cfg.arch):
-        arch.update(kwargs=dict(model_cfg.kwargs), input_shape=list(input_shape))
+        arch.update(kwargs=dict(model_cfg.kwargs), input_shape=list(input_shape(data_cfg)))
+    elif data_cfg.image_size:
+        arch["input_shape"] = list(input_shape(data_cfg))
     choice = {"preset": model_cfg.group_preset, "include": list(model_cfg.group_include),
               "exclude": list(model_cfg.group_exclude)}
     if choice != GROUP_DEFAULTS:

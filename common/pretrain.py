@@ -178,7 +178,7 @@ class Loft:
         self.round = 0
         part = draw_partition(self.blocks, self.S, cfg.seed, 0)  # sizes per worker are the same every round
         self.train_flops_per_step = pc.batch_size * sum(
-            flops_per_sample(build_model(worker_arch(arch, part, w), cfg.importable), input_shape(cfg.data.dataset),
+            flops_per_sample(build_model(worker_arch(arch, part, w), cfg.importable), input_shape(cfg.data),
                              backward=True) for w in range(self.S))
         streams = {w: Stream(train_set, pc.batch_size, cfg.seed, w, device=env.device,
                              shard=(w, self.S) if shard else None) for w in self.my_workers}
@@ -338,7 +338,7 @@ class Dense:
         self.schedule = schedule or schedule_of(tc, self.steps_per_epoch, getattr(tc, "local_iters", None))  # K: pretraining only
         self.step = 0
         self.train_flops_per_step = tc.batch_size * flops_per_sample(build_model(arch, cfg.importable),
-                                                                     input_shape(cfg.data.dataset),
+                                                                     input_shape(cfg.data),
                                                                      backward=True)
 
     def my_chunks(self, t: int):

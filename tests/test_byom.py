@@ -226,3 +226,18 @@ def test_a_literal_width_in_the_forward_is_one_line_naming_the_group(tmp_path):
                   "--set", "model.group_exclude=[conv2]"])
     assert ok.returncode == 0, ok.stderr[-2000:]
 
+
+
+def test_a_model_built_for_larger_inputs_is_brought_as_it_is_with_image_size(tmp_path):
+    """A ViT made for 64 px (patch 16) on CIFAR-10 resized to 64 px on the device: 01 and 03 run,
+    and the checkpoint records the input shape the later stages rebuild it with."""
+    vit = {"arch": "torchvision.VisionTransformer", "group_preset": "all",
+           "kwargs": {"image_size": 64, "patch_size": 16, "num_layers": 1, "num_heads": 2, "hidden_dim": 32,
+                      "mlp_dim": 64}}
+    cfg = brought_model_config(tmp_path, "vit64", vit, local_iters=2, bn_recal_batches=0)
+    run = tmp_path / "run"
+    stage("01_pretrain_loft").main(["--config", str(cfg), "--run-dir", str(run), "--set", "data.image_size=64"])
+    ck = torch.load(run / "pretrain/epoch_001.pt", weights_only=True)
+    assert ck["arch"]["input_shape"] == [3, 64, 64]
+    stage("03_prune").main(["--config", str(cfg), "--run-dir", str(run), "--set", "data.image_size=64"])
+    assert torch.load(run / "prune_l1_p50/ticket.pt", weights_only=True)["arch"]["mids"]

@@ -264,3 +264,22 @@ def test_imagenet_is_never_downloaded_and_the_tree_is_checked(tmp_path, cifar10_
         with pytest.raises(UserError, match=r"broken\.JPEG: not a readable image") as e:
             s.batch(0)
         assert "\n" not in str(e.value)
+
+
+def test_image_size_resizes_every_batch_on_the_device_and_is_recorded_in_the_arch(tmp_path):
+    """data.image_size: the training stream and the evaluation batches give the model inputs of that
+    side (bilinear resize of the normalised 32 px batch); the input shape goes into the arch."""
+    import torch.nn.functional as F
+    from common.config import load_config
+    from common.data import eval_batches, input_shape, load_dataset, normalize
+    from common.models import arch_of
+    cfg = load_config(None, [f"data.root={DATA}", "data.test_subset=100", "data.image_size=48"])
+    test = load_dataset(cfg.data, train=False)
+    x, y = next(eval_batches(test, 10))
+    assert x.shape == (10, 3, 48, 48) and torch.equal(y, test.labels[:10])
+    expected = F.interpolate(normalize(test.images[:10], test.mean, test.std), size=(48, 48), mode="bilinear",
+                             align_corners=False)
+    assert torch.equal(x, expected)
+    assert Stream(test, 20, 0, 0).batch(0)[0].shape == (20, 3, 48, 48)
+    assert input_shape(cfg.data) == (3, 48, 48) and arch_of(cfg.model, cfg.data)["input_shape"] == [3, 48, 48]
+    assert "input_shape" not in arch_of(cfg.model, load_config(None).data)   # the zoo's files unchanged

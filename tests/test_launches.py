@@ -121,7 +121,7 @@ def loft_of(tmp_path, cifar, model, device="cpu", **pretrain):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({**TINY, "model": model, "pretrain": {**TINY["pretrain"], **pretrain}}))
     cfg = load_config(path)
-    arch = arch_of(cfg.model, 10, input_shape("cifar10"))
+    arch = arch_of(cfg.model, cfg.data)
     torch.manual_seed(0)
     env = DistEnv(device=torch.device(device))
     return METHODS[cfg.pretrain.method](cfg, arch, build_model(arch, cfg.importable).state_dict(), cifar.to(device), env, Comm(env))

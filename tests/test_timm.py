@@ -44,7 +44,7 @@ def test_the_timm_config_loads_and_builds_its_model():
     assert cfg.model.arch == "timm.efficientnet_b0" and cfg.importable == frozenset()   # a library: no import check
     from common.data import input_shape
     from common.models import arch_of
-    model = build_model(arch_of(cfg.model, 10, input_shape("cifar10")))
+    model = build_model(arch_of(cfg.model, cfg.data))
     assert any(isinstance(m, BatchNormAct2d) for m in model.modules())
 
 

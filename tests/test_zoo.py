@@ -251,7 +251,7 @@ CONFIGS = sorted((REPO / "yaml").glob("*.yaml"))
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_config_loads_and_its_model_builds(path):
     cfg = load_config(path)
-    arch = arch_of(cfg.model, NUM_CLASSES[cfg.data.dataset], input_shape(cfg.data.dataset))
+    arch = arch_of(cfg.model, cfg.data)
     with torch.device("meta"):
         model = build_model(arch)
     if cfg.pretrain.method == "loft":
