@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.checkpoint import save_atomic
+from common.checkpoint import PretrainEpoch, save
 from common.costs import flops_per_sample
 from common.data import load_cifar10, normalize
 from common.errors import UserError
@@ -178,10 +178,8 @@ def fake_pretrain(run, arch=TINY_ARCH, epochs=(0, 2), train_flops=None):
     """Pretraining checkpoints as 01 writes them (random weights)."""
     model = randomised(arch)
     for e in epochs:
-        ck = {"model": model.state_dict(), "arch": arch, "epoch": e}
-        if train_flops is not None:
-            ck["train_flops"] = train_flops
-        save_atomic(ck, run / "pretrain" / f"epoch_{e:03d}.pt")
+        save(PretrainEpoch(model=model.state_dict(), arch=arch, epoch=e, train_flops=train_flops or 0),
+             run / "pretrain" / f"epoch_{e:03d}.pt")
     return model
 
 
@@ -201,9 +199,11 @@ def test_l1_ticket_loads_safely_and_rebuilds_without_its_source(tiny_config, tmp
     model = build_model(t["arch"])
     model.load_state_dict(t["model"])
     assert model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
-    assert t["kind"] == "l1" and t["ratio"] == 0.5 and t["epoch"] == t["source_epoch"] == 2
+    assert t["kind"] == "ticket" and t["prune_kind"] == "l1" and t["ratio"] == 0.5
+    assert t["epoch"] == t["source_epoch"] == 2
     assert t["source"] == "pretrain/epoch_002.pt" and t["pretrain_dir"] == "pretrain"  # as stored: relative to run/
     assert t["train_flops"] == 123 and t["config"]["prune"]["kind"] == "l1"
+    assert t["source_kind"] == "pretrain_epoch"
     assert t["arch"]["mids"] == {"layer1.1": 4, "layer2.1": 8, "layer3.1": 16, "layer4.1": 32}
     assert all(v.dtype == torch.int64 for v in t["kept"].values())
     assert t["params_before"] == count_params(source) > t["params_after"] == count_params(model)
@@ -215,7 +215,7 @@ def test_l1_ticket_loads_safely_and_rebuilds_without_its_source(tiny_config, tmp
     prune.main(["--config", str(cfg), "--run-dir", str(run), "--from", str(out / "ticket.pt"), "--tag", "l1_it2"])
     t2 = load(run / "prune_l1_it2/ticket.pt")
     assert t2["arch"]["mids"] == {"layer1.1": 2, "layer2.1": 4, "layer3.1": 8, "layer4.1": 16}
-    assert t2["pretrain_dir"] == t["pretrain_dir"] and t2["train_flops"] == 123
+    assert t2["pretrain_dir"] == t["pretrain_dir"] and t2["train_flops"] == 123 and t2["source_kind"] == "ticket"
     for name, idx in t2["kept"].items():
         assert set(idx.tolist()) <= set(t["kept"][name].tolist()) and idx.tolist() == sorted(idx.tolist())
     w1 = t["model"]["layer3.1.conv1.weight"]
@@ -252,6 +252,7 @@ def test_missing_source_quotes_the_command_that_makes_it(tiny_config, tmp_path):
         prune.main(["--config", str(cfg), "--run-dir", str(tmp_path / "other")])
     with pytest.raises(UserError, match="--tag"):
         prune.main(["--config", str(cfg), "--run-dir", str(tmp_path / "other"), "--tag", "../x"])
+
 
 
 @pytest.mark.parametrize("ratio, message", [("1.0", "prune.ratio: 1.0 must be < 1.0"),
