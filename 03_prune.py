@@ -49,7 +49,7 @@ def main(argv=None):
     model = build_model(src.arch)
     model.load_state_dict(src.model)
     old_mask, old_kept = (None, None) if isinstance(src, PretrainEpoch) else (src.mask, src.kept)
-    print(f"source {src_path}: {src.arch['name']} width {src.arch['width']}, epoch {src.epoch}"
+    print(f"source {src_path}: {arch_text(src.arch)}, epoch {src.epoch}"
           f"{', narrowed' if 'mids' in src.arch else ''}{', masked' if old_mask else ''}")
 
     if is_structured(pc.kind):
@@ -89,13 +89,27 @@ def last_epoch(folder: Path, made_by: str) -> Path:
 
 
 def load_source(path: Path, cfg, made_by: str | None) -> PretrainEpoch | Ticket:
-    """A pretraining epoch checkpoint or a (fine-tuned) ticket; its architecture must be the config's."""
+    """A pretraining epoch checkpoint or a (fine-tuned) ticket; its model must be the config's."""
     src = load(path, (PretrainEpoch, Ticket, FinetunedTicket), made_by=made_by)
-    arch = src.arch
-    if arch["name"] != cfg.model.arch or float(arch["width"]) != cfg.model.width:
-        raise UserError(f"{path} holds a {arch['name']} of width {arch['width']}, but the config says "
-                        f"model.arch={cfg.model.arch}, model.width={cfg.model.width}")
+    check_same_model(path, src.arch, cfg)
     return src
+
+
+def check_same_model(path: Path, arch: dict, cfg):
+    """The source must hold the model the config describes: the same name, width and, for a
+    brought model, kwargs (its `mids`, a narrowing, are the pruning's own)."""
+    from common.data import NUM_CLASSES, input_shape
+    from common.models import arch_of
+    wanted = arch_of(cfg.model, NUM_CLASSES[cfg.data.dataset], input_shape(cfg.data.dataset))
+    if any(arch.get(k) != wanted.get(k) for k in ("name", "width", "kwargs")):  # kwargs: brought models only
+        said = f"model.arch={cfg.model.arch}, model.width={cfg.model.width}"
+        raise UserError(f"{path} holds {arch_text(arch)}, but the config says {said}"
+                        f"{f', model.kwargs={dict(cfg.model.kwargs)}' if 'kwargs' in wanted else ''}")
+
+
+def arch_text(arch: dict) -> str:
+    kwargs = f" {arch['kwargs']}" if "kwargs" in arch else ""
+    return f"a {arch['name']}{kwargs} of width {arch['width']}"
 
 
 def make_ticket(src: PretrainEpoch | Ticket, src_path: Path, model, pruned, cfg) -> Ticket:

@@ -2,6 +2,7 @@
 import copy
 import math
 import shutil
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -10,12 +11,13 @@ import torch
 import torch.nn as nn
 
 from common.checkpoint import PretrainEpoch, save
+from common.config import load_config
 from common.costs import flops_per_sample
 from common.data import load_cifar10, normalize
 from common.errors import UserError
 from common.models import build_model, count_params, prunable_blocks
 from common.prune import magnitude_mask, maskable_weights, prune_filters, prune_magnitude
-from conftest import DATA, randomised, run_cli, stage
+from conftest import DATA, REPO, brought_model_config, randomised, run_cli, stage
 
 prune = stage("03_prune")
 TINY_ARCH = {"name": "preresnet18", "num_classes": 10, "width": 0.125}
@@ -253,6 +255,21 @@ def test_missing_source_quotes_the_command_that_makes_it(tiny_config, tmp_path):
     with pytest.raises(UserError, match="--tag"):
         prune.main(["--config", str(cfg), "--run-dir", str(tmp_path / "other"), "--tag", "../x"])
 
+
+def test_a_brought_model_made_with_other_kwargs_is_refused(tmp_path):
+    """The source must be the config's model: for a brought one its kwargs say which (width 4 is
+    not width 8, though name and model.width agree)."""
+    sys.path.insert(0, str(REPO / "tests"))   # byom_model: the user's module
+    cfg = brought_model_config(tmp_path, "cnn", {"arch": "byom_model:small_cnn", "kwargs": {"width": 8},
+                                                 "group_preset": "all"})
+    run = tmp_path / "run"
+    load_config(cfg)   # names the model, so it may be built here
+    narrow = {"name": "byom_model:small_cnn", "num_classes": 10, "width": 1.0, "kwargs": {"width": 4},
+              "input_shape": [3, 32, 32], "groups": {"preset": "all", "include": [], "exclude": []}}
+    save(PretrainEpoch(model=build_model(narrow).state_dict(), arch=narrow, epoch=1), run / "pretrain/epoch_001.pt")
+    with pytest.raises(UserError, match=r"holds a byom_model:small_cnn \{'width': 4\} of width 1.0, but the config "
+                                        r"says .*model.kwargs=\{'width': 8\}"):
+        prune.main(["--config", str(cfg), "--run-dir", str(run)])
 
 
 @pytest.mark.parametrize("ratio, message", [("1.0", "prune.ratio: 1.0 must be < 1.0"),
