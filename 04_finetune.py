@@ -37,10 +37,11 @@ def main(argv=None):
     cfg = load_config(args.config, args.set)
     # the config is valid: only now load torch, DeepSpeed and the training modules
     import torch
+    from common.data import input_shape
     from common.dist import Comm, agreed, on_main, setup_from_config, teardown
     from common.evaluation import accuracies, load_splits
     from common.finetune import (FINETUNE_STREAM, LockedUpdate, check_lineage, load_ticket, ticket_schedule,
-                                 ticket_weights)
+                                 ticket_weights, training_complexity)
     from common.pretrain import Dense
     from common.prune import check_tag, default_tag
     fc, run = cfg.finetune, run_dir_of(args, cfg)
@@ -51,6 +52,7 @@ def main(argv=None):
     lineage = check_lineage(ticket, ticket_path, fc.mode, fc.rewind_epoch, remake_command(ticket, ticket_path, args))
     out = run / f"finetune_{check_tag(args.tag) if args.tag else default_folder(ticket_path, fc)}"
     weights = ticket_weights(ticket, fc.mode, fc.rewind_epoch, cfg.seed)
+    complexity = training_complexity(ticket, fc, input_shape(cfg.data.dataset))
     env = setup_from_config(cfg.dist)
     resuming = on_main(env, f"checking {out}", check_stage_dir, out, args.resume, args.force)  # rank 0's folder
     train_set, test_set, lossless = load_splits(cfg, env)
@@ -86,7 +88,7 @@ def main(argv=None):
                 rows.append({"epoch": epoch, "train_loss": round(loss, 5), **{k: round(v, 3) for k, v in accs.items()}})
                 write_csv(rows, out / "metrics.csv")
                 tb.add({**rows[-1], "lr": epoch_lr(trainer, fc), "comm_bytes": comm_total,
-                        "train_flops": ticket.train_flops + trainer.steps_done * trainer.train_flops_per_step}, epoch)
+                        "train_flops": complexity.after(trainer.steps_done)}, epoch)
                 save(ResumeState(model={k: v.cpu() for k, v in trainer.global_state().items()}, arch=ticket.arch,
                                  epoch=epoch, trainer=trainer.state_dict(), rows=rows, config=cfg.to_dict(),
                                  lineage=lineage), out / "last.pt")
@@ -94,7 +96,7 @@ def main(argv=None):
     tb.close()
     with agreed(env, f"writing {out / 'final.pt'}"):
         if env.is_main:
-            save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage)
+            save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage, complexity)
             finished(out, f"{python_command()} bench/report.py {run.parent}")
     teardown(env)  # after an error none: a barrier would wait for a peer that may be gone
 
@@ -119,7 +121,7 @@ def default_folder(ticket_path: Path, fc) -> str:
     return f"{name}_k{fc.rewind_epoch}" if fc.mode in ("rewind", "rise") else name
 
 
-def save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage):
+def save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage, complexity):
     """final.pt (the trained ticket, with its lineage) and result.json.
 
     Training complexity (docs/stages.md, "Training complexity"): train_flops = base + ticket, base = the
@@ -127,15 +129,10 @@ def save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage):
     for finetune, 0 for scratch), ticket = steps x batch x the masked per-sample cost. Whatever
     else the lineage spent (pretraining past k, earlier rounds) only found the mask in hindsight:
     `mask_search_flops`, beside it."""
-    from common.costs import train_flops_per_sample
-    from common.data import input_shape
-    from common.finetune import complexity_base, param_counts
-    from common.models import build_model
+    from common.finetune import param_counts
     fc = cfg.finetune
-    base = complexity_base(ticket, fc.mode, fc.rewind_epoch)
-    per_sample = train_flops_per_sample(build_model(ticket.arch), input_shape(cfg.data.dataset), ticket.mask)
-    ticket_flops = trainer.steps_done * fc.batch_size * per_sample
-    train_flops = base + ticket_flops
+    ticket_flops = complexity.this_stage(trainer.steps_done)
+    train_flops = complexity.after(trainer.steps_done)
     spent_before = ticket.lineage_flops
     last = rows[-1]
     trained = {k: v.cpu() for k, v in trainer.global_state().items()}
@@ -154,9 +151,9 @@ def save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage):
         **param_counts(trainer.model, ticket.mask), "flops_per_sample": ticket.flops_after,
         "flops_per_sample_sparse": ticket.flops_after_sparse,
         "train_flops": train_flops,
-        "train_flops_parts": {"before_this_stage": base, "pruning": 0, "finetune": ticket_flops},
-        "train_flops_per_sample": per_sample,
-        "mask_search_flops": spent_before - base,
+        "train_flops_parts": {"before_this_stage": complexity.base, "pruning": 0, "finetune": ticket_flops},
+        "train_flops_per_sample": complexity.per_sample,
+        "mask_search_flops": spent_before - complexity.base,
         "lineage_flops": spent_before + ticket_flops,
         "finetune_epochs": last["epoch"], "rewind_epoch": fc.rewind_epoch,
         "lineage": lineage,

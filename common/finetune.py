@@ -13,12 +13,14 @@ their initial value — 0 for finetune/rewind/scratch, the epoch-k value for ris
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from common.checkpoint import FinetunedTicket, PretrainEpoch, Ticket, load
 from common.config import section_from_file
+from common.costs import train_flops_per_sample
 from common.errors import UserError
 from common.lineage import check_unchanged, file_sha256
 from common.models import build_model, prunable_blocks
@@ -127,6 +129,28 @@ def complexity_base(ticket: Ticket, mode: str, rewind_epoch: int) -> int:
     if mode == "finetune":
         return ticket.train_flops
     return 0
+
+
+@dataclass(frozen=True)
+class TrainingComplexity:
+    """A ticket's training complexity under 04 (docs/stages.md, "Training complexity"): the training
+    already in its starting weights plus steps x batch x the masked per-sample cost. One count
+    for TensorBoard's train_flops after every epoch and result.json's at the end."""
+    base: int          # complexity_base
+    per_sample: int    # forward + backward FLOPs of one sample, less the locked weights' gradients
+    batch_size: int
+
+    def this_stage(self, steps: int) -> int:
+        return steps * self.batch_size * self.per_sample
+
+    def after(self, steps: int) -> int:
+        return self.base + self.this_stage(steps)
+
+
+def training_complexity(ticket: Ticket, fc, input_shape) -> TrainingComplexity:
+    """The complexity count of `ticket` trained under the finetune section `fc`."""
+    per_sample = train_flops_per_sample(build_model(ticket.arch), input_shape, ticket.mask)
+    return TrainingComplexity(complexity_base(ticket, fc.mode, fc.rewind_epoch), per_sample, fc.batch_size)
 
 
 def load_ticket(path: Path, made_by: str) -> Ticket:

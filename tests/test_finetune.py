@@ -129,3 +129,25 @@ def test_rise_on_a_structured_ticket_and_a_missing_ticket_are_clear_errors(linea
     r = run_cli(["04_finetune.py", "--config", str(cfg), "--run-dir", str(run), "--set", "prune.ratio=0.3"])
     assert r.returncode == 2 and "python 03_prune.py --config" in r.stderr
 
+
+@pytest.mark.parametrize("ticket, modes", [("prune_l1_p50", ("finetune", "rewind", "scratch")),  # rise: masks only
+                                           ("prune_mag_r20", ("finetune", "rewind", "scratch", "rise"))])
+def test_tensorboard_train_flops_after_the_last_epoch_is_result_json_s(lineage, monkeypatch, ticket, modes):
+    """One count of the training FLOPs: what 04 hands TensorBoard after its last epoch is result.json's."""
+    from common.tb import Scalars
+    logged = []
+
+    class Recorded(Scalars):
+        def add(self, values, step, skip=("epoch",)):
+            logged.append(values)
+            super().add(values, step, skip)
+
+    monkeypatch.setattr(stage("04_finetune"), "Scalars", Recorded)
+    cfg, run = lineage
+    for mode in modes:
+        tag = f"tb_{ticket}_{mode}"
+        stage("04_finetune").main(["--config", str(cfg), "--run-dir", str(run), "--force", "--tag", tag,
+                                   "--ticket", str(run / ticket / "ticket.pt"), "--set", f"finetune.mode={mode}",
+                                   "--set", "finetune.rewind_epoch=1", "--set", "data.train_subset=160"])
+        result = json.loads((run / f"finetune_{tag}/result.json").read_text())
+        assert logged[-1]["train_flops"] == result["train_flops"] > 0, mode
