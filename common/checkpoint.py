@@ -83,7 +83,8 @@ class Ticket:
     """ticket.pt (03): a pruned model and where it came from; 04 trains it, 03 can prune it again."""
     KIND: ClassVar[str] = "ticket"
     WHAT: ClassVar[str] = "a ticket (ticket.pt)"
-    MADE_FROM: ClassVar[tuple[str, ...]] = ("pretrain_epoch", "ticket", "finetuned_ticket")  # 03's --from
+    # what 03 prunes into a ticket (its --from): load names that command for such a file given instead
+    MADE_FROM: ClassVar[tuple[str, ...]] = ("pretrain_epoch", "ticket", "finetuned_ticket")
     model: dict                              # the pruned weights (magnitude: 0 where the mask is False)
     arch: dict                               # with the per-group widths `mids` once structurally pruned
     epoch: int                               # the epoch of the source's weights
@@ -278,6 +279,16 @@ def _old_file(stored: dict) -> tuple[type | None, dict]:
     return record_type, values
 
 
+def _type_and_values(stored: object) -> tuple[type | None, dict]:
+    """A loaded file's record type (None: not a file of this toolkit) and its values by field name."""
+    if not isinstance(stored, dict):
+        return None, {}
+    kind = stored.get("kind")   # in a ticket older than the records: its criterion (l1, ...), no record's kind
+    if isinstance(kind, str) and kind in RECORDS:
+        return RECORDS[kind], stored
+    return _old_file(stored)
+
+
 def load(path: str | os.PathLike, kinds: type | tuple[type, ...], made_by: str | None = None) -> Record:
     """The record stored at `path`, which must be of one of `kinds` (record types); `made_by` is
     the command that makes the wanted file, quoted when it is missing or of another kind."""
@@ -286,13 +297,7 @@ def load(path: str | os.PathLike, kinds: type | tuple[type, ...], made_by: str |
     hint = f" (run: {made_by})" if made_by else ""
     if not path.is_file():
         raise UserError(f"{path}: no such file; wanted {wanted}{hint}")
-    stored = _read(path)
-    record_type, values = None, {}
-    if isinstance(stored, dict):
-        record_type = RECORDS.get(stored.get("kind"))  # a criterion named like a kind would be absurd
-        values = stored if record_type else {}
-        if record_type is None:
-            record_type, values = _old_file(stored)
+    record_type, values = _type_and_values(_read(path))
     if record_type is None:
         raise UserError(f"{path}: not a checkpoint of this toolkit, not {wanted}{hint}")
     if issubclass(record_type, Ticket):
