@@ -149,7 +149,8 @@ class TrainingComplexity:
 
 def training_complexity(ticket: Ticket, fc, input_shape) -> TrainingComplexity:
     """The complexity count of `ticket` trained under the finetune section `fc`."""
-    per_sample = train_flops_per_sample(build_model(ticket.arch), input_shape, ticket.mask)
+    with torch.random.fork_rng(devices=[]):  # the model built to count draws its init: dropout later sees the same RNG
+        per_sample = train_flops_per_sample(build_model(ticket.arch), input_shape, ticket.mask)
     return TrainingComplexity(complexity_base(ticket, fc.mode, fc.rewind_epoch), per_sample, fc.batch_size)
 
 
