@@ -10,7 +10,7 @@ model), last.pt (resume state), metrics.csv, comm.json. Next: 02_filter_distance
 import json
 import sys
 
-from common.checkpoint import save_atomic, write_text_atomic
+from common.checkpoint import PretrainEpoch, ResumeState, save, write_text_atomic
 from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.runs import (check_stage_dir, clear_stage_dir, finished, finished_before, resume_point, save_config,
@@ -87,9 +87,9 @@ def main(argv=None):
                              **({"emerged_at": "" if emerged is None else emerged} if watch else {})})
                 write_csv(rows, out / "metrics.csv")
                 tb.add({**rows[-1], "lr": epoch_lr(method, cfg.pretrain)}, epoch)
-                save_atomic({"model": state, "arch": arch, "epoch": epoch, "method": method.state_dict(),
-                             "rows": rows, "comm_bytes": comm_total, "config": cfg.to_dict(),
-                             "consecutive": watch.consecutive if watch else []}, out / "last.pt")
+                save(ResumeState(model=state, arch=arch, epoch=epoch, trainer=method.state_dict(), rows=rows,
+                                 config=cfg.to_dict(), comm_bytes=comm_total,
+                                 consecutive=watch.consecutive if watch else []), out / "last.pt")
                 print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%  comm {comm_total / 1e6:.2f} MB")
         if emerged is not None:
             if env.is_main:
@@ -118,8 +118,8 @@ def save_epoch(state, arch, epoch, cfg, train_set, test, env, out, train_flops: 
         recalibrate_bn(model, recal_stream(train_set, cfg), cfg.pretrain.bn_recal_batches, env.device)
     accs = accuracies(model, test[0], cfg.data.eval_batch_size, env.device, test[1])
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_atomic({"model": weights, "arch": arch, "epoch": epoch, **accs,
-                 "method": cfg.pretrain.method, "train_flops": train_flops}, out / f"epoch_{epoch:03d}.pt")
+    save(PretrainEpoch(model=weights, arch=arch, epoch=epoch, method=cfg.pretrain.method, train_flops=train_flops,
+                       **accs), out / f"epoch_{epoch:03d}.pt")
     return accs
 
 
@@ -128,12 +128,13 @@ def resume(method, out, cfg, comm, watch):
     last one ran or the ticket emerged)."""
     ck, start, rows = resume_point(out, method, cfg, "pretrain")
     if watch:
-        watch.consecutive = list(ck["consecutive"])
-        watch.start(ck["model"])
-    comm.bytes_sent = int(ck["comm_bytes"]) if comm.env.is_main else 0  # the total lives on rank 0
-    done = start > cfg.pretrain.epochs or (watch is not None and rows and rows[-1].get("emerged_at", "") != "")
+        watch.consecutive = list(ck.consecutive)
+        watch.start(ck.model)
+    comm.bytes_sent = ck.comm_bytes if comm.env.is_main else 0  # the total lives on rank 0
+    # with a watch every row has emerged_at ("" until the ticket emerged); a resume keeps the config
+    done = start > cfg.pretrain.epochs or (watch is not None and rows and rows[-1]["emerged_at"] != "")
     if comm.env.is_main and not done:
-        print(f"resuming after epoch {ck['epoch']}")
+        print(f"resuming after epoch {ck.epoch}")
     return start, rows, comm.bytes_sent, done
 
 

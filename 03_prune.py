@@ -14,11 +14,11 @@ refuses to rewind it onto a pretraining run that has since been redone. Next: 04
 """
 from pathlib import Path
 
-from common.checkpoint import load_checkpoint, save_atomic
+from common.checkpoint import FinetunedTicket, PretrainEpoch, Ticket, load, save
 from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.errors import UserError
-from common.lineage import epoch_files, paths_relative_to_run, pretrain_hashes, record
+from common.lineage import epoch_files, pretrain_hashes, record
 from common.runs import check_writable, finished, save_config
 from common.tb import Scalars
 
@@ -45,35 +45,32 @@ def main(argv=None):
     check_writable(out)
 
     src_path = Path(args.source) if args.source else last_epoch(run / "pretrain", pretrain_command(args))
-    src = load_source(src_path, cfg, pretrain_command(args))
-    model = build_model(src["arch"], cfg.importable)
-    model.load_state_dict(src["model"])
-    old_mask = src.get("mask")
-    print(f"source {src_path}: {src['arch']['name']} width {src['arch']['width']}, epoch {src['epoch']}"
-          f"{', narrowed' if src['arch'].get('mids') else ''}{', masked' if old_mask else ''}")
+    src = load_source(src_path, cfg, None if args.source else pretrain_command(args))
+    model = build_model(src.arch, cfg.importable)
+    model.load_state_dict(src.model)
+    old_mask, old_kept = (None, None) if isinstance(src, PretrainEpoch) else (src.mask, src.kept)
+    print(f"source {src_path}: {arch_text(src.arch)}, epoch {src.epoch}"
+          f"{', narrowed' if 'mids' in src.arch else ''}{', masked' if old_mask else ''}")
 
     if is_structured(pc.kind):
         if old_mask:
             raise UserError(f"{src_path} is a magnitude-masked ticket; structured (prune.kind=l1) pruning "
                             "of a masked ticket is not supported (use prune.kind=magnitude)")
-        pruned = prune_filters(model, src["arch"], pc.ratio, src.get("kept"), pc.kind)
+        pruned = prune_filters(model, src.arch, pc.ratio, old_kept, pc.kind)
     else:
-        pruned = prune_magnitude(model, src["arch"], pc.ratio, pc.scope, old_mask, pc.kind)
+        pruned = prune_magnitude(model, src.arch, pc.ratio, pc.scope, old_mask, pc.kind)
 
     ticket = make_ticket(src, src_path, model, pruned, cfg)
-    ticket["lineage"] = {"source": record(src_path)}
-    # what a rewind may use: the pretraining epochs as they are now (a fine-tuned source passes its own on)
-    ticket["pretrain_sha256"] = src.get("pretrain_sha256") or pretrain_hashes(Path(ticket["pretrain_dir"]))
     print(format_table(pruned, pc.kind))
-    before = {"params": ticket["params_before"], "flops": ticket["flops_before"]}
-    after = {"params": ticket["params_after"], "flops": ticket["flops_after"]}
+    before = {"params": ticket.params_before, "flops": ticket.flops_before}
+    after = {"params": ticket.params_after, "flops": ticket.flops_after}
     if not is_structured(pc.kind):
-        before["flops_sparse"], after["flops_sparse"] = ticket["flops_before_sparse"], ticket["flops_after_sparse"]
+        before["flops_sparse"], after["flops_sparse"] = ticket.flops_before_sparse, ticket.flops_after_sparse
     print(format_totals(before, after))
     save_config(cfg.to_dict(), out / "config.yaml")
-    save_atomic(paths_relative_to_run(ticket, out / "ticket.pt"), out / "ticket.pt")  # the run folder may move
+    save(ticket, out / "ticket.pt")
     tb = Scalars(out, True)
-    tb.add({k: ticket[k] for k in ("params_before", "params_after", "flops_before", "flops_after")}, 0)
+    tb.add({k: getattr(ticket, k) for k in ("params_before", "params_after", "flops_before", "flops_after")}, 0)
     tb.close()
     print(f"wrote {out / 'ticket.pt'}")
     finished(out, stage_command("04_finetune.py", args, "--ticket", str(out / "ticket.pt")))
@@ -91,47 +88,64 @@ def last_epoch(folder: Path, made_by: str) -> Path:
     return epochs[max(epochs)]
 
 
-def load_source(path: Path, cfg, made_by: str) -> dict:
-    """A pretraining epoch checkpoint or a fine-tuned ticket; its architecture must be the config's."""
-    ticket_like = "finetune_" in str(path) or "prune_" in str(path)
-    src = load_checkpoint(path, required=("model", "arch", "epoch"), wanted="checkpoint or ticket",
-                          made_by=None if ticket_like else made_by)
-    arch = src["arch"]
-    if arch["name"] != cfg.model.arch or float(arch["width"]) != cfg.model.width:
-        raise UserError(f"{path} holds a {arch['name']} of width {arch['width']}, but the config says "
-                        f"model.arch={cfg.model.arch}, model.width={cfg.model.width}")
+def load_source(path: Path, cfg, made_by: str | None) -> PretrainEpoch | Ticket:
+    """A pretraining epoch checkpoint or a (fine-tuned) ticket; its model must be the config's."""
+    src = load(path, (PretrainEpoch, Ticket, FinetunedTicket), made_by=made_by)
+    check_same_model(path, src.arch, cfg)
     return src
 
 
-def make_ticket(src: dict, src_path: Path, model, pruned, cfg) -> dict:
-    """The ticket dict (plain values and tensors only; loads with weights_only=True)."""
+def check_same_model(path: Path, arch: dict, cfg):
+    """The source must hold the model the config describes: the same name, width and, for a
+    brought model, kwargs (its `mids`, a narrowing, are the pruning's own)."""
+    from common.models import arch_of
+    wanted = arch_of(cfg.model, cfg.data)
+    if any(arch.get(k) != wanted.get(k) for k in ("name", "width", "kwargs")):  # kwargs: brought models only
+        said = f"model.arch={cfg.model.arch}, model.width={cfg.model.width}"
+        raise UserError(f"{path} holds {arch_text(arch)}, but the config says {said}"
+                        f"{f', model.kwargs={dict(cfg.model.kwargs)}' if 'kwargs' in wanted else ''}")
+
+
+def arch_text(arch: dict) -> str:
+    kwargs = f" {arch['kwargs']}" if "kwargs" in arch else ""
+    return f"a {arch['name']}{kwargs} of width {arch['width']}"
+
+
+def make_ticket(src: PretrainEpoch | Ticket, src_path: Path, model, pruned, cfg) -> Ticket:
+    """The ticket of `pruned` (made from `model`, the weights of `src`). A pretraining checkpoint
+    starts a lineage; a ticket passes its origin on (pretraining folder and hashes, kept channels,
+    the training its lineage spent)."""
     from common.costs import flops_per_sample
     from common.data import input_shape
     from common.importance import is_structured
     from common.prune import nonzero_params, sparse_flops
-    pc, old_mask, shape = cfg.prune, src.get("mask"), input_shape(cfg.data)
-    ticket = {
-        "model": {k: v.detach().clone() for k, v in pruned.model.state_dict().items()},
-        "arch": pruned.arch, "epoch": int(src["epoch"]),
-        "kind": pc.kind, "ratio": pc.ratio, "scope": pc.scope,
-        "source": str(src_path), "source_epoch": int(src["epoch"]),
-        # a pretraining checkpoint starts the lineage; a fine-tuned ticket passes its origin on
-        "pretrain_dir": str(src["pretrain_dir"]) if "pretrain_dir" in src else str(src_path.parent),
+    pc, shape = cfg.prune, input_shape(cfg.data)
+    if isinstance(src, PretrainEpoch):   # a lineage starts here
+        pretrain_dir, old_mask, old_kept, lineage_flops = str(src_path.parent), None, None, src.train_flops
+        hashes = None
+    else:                                # a ticket passes its origin on
+        pretrain_dir, old_mask, old_kept, lineage_flops = src.pretrain_dir, src.mask, src.kept, src.lineage_flops
+        hashes = src.pretrain_sha256
+    structured = is_structured(pc.kind)
+    flops_before = flops_per_sample(model, shape)
+    return Ticket(
+        model={k: v.detach().clone() for k, v in pruned.model.state_dict().items()},
+        arch=pruned.arch, epoch=src.epoch, prune_kind=pc.kind, ratio=pc.ratio, scope=pc.scope,
+        source=str(src_path), source_kind=src.KIND, source_epoch=src.epoch, pretrain_dir=pretrain_dir,
+        params_before=nonzero_params(model, old_mask), params_after=nonzero_params(pruned.model, pruned.mask),
+        flops_before=flops_before, flops_after=flops_per_sample(pruned.model, shape),
+        flops_before_sparse=None if structured else sparse_flops(model, old_mask, shape) if old_mask else flops_before,
+        flops_after_sparse=None if structured else sparse_flops(pruned.model, pruned.mask, shape),
+        # structured: the kept channels of the pretrained model; a mask keeps a structured lineage's for rewinding
+        kept=pruned.kept if structured else old_kept,
+        mask=None if structured else pruned.mask,
         # the training complexity of the weights the ticket holds, and all the lineage spent so far
-        "train_flops": src.get("train_flops", 0), "lineage_flops": src.get("lineage_flops", src.get("train_flops", 0)),
-        "params_before": nonzero_params(model, old_mask), "params_after": nonzero_params(pruned.model, pruned.mask),
-        "flops_before": flops_per_sample(model, shape), "flops_after": flops_per_sample(pruned.model, shape),
-        "config": cfg.to_dict(),
-    }
-    if is_structured(pc.kind):
-        ticket["kept"] = pruned.kept
-    else:
-        ticket["mask"] = pruned.mask
-        ticket["flops_before_sparse"] = sparse_flops(model, old_mask, shape) if old_mask else ticket["flops_before"]
-        ticket["flops_after_sparse"] = sparse_flops(pruned.model, pruned.mask, shape)
-        if "kept" in src:  # a structurally pruned lineage: keep its channel indices for rewinding
-            ticket["kept"] = src["kept"]
-    return ticket
+        train_flops=src.train_flops, lineage_flops=lineage_flops,
+        config=cfg.to_dict(),
+        lineage={"source": record(src_path)},
+        # what a rewind may use: the pretraining epochs as they are now, unless a ticket passes its own on
+        pretrain_sha256=hashes or pretrain_hashes(Path(pretrain_dir)),
+    )
 
 
 if __name__ == "__main__":

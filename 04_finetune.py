@@ -15,11 +15,10 @@ Formulas and the file contract: docs/method.md, docs/files.md.
 import json
 from pathlib import Path
 
-from common.checkpoint import save_atomic, write_text_atomic
+from common.checkpoint import FinetunedTicket, PretrainEpoch, ResumeState, field_values, save, write_text_atomic
 from common.cli import python_command, run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.errors import UserError
-from common.lineage import paths_relative_to_run
 from common.runs import (check_stage_dir, clear_stage_dir, finished, finished_before, resume_point, save_config,
                          write_csv)
 from common.tb import Scalars, epoch_lr
@@ -38,10 +37,11 @@ def main(argv=None):
     cfg = load_config(args.config, args.set)
     # the config is valid: only now load torch, DeepSpeed and the training modules
     import torch
+    from common.data import input_shape
     from common.dist import Comm, agreed, on_main, setup_from_config, teardown
     from common.evaluation import accuracies, load_splits
     from common.finetune import (FINETUNE_STREAM, LockedUpdate, check_lineage, load_ticket, ticket_schedule,
-                                 ticket_weights)
+                                 ticket_weights, training_complexity)
     from common.pretrain import Dense
     from common.prune import check_tag, default_tag
     fc, run = cfg.finetune, run_dir_of(args, cfg)
@@ -52,18 +52,19 @@ def main(argv=None):
     lineage = check_lineage(ticket, ticket_path, fc.mode, fc.rewind_epoch, remake_command(ticket, ticket_path, args))
     out = run / f"finetune_{check_tag(args.tag) if args.tag else default_folder(ticket_path, fc)}"
     weights = ticket_weights(ticket, fc.mode, fc.rewind_epoch, cfg.seed, cfg.importable)
+    complexity = training_complexity(ticket, fc, input_shape(cfg.data), cfg.importable)
     env = setup_from_config(cfg.dist)
     resuming = on_main(env, f"checking {out}", check_stage_dir, out, args.resume, args.force)  # rank 0's folder
     train_set, test_set, lossless = load_splits(cfg, env)
     epochs, schedule, schedule_note = ticket_schedule(ticket, fc, len(train_set))
-    hook = LockedUpdate(ticket["mask"], fc.weight_decay) if ticket.get("mask") else None
+    hook = LockedUpdate(ticket.mask, fc.weight_decay) if ticket.mask else None
     comm = Comm(env)
-    trainer = Dense(cfg, ticket["arch"], weights, train_set, env, comm, tcfg=fc,
+    trainer = Dense(cfg, ticket.arch, weights, train_set, env, comm, tcfg=fc,
                     stream_id=FINETUNE_STREAM, grad_hook=hook, schedule=schedule)
     start, rows = 1, []
     if resuming:
         ck, start, rows = resume_point(out, trainer, cfg, "finetune")
-        if hashes(ck.get("lineage", lineage)) != hashes(lineage):
+        if ck.lineage is not None and hashes(ck.lineage) != hashes(lineage):  # None: a last.pt older than lineage
             raise UserError(f"--resume: {ticket_path} or its rewind checkpoint changed since {out} was "
                             "started (content hash differs); use --force to start over")
         if start > epochs and on_main(env, f"checking {out}", finished_before, out, "result.json"):
@@ -74,7 +75,7 @@ def main(argv=None):
             if env.is_main:
                 clear_stage_dir(out)  # --force: only now that ticket, lineage, data and trainer have been checked
                 save_config(cfg.to_dict(), out / "config.yaml")
-                print(f"ticket {ticket_path}: {ticket['kind']}, {ticket.get('params_after', '?')} params; "
+                print(f"ticket {ticket_path}: {ticket.prune_kind}, {ticket.params_after} params; "
                       f"mode {fc.mode}; lr: {schedule_note}")
     tb = Scalars(out, env.is_main, first_step=start)
     for epoch in range(start, epochs + 1):
@@ -87,25 +88,24 @@ def main(argv=None):
                 rows.append({"epoch": epoch, "train_loss": round(loss, 5), **{k: round(v, 3) for k, v in accs.items()}})
                 write_csv(rows, out / "metrics.csv")
                 tb.add({**rows[-1], "lr": epoch_lr(trainer, fc), "comm_bytes": comm_total,
-                        "train_flops": int(ticket.get("train_flops", 0))
-                        + trainer.steps_done * trainer.train_flops_per_step}, epoch)
-                save_atomic({"model": {k: v.cpu() for k, v in trainer.global_state().items()},
-                             "arch": ticket["arch"], "epoch": epoch, "rows": rows,
-                             "method": trainer.state_dict(), "config": cfg.to_dict(), "lineage": lineage},
-                            out / "last.pt")
+                        "train_flops": complexity.after(trainer.steps_done)}, epoch)
+                save(ResumeState(model={k: v.cpu() for k, v in trainer.global_state().items()}, arch=ticket.arch,
+                                 epoch=epoch, trainer=trainer.state_dict(), rows=rows, config=cfg.to_dict(),
+                                 lineage=lineage), out / "last.pt")
                 print(f"epoch {epoch}: loss {loss:.4f}  test acc {acc:.2f}%")
     tb.close()
     with agreed(env, f"writing {out / 'final.pt'}"):
         if env.is_main:
-            save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage)
+            save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage, complexity)
             finished(out, f"{python_command()} bench/report.py {run.parent}")
     teardown(env)  # after an error none: a barrier would wait for a peer that may be gone
 
 
-def remake_command(ticket: dict, ticket_path: Path, args) -> str:
-    """The 03 command that makes this ticket again from the files as they are now."""
-    source = str(ticket.get("source", ""))
-    again_from = ["--from", source] if "finetune_" in source else []  # iterative: its fine-tuned source
+def remake_command(ticket, ticket_path: Path, args) -> str:
+    """The 03 command that makes this ticket again from the files as they are now: from the last
+    pretraining epoch, or (iterative pruning) from the ticket it was pruned from."""
+    from_pretraining = ticket.source_kind == PretrainEpoch.KIND  # None: made before it was recorded
+    again_from = [] if from_pretraining else ["--from", ticket.source]
     return stage_command("03_prune.py", args, *again_from, "--tag", ticket_path.parent.name.removeprefix("prune_"),
                          "--force")
 
@@ -121,7 +121,7 @@ def default_folder(ticket_path: Path, fc) -> str:
     return f"{name}_k{fc.rewind_epoch}" if fc.mode in ("rewind", "rise") else name
 
 
-def save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage):
+def save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage, complexity):
     """final.pt (the trained ticket, with its lineage) and result.json.
 
     Training complexity (docs/stages.md, "Training complexity"): train_flops = base + ticket, base = the
@@ -129,35 +129,31 @@ def save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage):
     for finetune, 0 for scratch), ticket = steps x batch x the masked per-sample cost. Whatever
     else the lineage spent (pretraining past k, earlier rounds) only found the mask in hindsight:
     `mask_search_flops`, beside it."""
-    from common.costs import train_flops_per_sample
-    from common.data import input_shape
-    from common.finetune import complexity_base, param_counts
-    from common.models import build_model
+    from common.finetune import param_counts
     fc = cfg.finetune
-    base = complexity_base(ticket, fc.mode, fc.rewind_epoch)
-    per_sample = train_flops_per_sample(build_model(ticket["arch"], cfg.importable), input_shape(cfg.data), ticket.get("mask"))
-    ticket_flops = trainer.steps_done * fc.batch_size * per_sample
-    spent_before = int(ticket.get("lineage_flops", ticket.get("train_flops", 0)))
-    train_flops = base + ticket_flops
+    ticket_flops = complexity.this_stage(trainer.steps_done)
+    train_flops = complexity.after(trainer.steps_done)
+    spent_before = ticket.lineage_flops
     last = rows[-1]
-    final = {k: v for k, v in ticket.items() if k not in ("model", "config")}
-    final.update({"model": {k: v.cpu() for k, v in trainer.global_state().items()}, "epoch": last["epoch"],
-                  "train_flops": train_flops, "lineage_flops": spent_before + ticket_flops,
-                  **{k: last[k] for k in ("test_acc", "test_acc_lossless") if k in last},
-                  "finetune_mode": fc.mode, "ticket": str(ticket_path), "config": cfg.to_dict(),
-                  "finetune_lineage": lineage})
-    save_atomic(paths_relative_to_run(final, out / "final.pt"), out / "final.pt")  # the run folder may move
+    trained = {k: v.cpu() for k, v in trainer.global_state().items()}
+    # the ticket's fields (a fine-tuned ticket's too: 04 may train one again), the training's over them
+    final = FinetunedTicket(**{**field_values(ticket), "model": trained, "epoch": last["epoch"],
+                               "train_flops": train_flops, "lineage_flops": spent_before + ticket_flops,
+                               "test_acc": last["test_acc"], "test_acc_lossless": last.get("test_acc_lossless"),
+                               "finetune_mode": fc.mode, "ticket": str(ticket_path), "config": cfg.to_dict(),
+                               "finetune_lineage": lineage})
+    save(final, out / "final.pt")
     result = {
-        "mode": fc.mode, "ticket": str(ticket_path), "kind": ticket["kind"], "ratio": ticket.get("ratio"),
+        "mode": fc.mode, "ticket": str(ticket_path), "kind": ticket.prune_kind, "ratio": ticket.ratio,
         "best_test_acc": max(r["test_acc"] for r in rows), "final_test_acc": last["test_acc"],
         **({"best_test_acc_lossless": max(r["test_acc_lossless"] for r in rows),
             "final_test_acc_lossless": last["test_acc_lossless"]} if "test_acc_lossless" in last else {}),
-        **param_counts(trainer.model, ticket.get("mask")), "flops_per_sample": ticket.get("flops_after"),
-        "flops_per_sample_sparse": ticket.get("flops_after_sparse"),
+        **param_counts(trainer.model, ticket.mask), "flops_per_sample": ticket.flops_after,
+        "flops_per_sample_sparse": ticket.flops_after_sparse,
         "train_flops": train_flops,
-        "train_flops_parts": {"before_this_stage": base, "pruning": 0, "finetune": ticket_flops},
-        "train_flops_per_sample": per_sample,
-        "mask_search_flops": spent_before - base,
+        "train_flops_parts": {"before_this_stage": complexity.base, "pruning": 0, "finetune": ticket_flops},
+        "train_flops_per_sample": complexity.per_sample,
+        "mask_search_flops": spent_before - complexity.base,
         "lineage_flops": spent_before + ticket_flops,
         "finetune_epochs": last["epoch"], "rewind_epoch": fc.rewind_epoch,
         "lineage": lineage,

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from common.checkpoint import load_checkpoint, write_text_atomic
+from common.checkpoint import PretrainEpoch, load, write_text_atomic
 from common.cli import run_stage
 from common.config import load_config
 from common.data import balanced_subset, load_cifar, normalize
@@ -79,16 +79,16 @@ def main(argv=None):
         raise UserError(f"{pre / 'config.yaml'}: no pretraining run there (run: {made_by})")
     cfg = load_config(pre / "config.yaml")
     batches = fixed_batches(cfg.data.dataset, args.data_root or cfg.data.root, args.images, args.batch_size)
-    final = load_checkpoint(last_epoch(pre, made_by), made_by=made_by)
-    arch, final_model = final["arch"], build_model(final["arch"])
+    final = load(last_epoch(pre, made_by), PretrainEpoch, made_by=made_by)
+    arch, final_model = final.arch, build_model(final.arch, cfg.importable)
     names = maskable_weights(final_model)
-    masks = {r: magnitude_mask({k: final["model"][k] for k in names}, 1.0 - r, "global") for r in keeps}
+    masks = {r: magnitude_mask({k: final.model[k] for k in names}, 1.0 - r, "global") for r in keeps}
     print(f"{run}: {arch['name']} width {arch['width']}, {sum(p.numel() for p in trainable(final_model)):,} params; "
-          f"mask from epoch {final['epoch']}; {args.images} images; SLQ {args.probes}x{args.lanczos_steps} steps")
+          f"mask from epoch {final.epoch}; {args.images} images; SLQ {args.probes}x{args.lanczos_steps} steps")
 
     results = []
     for k in epochs:
-        state = load_checkpoint(pre / f"epoch_{k:03d}.pt", made_by=made_by)["model"]
+        state = load(pre / f"epoch_{k:03d}.pt", PretrainEpoch, made_by=made_by).model
         for r in keeps:
             res = analyse(arch, state, masks[r], batches, args)
             results.append({"epoch": k, "keep": r, **res})
@@ -98,7 +98,7 @@ def main(argv=None):
                   f"({res['seconds']:.0f} s)")
 
     out = Path(args.out) if args.out else run / "hessian"
-    report = {"run_dir": str(run), "arch": arch, "mask_epoch": int(final["epoch"]),
+    report = {"run_dir": str(run), "arch": arch, "mask_epoch": final.epoch,
               "mask": "global magnitude, conv/linear weights", "space": args.space, "images": args.images,
               "lanczos_steps": args.lanczos_steps, "probes": args.probes,
               "power_iters": args.power_iters, "hutchinson_probes": args.hutchinson_probes, "seed": args.seed,

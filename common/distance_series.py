@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from common.checkpoint import load_checkpoint
+from common.checkpoint import PretrainEpoch, load
 from common.distance import (NETWORK_MEAN, NETWORK_WEIGHTED, bn_gamma_keys, channel_masks, filter_norms, kept_count,
                              layer_name, mask_distances, pairwise_distances)
 from common.errors import UserError
@@ -39,22 +39,22 @@ def load_series(pretrain_dir: Path, made_by: str, kind: str = "l1", importable: 
                         f"epoch checkpoints (run more epochs: {made_by})")
     epochs, norms, gammas, arch, method = [], {}, [], None, ""
     for f in files:
-        ck = load_checkpoint(f, required=("model", "arch", "epoch"), made_by=made_by)
+        ck = load(f, PretrainEpoch, made_by=made_by)
         if arch is None:
-            arch, method = ck["arch"], str(ck.get("method", "unknown"))
+            arch, method = ck.arch, ck.method
             model = build_model(arch, importable)
             blocks, bn_keys = prunable_blocks(model, arch), bn_gamma_keys(model)
             if not blocks:
                 raise UserError(f"{f}: {arch['name']} has no prunable blocks")
-        elif ck["arch"] != arch:
-            raise UserError(f"{f}: architecture {ck['arch']} differs from the run's {arch}")
-        epochs.append(int(ck["epoch"]))
-        for layer, v in filter_norms(ck["model"], blocks, kind).items():
+        elif ck.arch != arch:
+            raise UserError(f"{f}: architecture {ck.arch} differs from the run's {arch}")
+        epochs.append(ck.epoch)
+        for layer, v in filter_norms(ck.model, blocks, kind).items():
             norms.setdefault(layer, []).append(v)
-        missing = [k for k in bn_keys if k not in ck["model"]]
+        missing = [k for k in bn_keys if k not in ck.model]
         if missing:
             raise UserError(f"{f}: no {missing[0]}: not a model of architecture {arch['name']}")
-        gammas.append(torch.cat([ck["model"][k].detach().cpu().double().flatten() for k in bn_keys])
+        gammas.append(torch.cat([ck.model[k].detach().cpu().double().flatten() for k in bn_keys])
                       if bn_keys else torch.zeros(0, dtype=torch.float64))   # no BatchNorm (a ViT): no early bird
     if len(set(epochs)) != len(epochs):
         raise UserError(f"{pretrain_dir}: two checkpoints claim the same epoch")

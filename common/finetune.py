@@ -13,12 +13,14 @@ their initial value — 0 for finetune/rewind/scratch, the epoch-k value for ris
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common.checkpoint import describe, load_checkpoint
+from common.checkpoint import FinetunedTicket, PretrainEpoch, Ticket, load
 from common.config import section_from_file
+from common.costs import train_flops_per_sample
 from common.errors import UserError
 from common.lineage import check_unchanged, file_sha256
 from common.models import build_model
@@ -33,40 +35,39 @@ def _full_arch(arch: dict) -> dict:
     return {k: v for k, v in arch.items() if k != "mids"}
 
 
-def rewind_path(ticket: dict, epoch: int) -> Path:
-    return Path(ticket["pretrain_dir"]) / f"epoch_{epoch:03d}.pt"
+def rewind_path(ticket: Ticket, epoch: int) -> Path:
+    return Path(ticket.pretrain_dir) / f"epoch_{epoch:03d}.pt"
 
 
-def rewind_checkpoint(ticket: dict, epoch: int) -> dict:
-    return load_checkpoint(rewind_path(ticket, epoch), required=("model", "arch", "epoch"),
-                           wanted="pretraining checkpoint",
-                           made_by="01_pretrain_loft.py (finetune.rewind_epoch must be a saved epoch)")
+def rewind_checkpoint(ticket: Ticket, epoch: int) -> PretrainEpoch:
+    return load(rewind_path(ticket, epoch), PretrainEpoch,
+                made_by="01_pretrain_loft.py (finetune.rewind_epoch must be a saved epoch)")
 
 
-def rewind_weights(ticket: dict, epoch: int, importable: frozenset[str] = frozenset()) -> dict:
+def rewind_weights(ticket: Ticket, epoch: int, importable: frozenset[str] = frozenset()) -> dict:
     """The pretraining weights of `epoch`, cut to the ticket's structure (kept filters)."""
     src = rewind_checkpoint(ticket, epoch)
-    state = src["model"]
-    if ticket.get("kept"):
-        blocks = prunable_blocks(build_model(_full_arch(ticket["arch"]), importable), ticket["arch"])
-        state = slice_blocks(state, blocks, ticket["kept"])
+    state = src.model
+    if ticket.kept:
+        blocks = prunable_blocks(build_model(_full_arch(ticket.arch), importable), ticket.arch)
+        state = slice_blocks(state, blocks, ticket.kept)
     return state
 
 
-def ticket_weights(ticket: dict, mode: str, rewind_epoch: int, seed: int,
+def ticket_weights(ticket: Ticket, mode: str, rewind_epoch: int, seed: int,
                    importable: frozenset[str] = frozenset()) -> dict:
     """Initial weights of the ticket's model for a fine-tuning mode. `scratch` draws the model's own
     init at full width and keeps the ticket's channels of it (common.narrowing: the same cut as 03's)."""
-    mask = ticket.get("mask") or {}
+    mask = ticket.mask or {}
     if mode == "rise" and not mask:
         raise UserError("finetune.mode=rise needs a magnitude ticket (prune.kind=magnitude): it locks masked weights")
     if mode == "finetune":
-        state = {k: v.clone() for k, v in ticket["model"].items()}
+        state = {k: v.clone() for k, v in ticket.model.items()}
     elif mode in ("rewind", "rise"):
         state = rewind_weights(ticket, rewind_epoch, importable)
     elif mode == "scratch":
         torch.manual_seed(seed + 1)  # not the pretraining init: a new draw of the pruned architecture
-        state = build_model(ticket["arch"], importable).state_dict()
+        state = build_model(ticket.arch, importable).state_dict()
     else:
         raise UserError(f"finetune.mode={mode!r} is not known")
     if mode != "rise":  # losers start at (and stay at) zero; rise keeps their epoch-k values
@@ -97,7 +98,7 @@ class LockedUpdate:
             torch._foreach_mul_([g for _, g in masked], [self.mask[name] for name, _ in masked])
 
 
-def ticket_schedule(ticket: dict, fc, n_train: int) -> tuple[int, Schedule, str]:
+def ticket_schedule(ticket: Ticket, fc, n_train: int) -> tuple[int, Schedule, str]:
     """(epochs to train, lr schedule, one line saying which) for a ticket.
 
     fresh: the finetune section's own schedule over finetune.epochs. rewind: the pretraining
@@ -109,7 +110,7 @@ def ticket_schedule(ticket: dict, fc, n_train: int) -> tuple[int, Schedule, str]
         if fc.epochs == 0:
             raise UserError("config key finetune.epochs: 0 needs finetune.schedule_from rewind")
         return fc.epochs, schedule_of(fc, steps), f"fresh {fc.schedule} schedule, lr {fc.lr}, {fc.epochs} epochs"
-    pc = section_from_file(Path(ticket["pretrain_dir"]) / "config.yaml", "pretrain")
+    pc = section_from_file(Path(ticket.pretrain_dir) / "config.yaml", "pretrain")
     k, left = fc.rewind_epoch, pc.epochs - fc.rewind_epoch
     if left < 1 or fc.epochs > left:
         raise UserError(f"finetune.schedule_from=rewind: the pretraining schedule has {pc.epochs} epochs; from "
@@ -122,37 +123,57 @@ def ticket_schedule(ticket: dict, fc, n_train: int) -> tuple[int, Schedule, str]
                               f"from epoch {k}: {epochs} epochs, lr {schedule.lr(0):.4g} at the first step")
 
 
-def complexity_base(ticket: dict, mode: str, rewind_epoch: int) -> int:
+def complexity_base(ticket: Ticket, mode: str, rewind_epoch: int) -> int:
     """Training FLOPs already in the ticket's starting weights (the first term of its training
     complexity): P(k), the pretraining up to the rewind epoch, for rewind/rise; the complexity of
     the ticket's own weights for finetune; nothing for scratch."""
     if mode in ("rewind", "rise"):
-        return int(rewind_checkpoint(ticket, rewind_epoch).get("train_flops", 0))
+        return rewind_checkpoint(ticket, rewind_epoch).train_flops
     if mode == "finetune":
-        return int(ticket.get("train_flops", 0))
+        return ticket.train_flops
     return 0
 
 
-def load_ticket(path: Path, made_by: str) -> dict:
-    """A ticket (03's ticket.pt or 04's final.pt); a pretraining checkpoint is named as such, with
-    the command that makes a ticket from it."""
-    ticket = load_checkpoint(path, required=("model", "arch"), made_by=made_by, wanted="ticket")
-    if "kind" not in ticket or "pretrain_dir" not in ticket:
-        raise UserError(f"{path}: {describe(ticket)}, not a ticket; make one from it: {made_by} --from {path}")
-    return ticket
+@dataclass(frozen=True)
+class TrainingComplexity:
+    """A ticket's training complexity under 04 (docs/stages.md, "Training complexity"): the training
+    already in its starting weights plus steps x batch x the masked per-sample cost. One count
+    for TensorBoard's train_flops after every epoch and result.json's at the end."""
+    base: int          # complexity_base
+    per_sample: int    # forward + backward FLOPs of one sample, less the locked weights' gradients
+    batch_size: int
+
+    def this_stage(self, steps: int) -> int:
+        return steps * self.batch_size * self.per_sample
+
+    def after(self, steps: int) -> int:
+        return self.base + self.this_stage(steps)
 
 
-def check_lineage(ticket: dict, ticket_path: Path, mode: str, rewind_epoch: int, remake: str) -> dict:
+def training_complexity(ticket: Ticket, fc, input_shape, importable: frozenset[str] = frozenset()) -> TrainingComplexity:
+    """The complexity count of `ticket` trained under the finetune section `fc`."""
+    with torch.random.fork_rng(devices=[]):  # the model built to count draws its init: dropout later sees the same RNG
+        per_sample = train_flops_per_sample(build_model(ticket.arch, importable), input_shape, ticket.mask)
+    return TrainingComplexity(complexity_base(ticket, fc.mode, fc.rewind_epoch), per_sample, fc.batch_size)
+
+
+def load_ticket(path: Path, made_by: str) -> Ticket:
+    """A ticket (03's ticket.pt or 04's final.pt); `made_by` is the 03 command that makes one (with
+    --from, from a pretraining checkpoint given instead)."""
+    return load(path, (Ticket, FinetunedTicket), made_by=made_by)
+
+
+def check_lineage(ticket: Ticket, ticket_path: Path, mode: str, rewind_epoch: int, remake: str) -> dict:
     """Refuse when a file the ticket was made from changed since (its source checkpoint, or the
     pretraining epoch it will be rewound to); returns {"ticket", "rewind"} records for the result.
     Tickets made before lineage was recorded carry no hashes and are taken as they are."""
-    source = ticket.get("lineage", {}).get("source")
+    source = ticket.lineage["source"] if ticket.lineage else None
     if source and Path(source["path"]).is_file():  # gone is fine: the ticket holds its own weights
         check_unchanged(source["path"], source["sha256"], ticket_path, remake)
     rewind = None
     if mode in ("rewind", "rise"):
         path = rewind_path(ticket, rewind_epoch)
-        known = ticket.get("pretrain_sha256")
+        known = ticket.pretrain_sha256
         if not path.is_file():
             saved = ", ".join(sorted(known, key=int)) if known else "see the pretraining folder"
             raise UserError(f"{path}: no such pretraining checkpoint; finetune.rewind_epoch={rewind_epoch} must be "

@@ -58,8 +58,9 @@ def run_folder(artefact: str | Path) -> Path:
 
 
 def _map_paths(ticket: dict, change) -> dict:
+    """`ticket` (a ticket's stored dict) with `change` applied to each of its paths."""
     out = {**ticket, **{k: change(ticket[k]) for k in PATH_KEYS if k in ticket}}
-    source = ticket.get("lineage", {}).get("source")
+    source = (ticket.get("lineage") or {}).get("source")  # none in tickets made before lineage was recorded
     if source:
         out["lineage"] = {**ticket["lineage"], "source": {**source, "path": change(source["path"])}}
     return out

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from common.checkpoint import cannot_write, load_checkpoint, write_text_atomic
+from common.checkpoint import ResumeState, cannot_write, load, write_text_atomic
 from common.config import Config
 from common.cli import python_command
 from common.errors import UserError
@@ -143,13 +143,13 @@ def check_analysis_dir(path: Path, now: dict, keys: tuple[str, ...], force: bool
     check_writable(path)
 
 
-def _checked_resume_state(path: Path, config: dict, section: str) -> dict:
-    ck = load_checkpoint(path, required=("model", "epoch", "method", "rows", "config"))
-    check_resume_config(ck["config"], config, path, section=section)
+def _checked_resume_state(path: Path, config: dict, section: str) -> ResumeState:
+    ck = load(path, ResumeState)
+    check_resume_config(ck.config, config, path, section=section)
     return ck
 
 
-def resume_point(out: Path, trainer, cfg, section: str) -> tuple[dict, int, list]:
+def resume_point(out: Path, trainer, cfg, section: str) -> tuple[ResumeState, int, list]:
     """The one resume of a training stage (01, 04): OUT/last.pt, checked to be made under this
     config, loaded into `trainer` (weights, optimizer, counters). Returns (the checkpoint, the
     epoch to continue with, the metrics rows so far). Rank 0 reads it and hands it to the other
@@ -157,5 +157,5 @@ def resume_point(out: Path, trainer, cfg, section: str) -> tuple[dict, int, list
     from common.dist import on_main  # torch: imported once a stage's config has been checked
     path = out / "last.pt"
     ck = on_main(trainer.env, f"reading {path}", _checked_resume_state, path, cfg.to_dict(), section)
-    trainer.load_state_dict(ck["method"], weights=ck["model"])
-    return ck, int(ck["epoch"]) + 1, list(ck["rows"])
+    trainer.load_state_dict(ck.trainer, weights=ck.model)
+    return ck, ck.epoch + 1, list(ck.rows)

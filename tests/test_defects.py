@@ -1,11 +1,10 @@
 """Defects a new user hit, one test (or a few) each: resume of a finished stage, a full disk,
-relocatable run folders, corrupt vs malicious checkpoints, unreadable configs, a batch larger
-than the data set, folders left by failed stages, and the config checked before torch loads."""
+relocatable run folders, unreadable configs, a batch larger than the data set, folders left by
+failed stages, and the config checked before torch loads (corrupt vs malicious checkpoints and a
+real full file system: tests/test_checkpoint.py)."""
 import errno
 import json
 import os
-import pickle
-import random
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import pytest
 import torch
 import yaml
 
-from common.checkpoint import load_checkpoint, save_atomic
 from common.cli import run_stage
 from common.config import load_config
 from common.errors import UserError
@@ -120,23 +118,6 @@ def test_a_full_disk_in_torch_save_is_one_line_exit_2_and_keeps_earlier_epochs(t
     assert not [p for p in after if p.name.endswith(".tmp") or p.name == "epoch_002.pt"]
 
 
-def test_a_real_full_filesystem_is_one_line_and_keeps_the_previous_file(tmp_path):
-    small = tmp_path / "small"
-    small.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    try:
-        save_atomic({"w": torch.ones(10)}, small / "ck.pt")
-        before = (small / "ck.pt").read_bytes()
-        with pytest.raises(UserError, match=r"ck\.pt: cannot write \(No space left on device\)") as e:
-            save_atomic({"w": torch.ones(200_000)}, small / "ck.pt")  # 800 kB into 256 kB
-        assert "\n" not in str(e.value) and (small / "ck.pt").read_bytes() == before
-        assert [p.name for p in small.iterdir()] == ["ck.pt"]
-    finally:
-        subprocess.run(["umount", str(small)], check=True)
-
-
 # ------------------------------------------------------------ 3: relocatable run folders
 def test_a_copied_run_repretrained_makes_04_refuse_the_stale_ticket(run_copy):
     cfg, run = run_copy  # the ticket in the copy was made from the original's epoch files
@@ -166,40 +147,7 @@ def test_a_moved_run_tree_rewinds_from_its_own_files(run_copy, tmp_path):
         main_of("04_finetune", cfg, moved, "--force", sets=("finetune.mode=rewind", "finetune.rewind_epoch=1"))
 
 
-# ------------------------------------------------------------ 4: corrupt vs carrying code
-class RunsCode:
-    def __reduce__(self):
-        return (os.system, ("true",))
-
-
-@pytest.mark.parametrize("content", ["random bytes", "random bytes after a pickle header", "truncated"])
-def test_a_corrupt_checkpoint_says_corrupt_and_names_the_file(tmp_path, content):
-    good = tmp_path / "good.pt"
-    save_atomic({"model": {"w": torch.randn(1000)}, "arch": {}}, good)
-    bytes_ = {"random bytes": random.Random(0).randbytes(4096),
-              "random bytes after a pickle header": b"\x80\x02" + random.Random(1).randbytes(4096),
-              "truncated": good.read_bytes()[:700]}[content]
-    bad = tmp_path / "damaged.pt"
-    bad.write_bytes(bytes_)
-    with pytest.raises(UserError) as e:
-        load_checkpoint(bad)
-    text = str(e.value)
-    assert text.startswith(f"{bad}: corrupt") and "refused" not in text and "code" not in text
-    assert "\n" not in text
-
-
-@pytest.mark.parametrize("writer", ["torch.save", "pickle protocol 2", "pickle protocol 4"])
-def test_a_checkpoint_carrying_code_says_refused(tmp_path, writer):
-    evil = tmp_path / "evil.pt"
-    obj = {"model": {}, "arch": {}, "x": RunsCode()}
-    if writer == "torch.save":
-        torch.save(obj, evil)
-    else:
-        evil.write_bytes(pickle.dumps(obj, protocol=int(writer[-1])))
-    with pytest.raises(UserError) as e:
-        load_checkpoint(evil)
-    text = str(e.value)
-    assert text.startswith(f"{evil}: refused") and "system" in text and "corrupt" not in text
+# ------------------------------------------------------------ 4: corrupt vs carrying code: tests/test_checkpoint.py
 
 
 # ------------------------------------------------------------ 5: unreadable configs

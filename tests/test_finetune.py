@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from common.checkpoint import load_checkpoint
+from common.checkpoint import Ticket, load as load_record
 from common.finetune import ticket_weights
 from common.models import build_model
 from conftest import pruned_lineage, run_finetune, stage
@@ -55,13 +55,13 @@ def test_rewind_with_masks_holds_pruned_weights_at_zero(lineage):
 
 def test_scratch_differs_from_finetune_at_step_0_with_the_same_shapes(lineage):
     cfg, run = lineage
-    ticket = load_checkpoint(run / "prune_l1_p50/ticket.pt")  # its paths resolved, as 04 reads it
+    ticket = load_record(run / "prune_l1_p50/ticket.pt", Ticket)  # its paths resolved, as 04 reads it
     tuned, fresh = ticket_weights(ticket, "finetune", 0, 0), ticket_weights(ticket, "scratch", 0, 0)
     assert {k: v.shape for k, v in tuned.items()} == {k: v.shape for k, v in fresh.items()}
     assert not torch.equal(tuned["layer2.1.conv1.weight"], fresh["layer2.1.conv1.weight"])
     rewound = ticket_weights(ticket, "rewind", 1, 0)  # epoch-1 weights cut to the kept filters
     full = load(run / "pretrain/epoch_001.pt")["model"]["layer3.1.conv1.weight"]
-    assert torch.equal(rewound["layer3.1.conv1.weight"], full[ticket["kept"]["layer3.1"]])
+    assert torch.equal(rewound["layer3.1.conv1.weight"], full[ticket.kept["layer3.1"]])
 
 
 def test_structured_finetune_keeps_shapes_and_counts_training_flops(lineage):
@@ -128,3 +128,26 @@ def test_rise_on_a_structured_ticket_and_a_missing_ticket_are_clear_errors(linea
     assert r.returncode == 2 and "needs a magnitude ticket" in r.stderr
     r = run_cli(["04_finetune.py", "--config", str(cfg), "--run-dir", str(run), "--set", "prune.ratio=0.3"])
     assert r.returncode == 2 and "python 03_prune.py --config" in r.stderr
+
+
+@pytest.mark.parametrize("ticket, modes", [("prune_l1_p50", ("finetune", "rewind", "scratch")),  # rise: masks only
+                                           ("prune_mag_r20", ("finetune", "rewind", "scratch", "rise"))])
+def test_tensorboard_train_flops_after_the_last_epoch_is_result_json_s(lineage, monkeypatch, ticket, modes):
+    """One count of the training FLOPs: what 04 hands TensorBoard after its last epoch is result.json's."""
+    from common.tb import Scalars
+    logged = []
+
+    class Recorded(Scalars):
+        def add(self, values, step, skip=("epoch",)):
+            logged.append(values)
+            super().add(values, step, skip)
+
+    monkeypatch.setattr(stage("04_finetune"), "Scalars", Recorded)
+    cfg, run = lineage
+    for mode in modes:
+        tag = f"tb_{ticket}_{mode}"
+        stage("04_finetune").main(["--config", str(cfg), "--run-dir", str(run), "--force", "--tag", tag,
+                                   "--ticket", str(run / ticket / "ticket.pt"), "--set", f"finetune.mode={mode}",
+                                   "--set", "finetune.rewind_epoch=1", "--set", "data.train_subset=160"])
+        result = json.loads((run / f"finetune_{tag}/result.json").read_text())
+        assert logged[-1]["train_flops"] == result["train_flops"] > 0, mode

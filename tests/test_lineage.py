@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from common.checkpoint import load_checkpoint, save_atomic, write_text_atomic
+from common.checkpoint import FinetunedTicket, PretrainEpoch, Ticket, load
 from common.cli import python_command, run_stage
 from common.errors import UserError
 from common.models import build_model
@@ -89,9 +89,9 @@ def test_a_refused_force_of_04_leaves_its_folder_intact(own_copy):
 # ------------------------------------------------------------------ 2: changed upstream → refusal
 def test_a_ticket_refuses_to_rewind_onto_a_redone_pretraining_run(tmp_path):
     cfg, run = make_lineage(tmp_path)
-    ticket = load_checkpoint(run / "prune_l1_p50/ticket.pt", required=("lineage", "pretrain_sha256"))
-    assert ticket["lineage"]["source"]["path"].endswith("epoch_002.pt")
-    assert sorted(ticket["pretrain_sha256"]) == ["0", "1", "2"]
+    ticket = load(run / "prune_l1_p50/ticket.pt", Ticket)
+    assert ticket.lineage["source"]["path"].endswith("epoch_002.pt")
+    assert sorted(ticket.pretrain_sha256) == ["0", "1", "2"]
     main_of("01_pretrain_loft", cfg, run, "--force", sets=("seed=5",))
     for mode in ("rewind", "finetune"):  # rewind: epoch 1 changed; finetune: the ticket's source changed
         with pytest.raises(UserError, match=r"epoch_00[12]\.pt changed since .*ticket\.pt") as e:
@@ -122,8 +122,8 @@ def test_rewind_epochs_and_tags_get_their_own_folders(own_copy):
     main_of("04_finetune", cfg, run, "--tag", "short_lr", sets=("finetune.lr=0.01",))
     for name in ("finetune_l1_p50_rewind_k0", "finetune_l1_p50_rewind_k1", "finetune_short_lr"):
         assert (run / name / "result.json").is_file(), name
-    a, b = (load_checkpoint(run / f"finetune_l1_p50_rewind_k{k}/final.pt") for k in (0, 1))
-    assert not torch.equal(a["model"]["layer2.1.conv1.weight"], b["model"]["layer2.1.conv1.weight"])
+    a, b = (load(run / f"finetune_l1_p50_rewind_k{k}/final.pt", FinetunedTicket) for k in (0, 1))
+    assert not torch.equal(a.model["layer2.1.conv1.weight"], b.model["layer2.1.conv1.weight"])
     with pytest.raises(UserError, match="already holds outputs.*--tag"):
         main_of("04_finetune", cfg, run, sets=("finetune.mode=rewind", "finetune.rewind_epoch=1", "finetune.lr=0.2"))
 
@@ -142,27 +142,27 @@ def test_02_keeps_an_analysis_made_with_another_ratio(own_copy):
 # ------------------------------------------------------------------ 4: parameters in result.json
 def test_result_json_counts_trainable_total_and_nonzero_parameters_in_every_mode(own_copy):
     cfg, run = own_copy
-    masked = load_checkpoint(run / "prune_mag_r20/ticket.pt")
+    masked = load(run / "prune_mag_r20/ticket.pt", Ticket)
     for mode in ("rise", "rewind", "finetune"):
         main_of("04_finetune", cfg, run, "--ticket", str(run / "prune_mag_r20/ticket.pt"),
                 sets=(f"finetune.mode={mode}", "finetune.rewind_epoch=1"))
         out = run / f"finetune_mag_r20_{mode}{'_k1' if mode != 'finetune' else ''}"
         result = json.loads((out / "result.json").read_text())
-        final = load_checkpoint(out / "final.pt")
-        names = [n for n, _ in build_model(final["arch"]).named_parameters()]
-        total = sum(final["model"][n].numel() for n in names)
-        losers = sum(int((~m).sum()) for m in masked["mask"].values())
+        final = load(out / "final.pt", FinetunedTicket)
+        names = [n for n, _ in build_model(final.arch).named_parameters()]
+        total = sum(final.model[n].numel() for n in names)
+        losers = sum(int((~m).sum()) for m in masked.mask.values())
         assert result["params_total"] == total
-        assert result["params_trainable"] == total - losers == masked["params_after"]
-        assert result["params_nonzero"] == sum(int((final["model"][n] != 0).sum()) for n in names)
+        assert result["params_trainable"] == total - losers == masked.params_after
+        assert result["params_nonzero"] == sum(int((final.model[n] != 0).sum()) for n in names)
         if mode == "rise":  # losers stay at their nonzero epoch-1 values
             assert result["params_nonzero"] > result["params_trainable"]
         else:
             assert result["params_nonzero"] <= result["params_trainable"]
     main_of("04_finetune", cfg, run, sets=("finetune.mode=scratch",))
     result = json.loads((run / "finetune_l1_p50_scratch/result.json").read_text())
-    structured = load_checkpoint(run / "prune_l1_p50/ticket.pt")
-    assert result["params_trainable"] == result["params_total"] == structured["params_after"]
+    structured = load(run / "prune_l1_p50/ticket.pt", Ticket)
+    assert result["params_trainable"] == result["params_total"] == structured.params_after
 
 
 # ------------------------------------------------------------------ 5: resume and the schedule
@@ -182,7 +182,7 @@ def test_resume_may_extend_a_constant_schedule_to_the_same_weights(tiny_config, 
     main_of("01_pretrain_loft", cfg, tmp_path / "cut")
     main_of("01_pretrain_loft", cfg, tmp_path / "cut", "--resume", sets=("pretrain.epochs=2",))
     main_of("01_pretrain_loft", cfg, tmp_path / "full", sets=("pretrain.epochs=2",))
-    a, b = (load_checkpoint(tmp_path / f"{r}/pretrain/epoch_002.pt")["model"] for r in ("cut", "full"))
+    a, b = (load(tmp_path / f"{r}/pretrain/epoch_002.pt", PretrainEpoch).model for r in ("cut", "full"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -200,19 +200,12 @@ def test_an_unwritable_run_folder_is_one_line(tiny_config, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_a_full_disk_is_one_line_and_keeps_the_previous_file(lineage, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_during_a_stage_is_one_line_exit_2(lineage, tmp_path, monkeypatch, capsys):
+    """The writer's own line (tests/test_checkpoint.py) ends a whole stage: exit 2, no traceback."""
     def disk_full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    good = tmp_path / "ck.pt"
-    save_atomic({"model": {"w": torch.ones(3)}, "arch": {}}, good)
-    before = good.read_bytes()
     monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(UserError, match="ck.pt: cannot write .No space left on device.") as e:
-        save_atomic({"model": {"w": torch.zeros(3)}, "arch": {}}, good)
-    assert "\n" not in str(e.value) and good.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind
-    # a whole stage: exit 2, one line, no traceback
     cfg, _ = lineage
     with pytest.raises(SystemExit) as exit_:
         run_stage(stage("01_pretrain_loft").main, ["--config", str(cfg), "--run-dir", str(tmp_path / "r")])
@@ -240,19 +233,7 @@ def test_a_corrupt_cifar_batch_is_one_line_naming_the_file(tiny_config, tmp_path
 
 
 # ------------------------------------------------------------------ 7: file modes
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
-def test_written_files_follow_the_umask(tmp_path, umask, mode):
-    old = os.umask(umask)
-    try:
-        save_atomic({"model": {}}, tmp_path / "a.pt")
-        write_text_atomic("x", tmp_path / "b.txt")
-        open(tmp_path / "plain", "w").close()  # what an ordinary open gives: the reference
-    finally:
-        os.umask(old)
-    for name in ("a.pt", "b.txt", "plain"):
-        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
-
-
+# (the writer itself: tests/test_checkpoint.py)
 def test_every_file_of_a_stage_is_0644_under_umask_022(lineage, tmp_path):
     cfg, _ = lineage
     old = os.umask(0o022)
@@ -274,18 +255,6 @@ def test_hints_quote_the_full_command_and_name_what_a_file_is(lineage, tmp_path)
     with pytest.raises(UserError) as e:
         main_of("04_finetune", cfg, run, "--ticket", str(run / "pretrain/epoch_002.pt"))
     assert "a pretraining checkpoint (epoch 2), not a ticket" in str(e.value) and "--from" in str(e.value)
-
-
-def test_an_unsafe_pickle_refusal_carries_no_foreign_advice(tmp_path):
-    class RunsCode:
-        def __reduce__(self):
-            return (os.system, ("true",))
-
-    torch.save({"model": {}, "arch": {}, "x": RunsCode()}, tmp_path / "evil.pt")
-    with pytest.raises(UserError) as e:
-        load_checkpoint(tmp_path / "evil.pt")
-    text = str(e.value)
-    assert "refused" in text and "system" in text and "weights_only" not in text and "\x1b" not in text
 
 
 def test_a_relative_data_root_error_names_the_absolute_path(tiny_config, tmp_path):

@@ -2,6 +2,7 @@
 import copy
 import math
 import shutil
+import sys
 from fractions import Fraction
 
 import numpy as np
@@ -9,14 +10,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.checkpoint import save_atomic
+from common.checkpoint import PretrainEpoch, save
+from common.config import load_config
 from common.costs import flops_per_sample
 from common.data import load_cifar10, normalize
 from common.errors import UserError
 from common.models import build_model, count_params
 from common.selection import prunable_blocks
 from common.prune import magnitude_mask, maskable_weights, prune_filters, prune_magnitude
-from conftest import DATA, randomised, run_cli, stage
+from conftest import DATA, REPO, brought_model_config, randomised, run_cli, stage
 
 prune = stage("03_prune")
 TINY_ARCH = {"name": "preresnet18", "num_classes": 10, "width": 0.125}
@@ -179,10 +181,8 @@ def fake_pretrain(run, arch=TINY_ARCH, epochs=(0, 2), train_flops=None):
     """Pretraining checkpoints as 01 writes them (random weights)."""
     model = randomised(arch)
     for e in epochs:
-        ck = {"model": model.state_dict(), "arch": arch, "epoch": e}
-        if train_flops is not None:
-            ck["train_flops"] = train_flops
-        save_atomic(ck, run / "pretrain" / f"epoch_{e:03d}.pt")
+        save(PretrainEpoch(model=model.state_dict(), arch=arch, epoch=e, train_flops=train_flops or 0),
+             run / "pretrain" / f"epoch_{e:03d}.pt")
     return model
 
 
@@ -202,9 +202,11 @@ def test_l1_ticket_loads_safely_and_rebuilds_without_its_source(tiny_config, tmp
     model = build_model(t["arch"])
     model.load_state_dict(t["model"])
     assert model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
-    assert t["kind"] == "l1" and t["ratio"] == 0.5 and t["epoch"] == t["source_epoch"] == 2
+    assert t["kind"] == "ticket" and t["prune_kind"] == "l1" and t["ratio"] == 0.5
+    assert t["epoch"] == t["source_epoch"] == 2
     assert t["source"] == "pretrain/epoch_002.pt" and t["pretrain_dir"] == "pretrain"  # as stored: relative to run/
     assert t["train_flops"] == 123 and t["config"]["prune"]["kind"] == "l1"
+    assert t["source_kind"] == "pretrain_epoch"
     assert t["arch"]["mids"] == {"layer1.1": 4, "layer2.1": 8, "layer3.1": 16, "layer4.1": 32}
     assert all(v.dtype == torch.int64 for v in t["kept"].values())
     assert t["params_before"] == count_params(source) > t["params_after"] == count_params(model)
@@ -216,7 +218,7 @@ def test_l1_ticket_loads_safely_and_rebuilds_without_its_source(tiny_config, tmp
     prune.main(["--config", str(cfg), "--run-dir", str(run), "--from", str(out / "ticket.pt"), "--tag", "l1_it2"])
     t2 = load(run / "prune_l1_it2/ticket.pt")
     assert t2["arch"]["mids"] == {"layer1.1": 2, "layer2.1": 4, "layer3.1": 8, "layer4.1": 16}
-    assert t2["pretrain_dir"] == t["pretrain_dir"] and t2["train_flops"] == 123
+    assert t2["pretrain_dir"] == t["pretrain_dir"] and t2["train_flops"] == 123 and t2["source_kind"] == "ticket"
     for name, idx in t2["kept"].items():
         assert set(idx.tolist()) <= set(t["kept"][name].tolist()) and idx.tolist() == sorted(idx.tolist())
     w1 = t["model"]["layer3.1.conv1.weight"]
@@ -253,6 +255,22 @@ def test_missing_source_quotes_the_command_that_makes_it(tiny_config, tmp_path):
         prune.main(["--config", str(cfg), "--run-dir", str(tmp_path / "other")])
     with pytest.raises(UserError, match="--tag"):
         prune.main(["--config", str(cfg), "--run-dir", str(tmp_path / "other"), "--tag", "../x"])
+
+
+def test_a_brought_model_made_with_other_kwargs_is_refused(tmp_path):
+    """The source must be the config's model: for a brought one its kwargs say which (width 4 is
+    not width 8, though name and model.width agree)."""
+    sys.path.insert(0, str(REPO / "tests"))   # byom_model: the user's module
+    cfg = brought_model_config(tmp_path, "cnn", {"arch": "byom_model:small_cnn", "kwargs": {"width": 8},
+                                                 "group_preset": "all"})
+    run = tmp_path / "run"
+    load_config(cfg)   # names the model, so it may be built here
+    narrow = {"name": "byom_model:small_cnn", "num_classes": 10, "width": 1.0, "kwargs": {"width": 4},
+              "input_shape": [3, 32, 32], "groups": {"preset": "all", "include": [], "exclude": []}}
+    save(PretrainEpoch(model=build_model(narrow).state_dict(), arch=narrow, epoch=1), run / "pretrain/epoch_001.pt")
+    with pytest.raises(UserError, match=r"holds a byom_model:small_cnn \{'width': 4\} of width 1.0, but the config "
+                                        r"says .*model.kwargs=\{'width': 8\}"):
+        prune.main(["--config", str(cfg), "--run-dir", str(run)])
 
 
 @pytest.mark.parametrize("ratio, message", [("1.0", "prune.ratio: 1.0 must be < 1.0"),

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.models as tvm
 
-from common.checkpoint import load_checkpoint, save_atomic
+from common.checkpoint import PretrainEpoch, load, save
 from common.config import load_config
 from common.data import NUM_CLASSES, input_shape, load_cifar10, normalize
 from common.dist import Comm, DistEnv
@@ -163,10 +163,10 @@ def test_checkpoint_round_trip(name, tmp_path, cifar_images):
     if is_partitionable(model):                              # a narrowed ticket rebuilds from its arch alone
         pruned = prune_filters(model, arch, 0.3)
         model, arch = pruned.model, pruned.arch
-    save_atomic({"model": model.state_dict(), "arch": arch, "epoch": 3}, tmp_path / "ck.pt")
-    ck = load_checkpoint(tmp_path / "ck.pt", required=("model", "arch", "epoch"))
-    rebuilt = build_model(ck["arch"])
-    rebuilt.load_state_dict(ck["model"])
+    save(PretrainEpoch(model=model.state_dict(), arch=arch, epoch=3), tmp_path / "ck.pt")
+    ck = load(tmp_path / "ck.pt", PretrainEpoch)
+    rebuilt = build_model(ck.arch)
+    rebuilt.load_state_dict(ck.model)
     x = inputs(name, cifar_images)
     with torch.no_grad():
         assert torch.equal(rebuilt.eval()(x), model.eval()(x))
