@@ -15,7 +15,7 @@ conv/linear weights, BN and biases; pruned weights held at zero, the space a rew
 ticket is trained in) or over all parameters (`--space all`). Estimated by Hessian-vector
 products (double backward): its eigenvalue density by stochastic Lanczos quadrature, its
 dominant eigenvalue by power iteration (largest |λ|, signed, as PyHessian; `top_ritz_value` is
-Lanczos' largest λ) and its trace by Hutchinson (common/hessian.py).
+Lanczos' largest λ) and its trace by Hutchinson (bench/spectrum.py).
 
 Data: CIFAR from the run's saved config (runs/NAME/pretrain/config.yaml, data.root) or
 --data-root. Writes into --out (default RUN/hessian/): hessian.json (per (k, R): top eigenvalue,
@@ -44,7 +44,7 @@ from common.cli import run_stage
 from common.config import load_config
 from common.data import balanced_subset, load_cifar, normalize
 from common.errors import UserError
-from common.hessian import (broadened_density, density_grid, hutchinson_trace, hvp_operator, keep_vector,
+from bench.spectrum import (broadened_density, density_grid, hutchinson_trace, hvp_operator, keep_vector,
                             mass_near_zero, mean_loss, power_iteration, slq, spectral_moment, trainable)
 from common.models import build_model
 from common.prune import magnitude_mask, maskable_weights

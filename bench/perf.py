@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lib import REPO, machine
+from lib import REPO, machine, measured_round_bytes
 from ops import count_ops, plain_loop
 from common.config import load_config
-from common.costs import flops_per_sample, measured_round_bytes
+from common.costs import flops_per_sample
 from common.data import TRAIN_SIZE, Stream, input_shape, load_dataset, on_device
 from common.dist import Comm, DistEnv, configure_kernels
 from common.loft import draw_partition, worker_arch

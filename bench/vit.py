@@ -8,16 +8,16 @@ Each run: 01 (dense, or LoFT-S with pretrain.data=shard: every image seen as oft
 02 (filter distance of the MLP neurons' L1 rankings to the final epoch), 03 (L1, 50 % of every
 MLP hidden layer), 04 (fine-tune the ticket). Bytes per round: LoFT's measured (comm.json) and the
 paper's parameter-server count, against Local SGD's over the same real aggregation code path
-(`common.costs.measured_round_bytes` with no partitioned group: the trainers' own exchange). Per-worker memory: the parameters a worker
-holds (fp32). The table reads the stages' files; nothing here trains by itself.
+(`lib.measured_round_bytes` with no partitioned group: the trainers' own exchange). Per-worker
+memory: the parameters a worker holds (fp32). The table reads the stages' files; nothing here trains by itself.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from lib import (REPO, add_run_args, distance_stage, pretrain_stage, prune_and_finetune, read_json, run_stage,
-                 write_results)
+from lib import (REPO, add_run_args, distance_stage, measured_round_bytes, pretrain_stage, prune_and_finetune,
+                 read_json, run_stage, write_results)
 
 CONFIG = REPO / "yaml/vit_c10.yaml"
 METHODS = {"dense": {"pretrain.method": "dense"},
@@ -28,7 +28,6 @@ METHODS = {"dense": {"pretrain.method": "dense"},
 def localsgd_round_bytes(arch: dict, workers: int) -> int:
     """Bytes one Local SGD round hands to the collectives: every worker's full state, through the
     same aggregation code LoFT uses (measured by its Comm, one process)."""
-    from common.costs import measured_round_bytes
     from common.models import build_model
     return measured_round_bytes(build_model(arch).state_dict(), [], workers)
 

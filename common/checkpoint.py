@@ -45,6 +45,7 @@ class PretrainEpoch:
     prunes the last, 04 rewinds to one."""
     KIND: ClassVar[str] = "pretrain_epoch"
     WHAT: ClassVar[str] = "a pretraining checkpoint (epoch_EEE.pt)"
+    THIS: ClassVar[str] = "a pretraining checkpoint (epoch {epoch})"   # what a loaded one is, in error lines
     MADE_FROM: ClassVar[tuple[str, ...]] = ()
     model: dict                              # state_dict with the architecture's own parameter names
     arch: dict                               # what common.models.build_model rebuilds the module from
@@ -54,15 +55,13 @@ class PretrainEpoch:
     test_acc_lossless: float | None = None   # % of its lossless images (data.lossless_test), else None
     train_flops: int = 0                     # pretraining FLOPs up to the end of this epoch
 
-    def describe(self) -> str:
-        return f"a pretraining checkpoint (epoch {self.epoch})"
-
 
 @dataclass(kw_only=True)
 class ResumeState:
     """last.pt (01, 04): everything --resume needs, rewritten after every epoch."""
     KIND: ClassVar[str] = "resume_state"
     WHAT: ClassVar[str] = "resume state (last.pt)"
+    THIS: ClassVar[str] = "resume state (last.pt) after epoch {epoch}"
     MADE_FROM: ClassVar[tuple[str, ...]] = ()
     model: dict                              # the global model after `epoch`
     arch: dict
@@ -74,15 +73,13 @@ class ResumeState:
     consecutive: list = field(default_factory=list)  # 01: the emergence watch's distances so far
     lineage: dict | None = None              # 04: {"ticket", "rewind"} records ({path, sha256}) it trains from
 
-    def describe(self) -> str:
-        return f"resume state (last.pt) after epoch {self.epoch}"
-
 
 @dataclass(kw_only=True)
 class Ticket:
     """ticket.pt (03): a pruned model and where it came from; 04 trains it, 03 can prune it again."""
     KIND: ClassVar[str] = "ticket"
     WHAT: ClassVar[str] = "a ticket (ticket.pt)"
+    THIS: ClassVar[str] = "a ticket ({prune_kind})"
     # what 03 prunes into a ticket (its --from): load names that command for such a file given instead
     MADE_FROM: ClassVar[tuple[str, ...]] = ("pretrain_epoch", "ticket", "finetuned_ticket")
     model: dict                              # the pruned weights (magnitude: 0 where the mask is False)
@@ -109,9 +106,6 @@ class Ticket:
     lineage: dict | None = None              # {"source": {path, sha256}}; None: made before lineage was recorded
     pretrain_sha256: dict | None = None      # epoch (str) -> sha256 of each pretraining epoch when it was made
 
-    def describe(self) -> str:
-        return f"a ticket ({self.prune_kind})"
-
 
 @dataclass(kw_only=True)
 class FinetunedTicket(Ticket):
@@ -119,15 +113,13 @@ class FinetunedTicket(Ticket):
     training FLOPs so far and 04's config; 03 can prune it again (iterative pruning)."""
     KIND: ClassVar[str] = "finetuned_ticket"
     WHAT: ClassVar[str] = "a fine-tuned ticket (final.pt)"
+    THIS: ClassVar[str] = "a fine-tuned ticket ({finetune_mode})"
     MADE_FROM: ClassVar[tuple[str, ...]] = ()
     finetune_mode: str                       # finetune, rewind, scratch or rise
     ticket: str                              # the ticket file it was trained from
     test_acc: float | None = None            # % of the test split after the last epoch
     test_acc_lossless: float | None = None
     finetune_lineage: dict | None = None     # {"ticket", "rewind"} records, as in result.json's lineage
-
-    def describe(self) -> str:
-        return f"a fine-tuned ticket ({self.finetune_mode})"
 
 
 RECORDS = {r.KIND: r for r in (PretrainEpoch, ResumeState, Ticket, FinetunedTicket)}
@@ -313,5 +305,5 @@ def load(path: str | os.PathLike, kinds: type | tuple[type, ...], made_by: str |
     if record_type not in kinds:
         source_of_wanted = made_by and any(record_type.KIND in k.MADE_FROM for k in kinds)
         hint = f"; make one from it: {made_by} --from {path}" if source_of_wanted else hint
-        raise UserError(f"{path}: {record.describe()}, not {wanted}{hint}")
+        raise UserError(f"{path}: {record.THIS.format(**field_values(record))}, not {wanted}{hint}")
     return record

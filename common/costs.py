@@ -177,23 +177,3 @@ def train_flops_ratio_to_dense(arch: dict, blocks: list[BlockRef], method: str, 
                                  importable=importable)
     return run / dense
 
-
-def measured_round_bytes(state: dict, blocks: list[BlockRef], workers: int, wire_dtype: str = "fp32") -> int:
-    """Bytes one round's aggregation hands to the collectives (all S workers, in one process),
-    measured by running the trainers' own exchange (common.loft.RoundExchange) on `state`; no
-    block: a Local SGD round (every worker's full state)."""
-    from common.dist import Comm, DistEnv
-    from common.loft import FlatLayout, RoundExchange, mean_of_workers
-    from common.train import flat_buffers
-    part = draw_partition(blocks, workers, 0, 0)
-    plan, layout = SlicePlan.of(blocks, state), FlatLayout.of(state)
-    keys = list(state)
-    like = [torch.empty(plan.shape(state, k, {g: sets[w] for g, sets in part.items()}), dtype=state[k].dtype)
-            for w in range(workers) for k in keys]
-    flats, pieces = flat_buffers(like)
-    local = {w: dict(zip(keys, pieces[w * len(keys):(w + 1) * len(keys)])) for w in range(workers)}
-    exchange = RoundExchange(plan, layout, part, workers, local, flats, "cpu")
-    exchange.begin_round(part)
-    comm = Comm(DistEnv(), wire_dtype)
-    exchange.aggregate(layout.flatten(state, "cpu"), comm, mean_of_workers)
-    return comm.bytes_sent

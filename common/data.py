@@ -203,14 +203,6 @@ def load_cifar(root: str | Path, dataset: str, train: bool, download: bool = Tru
     return ImageSet(torch.from_numpy(data), torch.from_numpy(labels), mean, std)
 
 
-def load_cifar10(root: str | Path, train: bool, download: bool = True) -> ImageSet:
-    return load_cifar(root, "cifar10", train, download)
-
-
-def load_cifar100(root: str | Path, train: bool, download: bool = True) -> ImageSet:
-    return load_cifar(root, "cifar100", train, download)
-
-
 # -------------------------------------------------------------------- ImageNet
 @dataclass
 class FolderSet:

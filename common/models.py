@@ -42,7 +42,6 @@ from torchvision.models.mobilenetv3 import _mobilenet_v3_conf  # what mobilenet_
 from common.config import is_brought, is_file_callable
 from common.data import NUM_CLASSES, input_shape
 from common.errors import UserError
-from common.groups import discovered
 from common.narrowing import narrow
 from common.selection import GROUP_DEFAULTS, block_refs
 
@@ -413,35 +412,28 @@ def build_model(arch: dict, importable: frozenset[str] = frozenset()) -> nn.Modu
         if unknown:
             raise UserError(f"arch mids name no channel group of this model: {', '.join(unknown)} (a ticket or "
                             "checkpoint of another architecture?)")
-        keep = {groups[k].name: torch.arange(int(w)) for k, w in mids.items()}
-        narrow(model, list(groups.values()), keep, in_place=True)
-        if not is_zoo(arch["name"]):   # a brought forward may hold a literal width (a view(-1, 256)): try it
-            _check_narrowed_forward(model, arch, importable, keep)
+        keep, groups = {groups[k].name: torch.arange(int(w)) for k, w in mids.items()}, list(groups.values())
+        small = narrow(model, groups, keep, in_place=is_zoo(arch["name"]))
+        error = None if small is model else _forward_error(small, arch)  # a literal width (view(-1, 256))?
+        if error:   # one line naming the first group that breaks the forward alone, not a traceback later
+            name = next((n for n in keep if _forward_error(narrow(model, groups, {n: keep[n]}), arch)), "?")
+            raise UserError(f"model.arch={arch['name']}: narrowing channel group {name} breaks the model's forward "
+                            f"({error}); a literal channel count in its forward (a view or reshape with a "
+                            "number)? leave the group out with model.group_exclude")
+        model = small
     return model
 
 
 @torch.no_grad()
-def _check_narrowed_forward(model: nn.Module, arch: dict, importable: frozenset[str], keep: dict):
-    """One line naming the group whose narrowing breaks the model's forward, instead of a traceback
-    from the first step or FLOP count."""
-    x = torch.zeros(2, *(arch.get("input_shape") or (3, 32, 32)))
+def _forward_error(model: nn.Module, arch: dict) -> str | None:
+    """The error line of `model`'s eval forward on zeros of the arch's input shape, or None."""
     try:
-        model.eval()(x)
-        return
+        model.eval()(torch.zeros(2, *(arch.get("input_shape") or (3, 32, 32))))
     except Exception as e:
-        error = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        return f"{type(e).__name__}: {e}".splitlines()[0][:200]
     finally:
         model.train()
-    full = build_model({k: v for k, v in arch.items() if k != "mids"}, importable)
-    groups = discovered(full, tuple(arch.get("input_shape") or (3, 32, 32))).groups
-    for name, kept in keep.items():   # the first group that breaks it alone
-        try:
-            narrow(full, groups, {name: kept}).eval()(x)
-        except Exception:
-            raise UserError(f"model.arch={arch['name']}: narrowing channel group {name} breaks the model's forward "
-                            f"({error}); a literal channel count in its forward (a view or reshape with a "
-                            "number)? leave the group out with model.group_exclude") from None
-    raise UserError(f"model.arch={arch['name']}: the narrowed model's forward fails ({error})")
+    return None
 
 
 def arch_of(model_cfg, data_cfg) -> dict:

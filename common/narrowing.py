@@ -1,19 +1,12 @@
 """Narrowing a model to some of its channels: the one mechanism behind a LoFT worker's subnetwork,
 a pruned ticket and a rebuilt checkpoint (`common.models.build_model`).
 
-`narrow` cuts every chosen channel group (common.groups.ChannelGroup) in place: its producers'
-output channels, its members (BN, depthwise conv, PReLU) and its consumers' input columns, with
-Torch-Pruning's per-layer pruners. A pruner slices a module's tensors and updates its width
-attributes, so the module keeps its type and every other setting (timm's BatchNormAct2d keeps its
-activation). A module holding a tensor the pruner would not cut (a LoRA adapter on a Linear, a BN
-subclass with a per-channel tensor of its own) cannot be narrowed: `narrowing_problem` says so,
-and the selection (common.selection) leaves its group out.
-
-`SlicePlan` and `select_channels` do the same cut on a state dict (no module), which is what a
-LoFT round moves and what 04 rewinds a structured ticket to.
-
-    small = narrow(model, groups, {"layer2.1.conv1": kept})
-    reference = masked(model, groups, {"layer2.1.conv1": kept})    # same outputs
+`narrow` cuts chosen channel groups (common.groups) in their producers, members and consumers with
+Torch-Pruning's per-layer pruners, which slice tensors and update width attributes: every module
+keeps its type and other settings (timm's BatchNormAct2d keeps its activation). A module holding a
+tensor no pruner cuts cannot be narrowed (`narrowing_problem`); the selection leaves its group out.
+`SlicePlan` and `select_channels` make the same cut on a state dict: what a LoFT round moves and what
+04 rewinds a structured ticket to. `masked` is narrowing's reference (same outputs).
 """
 from __future__ import annotations
 
@@ -28,8 +21,7 @@ from common.errors import UserError
 from common.groups import CONV_TYPES, ChannelGroup
 
 # The tensors each role's pruner cuts (or, for num_batches_tracked, leaves as the scalar it is).
-PRODUCER_TENSORS = {"weight", "bias"}
-CONSUMER_TENSORS = {"weight", "bias"}   # a consumer's bias lies on its own outputs: untouched
+LAYER_TENSORS = {"weight", "bias"}   # a producer's or a consumer's (whose bias, on its outputs, stays whole)
 MEMBER_TENSORS = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 
 
@@ -48,7 +40,7 @@ def _own_tensors(module: nn.Module) -> set[str]:
 def narrowing_problem(model: nn.Module, group: ChannelGroup) -> str | None:
     """Why `narrow` cannot cut `group` in `model` ("BatchNormXyz cannot be narrowed (holds foo)"), or None."""
     modules = dict(model.named_modules())
-    roles = [(p, PRODUCER_TENSORS) for p, _ in group.producers] + [(c, CONSUMER_TENSORS) for c, _, _ in group.consumers]
+    roles = [(p, LAYER_TENSORS) for p, _ in group.producers] + [(c, LAYER_TENSORS) for c, _, _ in group.consumers]
     roles += [(m, MEMBER_TENSORS) for m in group.members]
     for name, allowed in roles:
         extra = sorted(_own_tensors(modules[name]) - allowed)

@@ -1,16 +1,10 @@
 """Which channel groups a run prunes and partitions — the one place that chooses (SPEC section 1).
 
 Groups are found by tracing (common.groups); a preset chooses among them (`paper`: the LoFT paper's
-choice inside residual blocks `layerS.J`; `all`: every group), `model.group_include` /
-`group_exclude` patterns narrow the choice, a group that narrowing cannot cut is left out
-(common.narrowing.narrowing_problem), and `pretrain.overlap` says what LoFT does where one tensor
-lies on two chosen groups. A `BlockRef` is a chosen group with its key: the key of `arch["mids"]`,
-of a ticket's kept channels and of LoFT's partition.
-
-    refs, chosen = group_selection(model, arch)      # every keyed group, and the choice
-    prunable_blocks(model, arch)                     # what 03 prunes and 02 ranks
-    partitioned_blocks(model, stage1, arch, overlap) # what LoFT splits across workers
-    format_groups(...)                               # 01 --dry-run's table
+choice inside residual blocks `layerS.J`; `all`: every group), `model.group_include` / `exclude`
+narrow the choice, a group narrowing cannot cut is left out, and `pretrain.overlap` says what LoFT
+does where one tensor lies on two chosen groups. A `BlockRef` is a chosen group with its key: the
+key of `arch["mids"]`, of a ticket's kept channels and of LoFT's partition.
 """
 from __future__ import annotations
 
@@ -217,9 +211,6 @@ def prunable_blocks(model: nn.Module, arch: dict | None = None) -> list[BlockRef
     return [b for b in refs if b.group.name in chosen.prunable]
 
 
-OVERLAPS = ("block_diagonal", "non_adjacent")
-
-
 def partitioned_blocks(model: nn.Module, partition_stage1: bool = False, arch: dict | None = None,
                        overlap: str = "block_diagonal") -> list[BlockRef]:
     refs, chosen = group_selection(model, arch, partition_stage1, overlap)
@@ -236,10 +227,8 @@ def group_selection(model: nn.Module, arch: dict | None = None, partition_stage1
     untouched that round; `non_adjacent` keeps, in module order, only groups sharing no tensor
     with a group kept before them."""
     refs, chosen = _chosen(model, arch, partition_stage1)
-    if overlap == "block_diagonal":
+    if overlap == "block_diagonal":   # else non_adjacent (the config checks the choice)
         return refs, chosen
-    if overlap != "non_adjacent":
-        raise UserError(f"pretrain.overlap: unknown {overlap!r} (choose from {', '.join(OVERLAPS)})")
     state, owner, kept, why_not = model.state_dict(), {}, [], dict(chosen.why_not)
     for b in refs:
         if b.group.name not in chosen.partitioned:

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from common.costs import epoch_end_round, train_flops_per_sample
-from common.data import load_cifar10
+from common.data import load_cifar
 from common.models import build_model
 from common.prune import maskable_weights
 from common.config import load_config
@@ -109,7 +109,7 @@ def test_lossless_accuracy_is_the_part_of_the_subset_with_original_index_below_n
     decisions (re-evaluated where the run evaluated, in the same batch), so a CUDA run is checked
     by the same equalities as a CPU one, never by float logits across devices."""
     cfg, run = lineage
-    full = load_cifar10(DATA, train=False)
+    full = load_cifar(DATA, "cifar10", train=False)
     # the class-balanced test subset of 200 takes the first 20 images of each class; count by hand
     # which of them have an original index < 180 (some classes fill their 20 before index 180)
     seen, picked = [0] * 10, []

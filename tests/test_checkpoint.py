@@ -192,7 +192,11 @@ def test_a_file_written_by_4da787e_loads_as_its_kind(old_run, name, record_type)
         assert record.source_kind is None and record.pretrain_dir == str(old_run / "pretrain")
         assert record.lineage["source"]["path"] == str(old_run / "pretrain/epoch_001.pt")
     others = [t for t in (PretrainEpoch, ResumeState, Ticket, FinetunedTicket) if t is not record_type]
-    with pytest.raises(UserError, match=re.escape(f"{record.describe()}, not ")):
+    what = {PretrainEpoch: f"a pretraining checkpoint (epoch {record.epoch})",
+            ResumeState: f"resume state (last.pt) after epoch {record.epoch}",
+            Ticket: f"a ticket ({getattr(record, 'prune_kind', '')})",
+            FinetunedTicket: f"a fine-tuned ticket ({getattr(record, 'finetune_mode', '')})"}[record_type]
+    with pytest.raises(UserError, match=re.escape(f"{what}, not ")):
         load(old_run / name, tuple(others))
 
 

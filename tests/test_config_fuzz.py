@@ -41,9 +41,10 @@ def _set(d, dotted, value):
 
 @pytest.fixture(scope="module")
 def tiny_data():
-    from common.data import load_cifar10
+    from common.data import load_cifar
     from conftest import DATA
-    return load_cifar10(DATA, train=True).subset(torch.arange(96)), load_cifar10(DATA, False).subset(torch.arange(50))
+    return (load_cifar(DATA, "cifar10", train=True).subset(torch.arange(96)),
+            load_cifar(DATA, "cifar10", False).subset(torch.arange(50)))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

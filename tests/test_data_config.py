@@ -3,13 +3,13 @@ import pytest
 import torch
 
 from common.config import load_config, parse_set
-from common.data import Stream, augment, balanced_subset, load_cifar10, normalize
+from common.data import Stream, augment, balanced_subset, load_cifar, normalize
 from common.errors import UserError
 from conftest import DATA
 
 
 def test_real_cifar10_loads_as_uint8_with_published_statistics():
-    train = load_cifar10(DATA, train=True)
+    train = load_cifar(DATA, "cifar10", train=True)
     assert train.images.shape == (50000, 3, 32, 32) and train.images.dtype == torch.uint8
     assert torch.bincount(train.labels).tolist() == [5000] * 10
     assert train.labels[0] == 6  # the well-known frog
@@ -18,7 +18,7 @@ def test_real_cifar10_loads_as_uint8_with_published_statistics():
 
 
 def test_balanced_subset_is_deterministic_and_balanced():
-    labels = load_cifar10(DATA, train=False).labels
+    labels = load_cifar(DATA, "cifar10", train=False).labels
     idx = balanced_subset(labels, 205)
     counts = torch.bincount(labels[idx], minlength=10).tolist()
     assert counts == [21] * 5 + [20] * 5
@@ -26,7 +26,7 @@ def test_balanced_subset_is_deterministic_and_balanced():
 
 
 def test_augment_is_a_shifted_crop_or_its_mirror():
-    imgs = load_cifar10(DATA, train=False).images[:64]
+    imgs = load_cifar(DATA, "cifar10", train=False).images[:64]
     out = augment(imgs, torch.Generator().manual_seed(0))
     padded = torch.nn.functional.pad(imgs, (4, 4, 4, 4))
     for i in range(64):  # every output is one of the 81 crops of the padded image, maybe flipped
@@ -38,7 +38,7 @@ def test_augment_is_a_shifted_crop_or_its_mirror():
 
 
 def test_stream_batches_are_a_function_of_seed_stream_and_step():
-    data = load_cifar10(DATA, train=False).subset(torch.arange(300))
+    data = load_cifar(DATA, "cifar10", train=False).subset(torch.arange(300))
     a, b = Stream(data, 50, 1, 0), Stream(data, 50, 1, 0)
     x7, y7 = a.batch(7)
     b.batch(2)

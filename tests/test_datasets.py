@@ -14,7 +14,7 @@ from PIL import Image
 
 from common.config import DataCfg
 from common.data import (CIFAR10_MEAN, CIFAR100_MEAN, CIFAR100_STD, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES,
-                         FolderSet, ImageSet, Stream, eval_batches, input_shape, load_cifar10, load_cifar100,
+                         FolderSet, ImageSet, Stream, eval_batches, input_shape, load_cifar,
                          load_dataset, normalize, resized_crop_params)
 from common.errors import UserError
 from common.models import build_model
@@ -26,7 +26,7 @@ from conftest import DATA
 
 @pytest.fixture(scope="module")
 def cifar10_test():
-    return load_cifar10(DATA, train=False, download=False)
+    return load_cifar(DATA, "cifar10", train=False, download=False)
 
 
 def np_normalize(images: torch.Tensor, mean, std) -> np.ndarray:
@@ -70,14 +70,14 @@ def test_cifar100_uses_fine_labels_and_its_own_statistics(tmp_path, cifar10_test
     sub = load_dataset(DataCfg(dataset="cifar100", root=str(tmp_path), train_subset=100), train=True)
     assert (sub.mean, sub.std) == (CIFAR100_MEAN, CIFAR100_STD) and sorted(sub.labels.tolist()) == list(range(100))
     # CIFAR-10 and existing callers of normalize() keep CIFAR-10's statistics
-    assert load_cifar10(DATA, train=False).mean == CIFAR10_MEAN
+    assert load_cifar(DATA, "cifar10", train=False).mean == CIFAR10_MEAN
     assert torch.equal(normalize(test.images[:2]), normalize(test.images[:2], CIFAR10_MEAN, cifar10_test.std))
     assert NUM_CLASSES["cifar100"] == 100 and input_shape("cifar100") == (3, 32, 32)
 
 
 def test_cifar100_missing_download_and_its_failure(tmp_path, cifar10_test, monkeypatch):
     with pytest.raises(UserError, match="no cifar-100-python/ folder"):
-        load_cifar100(tmp_path, train=True, download=False)
+        load_cifar(tmp_path, "cifar100", train=True, download=False)
     calls = []
 
     class Offline:
@@ -126,10 +126,10 @@ def test_an_interrupted_download_leaves_no_folder_that_is_read_as_data(tmp_path,
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", Interrupted)
     with pytest.raises(KeyboardInterrupt):
-        load_cifar10(tmp_path, train=False)
+        load_cifar(tmp_path, "cifar10", train=False)
     assert list(tmp_path.iterdir()) == []  # neither the release's name nor the temporary folder
     with pytest.raises(UserError, match="no cifar-10-batches-py/ folder"):
-        load_cifar10(tmp_path, train=False, download=False)
+        load_cifar(tmp_path, "cifar10", train=False, download=False)
 
     # a kill -9 mid-download leaves its hidden temporary folder behind: never read, the next run downloads
     link_release(tmp_path / ".cifar-10-batches-py.killed.tmp/cifar-10-batches-py", skip=("test_batch",))
@@ -139,7 +139,7 @@ def test_an_interrupted_download_leaves_no_folder_that_is_read_as_data(tmp_path,
             link_release(Path(root) / "cifar-10-batches-py")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", Complete)
-    test = load_cifar10(tmp_path, train=False)
+    test = load_cifar(tmp_path, "cifar10", train=False)
     assert torch.equal(test.images, cifar10_test.images) and torch.equal(test.labels, cifar10_test.labels)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".cifar-10-batches-py.killed.tmp", "cifar-10-batches-py"]
 
@@ -149,7 +149,7 @@ def test_an_interrupted_download_leaves_no_folder_that_is_read_as_data(tmp_path,
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", Incomplete)
     with pytest.raises(UserError, match="the downloaded cifar-10-batches-py/ lacks batches.meta"):
-        load_cifar10(tmp_path / "other", train=False)
+        load_cifar(tmp_path / "other", "cifar10", train=False)
     assert list((tmp_path / "other").iterdir()) == []
 
 

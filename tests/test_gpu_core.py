@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import DATA, TINY, interrupt_in_epoch, run_cli, stage
 from common.config import load_config
-from common.data import Stream, _gen, load_cifar10, normalize
+from common.data import Stream, _gen, load_cifar, normalize
 from common.dist import Comm, DistEnv, setup_distributed
 from common.errors import UserError
 from common.loft import draw_partition, worker_arch
@@ -24,7 +24,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @pytest.fixture(scope="module")
 def cifar():
-    return load_cifar10(DATA, train=True, download=False).subset(torch.arange(1000))
+    return load_cifar(DATA, "cifar10", train=True, download=False).subset(torch.arange(1000))
 
 
 def reference_batch(data, batch, seed, stream_id, t):
@@ -287,7 +287,7 @@ def test_fused_workers_after_an_epoch_equal_the_workers_in_turn_in_float64(tmp_p
     the same loss and the same global state bit for bit (in fp32 the ~1e-7 per-step kernel
     difference grows ~10x a step at this lr, which no fixed tolerance over an epoch can bound)."""
     import yaml
-    cifar640 = load_cifar10(DATA, train=True, download=False).subset(torch.arange(640))
+    cifar640 = load_cifar(DATA, "cifar10", train=True, download=False).subset(torch.arange(640))
     arch = {"name": "preresnet18", "num_classes": 10, "width": 0.125}
     torch.manual_seed(0)
     init = build_model(arch).state_dict()

@@ -1,4 +1,4 @@
-"""Hessian spectrum tools (common/hessian.py) against an exact Hessian; bench/hessian.py end to end."""
+"""Hessian spectrum tools (bench/spectrum.py) against an exact Hessian; bench/hessian.py end to end."""
 import importlib.util
 import json
 
@@ -10,7 +10,7 @@ from PIL import Image
 from torch.func import functional_call, hessian
 
 from common.errors import UserError
-from common.hessian import (broadened_density, density_grid, flatten, hutchinson_trace, hvp_operator, keep_vector,
+from bench.spectrum import (broadened_density, density_grid, flatten, hutchinson_trace, hvp_operator, keep_vector,
                             lanczos, power_iteration, rademacher, slq, spectral_moment, trainable, unflatten)
 from conftest import REPO, stage
 

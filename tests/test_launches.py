@@ -11,7 +11,7 @@ import yaml
 
 from conftest import DATA, REPO, TINY
 from common.config import load_config
-from common.data import load_cifar10
+from common.data import load_cifar
 from common.dist import Comm, DistEnv
 from common.finetune import LockedUpdate
 from common.loft import draw_partition, mean_of_workers
@@ -30,7 +30,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 @pytest.fixture(scope="module")
 def cifar():
-    return load_cifar10(DATA, train=True, download=False).subset(torch.arange(256))
+    return load_cifar(DATA, "cifar10", train=True, download=False).subset(torch.arange(256))
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

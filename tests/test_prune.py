@@ -13,7 +13,7 @@ import torch.nn as nn
 from common.checkpoint import PretrainEpoch, save
 from common.config import load_config
 from common.costs import flops_per_sample
-from common.data import load_cifar10, normalize
+from common.data import load_cifar, normalize
 from common.errors import UserError
 from common.models import build_model, count_params
 from common.selection import prunable_blocks
@@ -43,7 +43,7 @@ def numpy_top(scores, k):
 
 @pytest.fixture(scope="module")
 def images():
-    test = load_cifar10(DATA, train=False, download=False)
+    test = load_cifar(DATA, "cifar10", train=False, download=False)
     return normalize(test.images[:16])
 
 

@@ -11,7 +11,7 @@ import torchvision.models as tvm
 
 from common.checkpoint import PretrainEpoch, load, save
 from common.config import load_config
-from common.data import NUM_CLASSES, input_shape, load_cifar10, normalize
+from common.data import NUM_CLASSES, input_shape, load_cifar, normalize
 from common.dist import Comm, DistEnv
 from common.errors import UserError
 from common.loft import draw_partition, worker_arch
@@ -40,7 +40,7 @@ def small_arch(name: str, num_classes: int = 10) -> dict:
 
 @pytest.fixture(scope="module")
 def cifar_images():
-    return normalize(load_cifar10(DATA, train=False, download=False).images[:4])
+    return normalize(load_cifar(DATA, "cifar10", train=False, download=False).images[:4])
 
 
 def inputs(name, images):
