@@ -264,10 +264,10 @@ def test_a_brought_model_made_with_other_kwargs_is_refused(tmp_path):
     cfg = brought_model_config(tmp_path, "cnn", {"arch": "byom_model:small_cnn", "kwargs": {"width": 8},
                                                  "group_preset": "all"})
     run = tmp_path / "run"
-    load_config(cfg)   # names the model, so it may be built here
     narrow = {"name": "byom_model:small_cnn", "num_classes": 10, "width": 1.0, "kwargs": {"width": 4},
               "input_shape": [3, 32, 32], "groups": {"preset": "all", "include": [], "exclude": []}}
-    save(PretrainEpoch(model=build_model(narrow).state_dict(), arch=narrow, epoch=1), run / "pretrain/epoch_001.pt")
+    model = build_model(narrow, load_config(cfg).importable)   # the config names the model: it may be built
+    save(PretrainEpoch(model=model.state_dict(), arch=narrow, epoch=1), run / "pretrain/epoch_001.pt")
     with pytest.raises(UserError, match=r"holds a byom_model:small_cnn \{'width': 4\} of width 1.0, but the config "
                                         r"says .*model.kwargs=\{'width': 8\}"):
         prune.main(["--config", str(cfg), "--run-dir", str(run)])

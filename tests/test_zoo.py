@@ -264,7 +264,8 @@ def test_every_config_loads_and_its_model_builds(path):
 def test_dry_run_of_every_config(path, capsys):
     """01 --dry-run (a zoo model at width 1/8 to stay fast; the full widths are the same code)."""
     from conftest import stage
-    narrow = [] if "arch: torchvision." in path.read_text() else ["--set", "model.width=0.125"]
+    brought = "arch: torchvision." in path.read_text() or "arch: timm." in path.read_text()
+    narrow = [] if brought else ["--set", "model.width=0.125"]
     stage("01_pretrain_loft").main(["--config", str(path), "--dry-run", *narrow])
     assert '"params_total"' in capsys.readouterr().out
 
