@@ -3,6 +3,7 @@
     python 02_filter_distance.py --config yaml/quick_c10.yaml
     python 02_filter_distance.py --config yaml/quick_c10.yaml --compare runs/quick_dense   # + compare.png
     python 02_filter_distance.py --config yaml/quick_c10.yaml --set prune.ratio=0.8        # top-k at p = 0.8
+    python 02_filter_distance.py --config my.yaml --from e1.pth e2.pth e3.pth              # weights trained elsewhere
 
 Reads runs/NAME/pretrain/epoch_*.pt (any method) and writes runs/NAME/distance/: config.yaml,
 filter_distance.csv (every layer and ordered epoch pair; network_mean/network_weighted rows),
@@ -26,6 +27,9 @@ from common.tb import Scalars
 
 def main(argv=None):
     p = stage_parser(__doc__.splitlines()[0])
+    p.add_argument("--from", dest="sources", nargs="+", default=None, metavar="FILE",
+                   help="checkpoints or plain state_dicts of the config's model (trained elsewhere), in epoch "
+                        "order, instead of the run's pretrain/epoch_*.pt")
     p.add_argument("--compare", nargs="+", default=[], metavar="DIR",
                    help="other run folders (runs/X) whose distance to final is drawn beside this run's")
     p.add_argument("--tag", default=None, help="output folder distance_TAG (default: distance)")
@@ -40,7 +44,10 @@ def main(argv=None):
     run = run_dir_of(args, cfg)
     out = run / (f"distance_{check_tag(args.tag)}" if args.tag else "distance")
     made_by = stage_command("01_pretrain_loft.py", args)
-    series = load_series(run / "pretrain", made_by, cfg.prune.kind, cfg.importable)
+    from common.models import arch_of
+    series = load_series(run / "pretrain", made_by, cfg.prune.kind, cfg.importable,
+                         files=[Path(f) for f in args.sources] if args.sources else None,
+                         plain_arch=arch_of(cfg.model, cfg.data) if args.sources else None)
     print(f"{run / 'pretrain'}: epochs {series.epochs[0]}..{series.epochs[-1]} of {series.arch['name']} "
           f"(width {series.arch['width']}, method {series.method}), {len(series.norms)} prunable layers")
 

@@ -29,14 +29,15 @@ from common.tb import Scalars
 def main(argv=None):
     p = stage_parser(__doc__.splitlines()[0])
     p.add_argument("--from", dest="source", default=None,
-                   help="checkpoint or fine-tuned ticket to prune (default: the last pretraining epoch)")
+                   help="checkpoint, fine-tuned ticket, or a plain state_dict of the config's model trained "
+                        "elsewhere (torch.save(model.state_dict())) to prune (default: the last pretraining epoch)")
     p.add_argument("--tag", default=None, help="output folder prune_TAG (default: l1_pNN or mag_rNN)")
     p.add_argument("--force", action="store_true", help="overwrite an existing ticket")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.set)
     # the config is valid: only now load torch, DeepSpeed and the training modules
     from common.importance import is_structured
-    from common.models import build_model
+    from common.models import build_model, check_weights
     from common.prune import check_tag, default_tag, format_table, format_totals, prune_filters, prune_magnitude
     pc, run = cfg.prune, run_dir_of(args, cfg)
     out = run / f"prune_{check_tag(args.tag) if args.tag else default_tag(pc.kind, pc.ratio)}"
@@ -47,6 +48,7 @@ def main(argv=None):
     src_path = Path(args.source) if args.source else last_epoch(run / "pretrain", pretrain_command(args))
     src = load_source(src_path, cfg, None if args.source else pretrain_command(args))
     model = build_model(src.arch, cfg.importable)
+    check_weights(model, src.model, src_path)
     model.load_state_dict(src.model)
     old_mask, old_kept = (None, None) if isinstance(src, PretrainEpoch) else (src.mask, src.kept)
     print(f"source {src_path}: {arch_text(src.arch)}, epoch {src.epoch}"
@@ -89,8 +91,10 @@ def last_epoch(folder: Path, made_by: str) -> Path:
 
 
 def load_source(path: Path, cfg, made_by: str | None) -> PretrainEpoch | Ticket:
-    """A pretraining epoch checkpoint or a (fine-tuned) ticket; its model must be the config's."""
-    src = load(path, (PretrainEpoch, Ticket, FinetunedTicket), made_by=made_by)
+    """A pretraining epoch checkpoint, a (fine-tuned) ticket, or a plain state_dict of the config's
+    model trained elsewhere (taken as its epoch 0); its model must be the config's."""
+    from common.models import arch_of
+    src = load(path, (PretrainEpoch, Ticket, FinetunedTicket), made_by=made_by, plain_arch=arch_of(cfg.model, cfg.data))
     check_same_model(path, src.arch, cfg)
     return src
 

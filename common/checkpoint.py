@@ -281,15 +281,33 @@ def _type_and_values(stored: object) -> tuple[type | None, dict]:
     return _old_file(stored)
 
 
-def load(path: str | os.PathLike, kinds: type | tuple[type, ...], made_by: str | None = None) -> Record:
+def _plain_state_dict(stored: object) -> dict | None:
+    """A file of tensors only (`torch.save(model.state_dict())`, torchvision's or timm's weights on
+    disk), `module.` prefixes of a DataParallel model removed; None for anything else."""
+    import torch
+    if not isinstance(stored, dict) or not stored or not all(torch.is_tensor(v) for v in stored.values()):
+        return None
+    if all(str(k).startswith("module.") for k in stored):
+        return {k[len("module."):]: v for k, v in stored.items()}
+    return stored
+
+
+def load(path: str | os.PathLike, kinds: type | tuple[type, ...], made_by: str | None = None,
+         plain_arch: dict | None = None) -> Record:
     """The record stored at `path`, which must be of one of `kinds` (record types); `made_by` is
-    the command that makes the wanted file, quoted when it is missing or of another kind."""
+    the command that makes the wanted file, quoted when it is missing or of another kind. With
+    `plain_arch`, a plain state_dict (weights trained elsewhere) is read as the epoch-0 pretraining
+    checkpoint of that arch (the caller checks its keys and shapes against the model)."""
     path, kinds = Path(path), kinds if isinstance(kinds, tuple) else (kinds,)
     wanted = " or ".join(k.WHAT for k in kinds)
     hint = f" (run: {made_by})" if made_by else ""
     if not path.is_file():
         raise UserError(f"{path}: no such file; wanted {wanted}{hint}")
-    record_type, values = _type_and_values(_read(path))
+    stored = _read(path)
+    plain = _plain_state_dict(stored) if plain_arch is not None and PretrainEpoch in kinds else None
+    if plain is not None:
+        return PretrainEpoch(model=plain, arch=plain_arch, epoch=0, method="trained elsewhere")
+    record_type, values = _type_and_values(stored)
     if record_type is None:
         raise UserError(f"{path}: not a checkpoint of this toolkit, not {wanted}{hint}")
     if issubclass(record_type, Ticket):

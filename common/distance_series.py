@@ -13,7 +13,7 @@ from common.distance import (NETWORK_MEAN, NETWORK_WEIGHTED, bn_gamma_keys, chan
                              layer_name, mask_distances, pairwise_distances)
 from common.errors import UserError
 from common.lineage import epoch_files
-from common.models import build_model
+from common.models import build_model, check_weights
 from common.selection import prunable_blocks
 
 
@@ -28,18 +28,22 @@ class Series:
     gammas: torch.Tensor             # [E, N] all BN scales
 
 
-def load_series(pretrain_dir: Path, made_by: str, kind: str = "l1", importable: frozenset[str] = frozenset()) -> Series:
-    """Read every epoch_*.pt of a pretraining run; `made_by` is the command that writes them. Filters
-    are scored by the criterion `kind` (prune.kind) names: the one 03 prunes by."""
-    files = [f for _, f in sorted(epoch_files(Path(pretrain_dir)).items())]
-    if not Path(pretrain_dir).is_dir() or not files:
+def load_series(pretrain_dir: Path, made_by: str, kind: str = "l1", importable: frozenset[str] = frozenset(),
+                files: list[Path] | None = None, plain_arch: dict | None = None) -> Series:
+    """Read every epoch_*.pt of a pretraining run (or the given `files`, in order: checkpoints, or
+    plain state_dicts of `plain_arch` trained elsewhere, numbered by their place in the list);
+    `made_by` is the command that writes them. Filters are scored by the criterion `kind`
+    (prune.kind) names: the one 03 prunes by."""
+    where = pretrain_dir if files is None else "--from"
+    files = files or [f for _, f in sorted(epoch_files(Path(pretrain_dir)).items())]
+    if not files:
         raise UserError(f"{pretrain_dir}: no pretraining checkpoints epoch_*.pt (run: {made_by})")
     if len(files) < 2:
-        raise UserError(f"{pretrain_dir}: only {files[0].name}; a filter distance needs at least 2 "
+        raise UserError(f"{where}: only {files[0].name}; a filter distance needs at least 2 "
                         f"epoch checkpoints (run more epochs: {made_by})")
     epochs, norms, gammas, arch, method = [], {}, [], None, ""
     for f in files:
-        ck = load(f, PretrainEpoch, made_by=made_by)
+        ck = load(f, PretrainEpoch, made_by=made_by, plain_arch=plain_arch)
         if arch is None:
             arch, method = ck.arch, ck.method
             model = build_model(arch, importable)
@@ -48,7 +52,8 @@ def load_series(pretrain_dir: Path, made_by: str, kind: str = "l1", importable: 
                 raise UserError(f"{f}: {arch['name']} has no prunable blocks")
         elif ck.arch != arch:
             raise UserError(f"{f}: architecture {ck.arch} differs from the run's {arch}")
-        epochs.append(ck.epoch)
+        check_weights(model, ck.model, f)
+        epochs.append(ck.epoch if plain_arch is None else len(epochs))
         for layer, v in filter_norms(ck.model, blocks, kind).items():
             norms.setdefault(layer, []).append(v)
         missing = [k for k in bn_keys if k not in ck.model]

@@ -458,6 +458,21 @@ def narrowed_arch(arch: dict, mids: dict[str, int]) -> dict:
     return out
 
 
+def check_weights(model: nn.Module, state: dict, source) -> None:
+    """One line naming the first key of `state` (from the file `source`) that `model` lacks, holds
+    in another shape, or misses in it: weights of another model, not a traceback from load_state_dict."""
+    own = model.state_dict()
+    for key in own:
+        if key not in state:
+            raise UserError(f"{source}: no {key}: not weights of this config's model ({len(state)} tensors there)")
+        if tuple(state[key].shape) != tuple(own[key].shape):
+            raise UserError(f"{source}: {key} has shape {tuple(state[key].shape)}, this config's model "
+                            f"{tuple(own[key].shape)}: weights of another model or number of classes")
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise UserError(f"{source}: {extra[0]} is no tensor of this config's model ({len(extra)} such keys)")
+
+
 def count_params(model_or_state) -> int:
     if isinstance(model_or_state, nn.Module):
         return sum(p.numel() for p in model_or_state.parameters())

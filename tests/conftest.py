@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -149,3 +150,55 @@ def interrupt_in_epoch(monkeypatch, epoch: int):
 
     monkeypatch.setattr(P.Loft, "train_epoch", dies)
     return lambda: monkeypatch.setattr(P.Loft, "train_epoch", real)
+
+
+# ------------------------------------------------- a finished lineage (faults, lineage tests)
+FT = {"pretrain": {"epochs": 2}, "finetune": {"epochs": 1, "batch_size": 32, "lr": 0.05}}
+
+
+
+def main_of(script, cfg, run, *extra, sets=()):
+    args = ["--config", str(cfg), "--run-dir", str(run), *extra]
+    for s in sets:
+        args += ["--set", s]
+    stage(script).main(args)
+
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [l for l in stderr.splitlines() if l.strip() and "[WARNING]" not in l]
+
+
+
+def files_with_mtimes(folder):
+    """Every file under `folder`: its bytes and modification time (a rewrite with equal bytes shows too)."""
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+
+@pytest.fixture(scope="session")
+
+
+def finished_lineage(tmp_path_factory):
+    """01 (2 epochs) → 03 (structured 50 %) → 04 (1 epoch, finetune) in root/run, finished (one per
+    test process: tests copy it with `run_copy` before changing anything)."""
+    root = tmp_path_factory.mktemp("finished_lineage")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(_merge(TINY, FT)))
+    run = root / "run"
+    main_of("01_pretrain_loft", cfg, run)
+    main_of("03_prune", cfg, run)
+    main_of("04_finetune", cfg, run)
+    return cfg, run
+
+
+
+@pytest.fixture
+
+
+def run_copy(finished_lineage, tmp_path):
+    cfg, run = finished_lineage
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    return cfg, copy

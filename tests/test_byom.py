@@ -6,6 +6,7 @@ plain indexing, the shared tensors against a mean taken here, the bytes against 
 subnetworks' own state dicts, the kept filters against L1 norms computed with numpy."""
 from __future__ import annotations
 
+import csv
 import json
 import sys
 
@@ -241,3 +242,29 @@ def test_a_model_built_for_larger_inputs_is_brought_as_it_is_with_image_size(tmp
     assert ck["arch"]["input_shape"] == [3, 64, 64]
     stage("03_prune").main(["--config", str(cfg), "--run-dir", str(run), "--set", "data.image_size=64"])
     assert torch.load(run / "prune_l1_p50/ticket.pt", weights_only=True)["arch"]["mids"]
+
+
+def test_weights_trained_elsewhere_are_pruned_fine_tuned_and_ranked(tmp_path):
+    """A plain state_dict of the config's model (torch.save(model.state_dict()), here torchvision's
+    resnet18 for 10 classes): 03 --from prunes it, 04 fine-tunes the ticket, 02 --from ranks a list
+    of them; another model's weights are one line naming the first key that does not fit."""
+    import torchvision.models as tvm
+    cfg = brought_model_config(tmp_path, "r18", {"arch": "torchvision.resnet18"})
+    files = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        files.append(tmp_path / f"weights_{seed}.pth")
+        torch.save(tvm.resnet18(num_classes=10).state_dict(), files[-1])
+    run, base = tmp_path / "run", ["--config", str(cfg), "--run-dir", str(tmp_path / "run")]
+    stage("03_prune").main([*base, "--from", str(files[0])])
+    ticket = torch.load(run / "prune_l1_p50/ticket.pt", weights_only=True)
+    assert ticket["arch"]["mids"] and ticket["epoch"] == 0
+    stage("04_finetune").main([*base, "--ticket", str(run / "prune_l1_p50/ticket.pt")])
+    assert json.loads((run / "finetune_l1_p50_finetune/result.json").read_text())["final_test_acc"] >= 0
+    stage("02_filter_distance").main([*base, "--from", *map(str, files)])
+    assert {row["epoch_a"] for row in csv.DictReader(open(run / "distance/filter_distance.csv"))} >= {"0", "1", "2"}
+    torch.save(tvm.resnet18(num_classes=100).state_dict(), tmp_path / "other.pth")
+    r = run_cli(["03_prune.py", *base, "--from", str(tmp_path / "other.pth"), "--tag", "other"])
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'other.pth'}: fc.weight has shape (100, 512), this config's model (10, 512): "
+        "weights of another model or number of classes")

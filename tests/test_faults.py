@@ -1,4 +1,8 @@
-"""Killed runs resume exactly; a dead peer rank ends the other with a clear message (issue 9)."""
+"""Faults: killed runs resume exactly; a dead peer rank ends the other with a clear message; the
+resume of a finished stage changes no file; a full disk is one line that keeps earlier epochs; a
+failed stage leaves no folder it created."""
+import errno
+import json
 import os
 import random
 import signal
@@ -6,9 +10,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
-from conftest import CPU_RANKS, REPO, deepspeed_launcher, free_port, run_cli, stage
+from common.cli import run_stage
+from common.errors import UserError
+from conftest import (CPU_RANKS, REPO, deepspeed_launcher, error_lines, files_with_mtimes, free_port, main_of,
+                      run_cli, stage)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
 
@@ -100,3 +108,83 @@ def test_a_dead_peer_ends_the_other_rank_with_a_clear_message_and_resume_works(t
                 deepspeed_launcher(2))
     assert r.returncode == 0, (r.stdout + r.stderr)[-2000:]
     assert saved_epoch(run / "pretrain/last.pt") == 3
+
+
+# ------------------------------------------------------------ 1: resume of a finished stage
+def test_resume_of_a_finished_pretraining_changes_no_file(run_copy, capsys):
+    cfg, run = run_copy
+    before = files_with_mtimes(run / "pretrain")
+    measured = json.loads((run / "pretrain/comm.json").read_text())["measured_payload_bytes"]
+    assert measured > 0
+    main_of("01_pretrain_loft", cfg, run, "--resume")
+    assert files_with_mtimes(run / "pretrain") == before
+    assert "already finished" in capsys.readouterr().out
+
+def test_resume_of_a_finished_finetuning_changes_no_file(run_copy, capsys):
+    cfg, run = run_copy
+    out = run / "finetune_l1_p50_finetune"
+    before = files_with_mtimes(out)
+    main_of("04_finetune", cfg, run, "--resume")
+    assert files_with_mtimes(out) == before
+    assert "already finished" in capsys.readouterr().out
+
+# ------------------------------------------------------------ 2: a full disk
+def enospc_from_the_zip_writer(obj, f, *args, **kwargs):
+    """What torch.save raised on a full tmpfs through our writer (torch 2.x): a RuntimeError of
+    its zip writer, raised while handling the OSError of the failed write."""
+    f.write(b"PK\x03\x04 partial")
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+def stream_writer_failed(obj, f, *args, **kwargs):
+    """The message users report from full disks, with no OSError attached."""
+    f.write(b"PK\x03\x04 partial")
+    raise RuntimeError("[enforce fail at inline_container.cc:471] . PytorchStreamWriter failed writing file "
+                       "data/77: file write failed")
+
+@pytest.mark.parametrize("failing_save", [enospc_from_the_zip_writer, stream_writer_failed])
+def test_a_full_disk_in_torch_save_is_one_line_exit_2_and_keeps_earlier_epochs(tiny_config, tmp_path, monkeypatch,
+                                                                             capsys, failing_save):
+    cfg = tiny_config(pretrain={"epochs": 1, "schedule": "constant"})
+    run = tmp_path / "r"
+    main_of("01_pretrain_loft", cfg, run)
+    before = files_with_mtimes(run / "pretrain")
+    capsys.readouterr()
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(SystemExit) as exit_:
+        run_stage(stage("01_pretrain_loft").main, ["--config", str(cfg), "--run-dir", str(run), "--resume",
+                                                   "--set", "pretrain.epochs=2"])
+    err = capsys.readouterr().err
+    lines = error_lines(err)
+    assert exit_.value.code == 2 and len(lines) == 1, err
+    assert "epoch_002.pt: cannot write" in lines[0] and "Traceback" not in err
+    after = files_with_mtimes(run / "pretrain")
+    assert {name: after.get(name) for name in before} == before  # every earlier file as it was
+    assert not [p for p in after if p.name.endswith(".tmp") or p.name == "epoch_002.pt"]
+
+# ------------------------------------------------------------ 7: failed stages leave no folders
+def test_a_failed_01_leaves_no_folder_it_created(tiny_config, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = tiny_config(data={"root": str(empty)})
+    with pytest.raises(UserError, match="no cifar-10-batches-py"):
+        main_of("01_pretrain_loft", cfg, tmp_path / "runs" / "new")
+    assert not (tmp_path / "runs").exists()
+    existing = tmp_path / "mine"
+    existing.mkdir()  # the user's folder: it stays
+    with pytest.raises(UserError, match="no cifar-10-batches-py"):
+        main_of("01_pretrain_loft", cfg, existing)
+    assert existing.is_dir() and not any(existing.iterdir())
+
+def test_failed_02_and_03_leave_no_tagged_folder(finished_lineage, tiny_config, tmp_path):
+    cfg, run = finished_lineage
+    with pytest.raises(UserError, match="no pretraining checkpoints"):
+        main_of("02_filter_distance", cfg, run, "--tag", "cmp", "--compare", str(tmp_path / "no_run"))
+    assert not (run / "distance_cmp").exists()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    with pytest.raises(UserError, match="no pretraining checkpoints"):
+        main_of("03_prune", tiny_config(), bare, "--tag", "x")
+    assert bare.is_dir() and not any(bare.iterdir())

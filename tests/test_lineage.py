@@ -343,3 +343,31 @@ def test_resume_accepts_a_run_made_before_a_config_key_existed_at_its_default():
     now["pretrain"]["compile"] = True                           # not the behaviour the run was made with
     with pytest.raises(UserError, match=r"different config \(pretrain.compile\)"):
         check_resume_config(saved, now, Path("last.pt"), "pretrain")
+
+
+# ------------------------------------------------------------ 3: relocatable run folders
+def test_a_copied_run_repretrained_makes_04_refuse_the_stale_ticket(run_copy):
+    cfg, run = run_copy  # the ticket in the copy was made from the original's epoch files
+    main_of("01_pretrain_loft", cfg, run, "--force", sets=("seed=5",))
+    for mode in ("finetune", "rewind"):
+        with pytest.raises(UserError, match=r"copy/pretrain/epoch_00[12]\.pt changed since .*ticket\.pt") as e:
+            main_of("04_finetune", cfg, run, "--force", sets=(f"finetune.mode={mode}", "finetune.rewind_epoch=1"))
+        assert "\n" not in str(e.value)
+    r = run_cli(["04_finetune.py", "--config", str(cfg), "--run-dir", str(run), "--force"])
+    lines = error_lines(r.stderr)
+    assert r.returncode == 2 and len(lines) == 1 and "changed since" in lines[0], r.stderr
+
+def test_a_moved_run_tree_rewinds_from_its_own_files(run_copy, tmp_path):
+    cfg, copy = run_copy
+    moved = tmp_path / "archive" / "moved"
+    moved.parent.mkdir()
+    shutil.move(copy, moved)
+    stored = torch.load(moved / "prune_l1_p50/ticket.pt", weights_only=True)  # as on disk
+    assert stored["pretrain_dir"] == "pretrain" and stored["lineage"]["source"]["path"] == "pretrain/epoch_002.pt"
+    main_of("04_finetune", cfg, moved, "--force", sets=("finetune.mode=rewind", "finetune.rewind_epoch=1"))
+    result = json.loads((moved / "finetune_l1_p50_rewind_k1/result.json").read_text())
+    assert result["lineage"]["rewind"]["path"] == str(moved / "pretrain/epoch_001.pt")
+    # the epoch file it rewound to is the moved tree's: damaging it there is noticed
+    (moved / "pretrain/epoch_001.pt").write_bytes((moved / "pretrain/epoch_000.pt").read_bytes())
+    with pytest.raises(UserError, match=r"moved/pretrain/epoch_001\.pt changed since"):
+        main_of("04_finetune", cfg, moved, "--force", sets=("finetune.mode=rewind", "finetune.rewind_epoch=1"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from byom_model import BatchNormAct, BatchNormScaled, bn_subclass_cnn
+from byom_model import BatchNormAct, bn_subclass_cnn
 from common.errors import UserError
 from common.groups import discover
 from common.models import build_model

@@ -42,7 +42,6 @@ def test_a_timm_model_with_bn_act_layers_is_discovered_and_narrowed_as_masked(na
 def test_the_timm_config_loads_and_builds_its_model():
     cfg = load_config(REPO / "yaml/timm_effnet_b0_c10.yaml")
     assert cfg.model.arch == "timm.efficientnet_b0" and cfg.importable == frozenset()   # a library: no import check
-    from common.data import input_shape
     from common.models import arch_of
     model = build_model(arch_of(cfg.model, cfg.data))
     assert any(isinstance(m, BatchNormAct2d) for m in model.modules())

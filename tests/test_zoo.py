@@ -11,7 +11,7 @@ import torchvision.models as tvm
 
 from common.checkpoint import PretrainEpoch, load, save
 from common.config import load_config
-from common.data import NUM_CLASSES, input_shape, load_cifar, normalize
+from common.data import load_cifar, normalize
 from common.dist import Comm, DistEnv
 from common.errors import UserError
 from common.loft import draw_partition, worker_arch
