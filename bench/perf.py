@@ -37,13 +37,13 @@ from lib import REPO, machine, measured_round_bytes
 from ops import count_ops, plain_loop
 from common.config import load_config
 from common.costs import flops_per_sample
-from common.data import TRAIN_SIZE, Stream, input_shape, load_dataset, on_device
+from common.data import TRAIN_SIZE, Stream, load_dataset, on_device
 from common.dist import Comm, DistEnv, configure_kernels
 from common.loft import draw_partition, worker_arch
 from common.models import arch_of, build_model
 from common.selection import partitioned_blocks
 from common.pretrain import RECAL_STREAM, Dense, Loft
-from common.train import evaluate, make_sgd, recalibrate_bn
+from common.train import correct_per_sample, make_sgd, recalibrate_bn
 
 PRECISIONS = {"fp32": [], "bf16+channels_last": ["pretrain.bf16=true", "pretrain.channels_last=true"]}
 
@@ -168,7 +168,7 @@ def eval_seconds(cfg, arch, train, test, env) -> float:
     t0 = time.perf_counter()
     recalibrate_bn(model, Stream(train, min(cfg.data.eval_batch_size, len(train)), 0, RECAL_STREAM),
                    cfg.pretrain.bn_recal_batches, env.device)
-    evaluate(model, test, cfg.data.eval_batch_size, env.device)
+    correct_per_sample(model, test, cfg.data.eval_batch_size, env.device)
     sync(env.device)
     return (time.perf_counter() - t0) * 10_000 / len(test)
 

@@ -283,13 +283,11 @@ def _type_and_values(stored: object) -> tuple[type | None, dict]:
 
 def _plain_state_dict(stored: object) -> dict | None:
     """A file of tensors only (`torch.save(model.state_dict())`, torchvision's or timm's weights on
-    disk), `module.` prefixes of a DataParallel model removed; None for anything else."""
+    disk), a DataParallel model's `module.` prefixes removed; None for anything else."""
     import torch
-    if not isinstance(stored, dict) or not stored or not all(torch.is_tensor(v) for v in stored.values()):
-        return None
-    if all(str(k).startswith("module.") for k in stored):
-        return {k[len("module."):]: v for k, v in stored.items()}
-    return stored
+    if isinstance(stored, dict) and stored and all(torch.is_tensor(v) for v in stored.values()):
+        strip = all(str(k).startswith("module.") for k in stored)
+        return {k.removeprefix("module.") if strip else k: v for k, v in stored.items()}
 
 
 def load(path: str | os.PathLike, kinds: type | tuple[type, ...], made_by: str | None = None,

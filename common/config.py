@@ -141,8 +141,7 @@ class Config:
 
     @property
     def importable(self) -> frozenset[str]:
-        """The package.module:callable a stage run with this config may import to build a model
-        (common.models.build_model): the one its model.arch names, and only for this invocation."""
+        """What a stage run with this config may import to build a model: its model.arch's callable."""
         return frozenset({self.model.arch}) if ":" in self.model.arch else frozenset()
 
 
@@ -230,17 +229,12 @@ def check_arch(model: ModelCfg):
     if not brought and name not in ZOO:
         raise UserError(f"config key model.arch: {name!r} is not a zoo model ({', '.join(ZOO)}), "
                         "torchvision.<name>, timm.<name>, package.module:callable or path/to/file.py:callable")
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        if is_file_callable(name):
-            if not Path(module).is_file():
-                raise UserError(f"config key model.arch: {module} is not a file (a path in model.arch is "
-                                "relative to the config file)")
-        elif not all(p.isidentifier() for p in module.split(".")):
-            raise UserError(f"config key model.arch: {name!r} is not package.module:callable or "
-                            "path/to/file.py:callable")
-        if not attr.isidentifier():
-            raise UserError(f"config key model.arch: {name!r}: {attr!r} after the ':' is not a callable's name")
+    module, _, attr = name.partition(":")
+    if is_file_callable(name) and not Path(module).is_file():
+        raise UserError(f"config key model.arch: {module} is not a file (a path is relative to the config file)")
+    if ":" in name and not (attr.isidentifier() and (is_file_callable(name) or
+                                                     all(p.isidentifier() for p in module.split(".")))):
+        raise UserError(f"config key model.arch: {name!r} is not package.module:callable or path/to/file.py:callable")
     if brought and model.width != 1.0:
         raise UserError(f"config key model.width: {model.width} applies to zoo models only; size "
                         f"{name} with model.kwargs")

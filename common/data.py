@@ -448,12 +448,6 @@ def _crop_grid(n: int, c: int, h: int, w: int, device: torch.device) -> tuple[to
             along(3, torch.arange(w)), along(3, torch.arange(w - 1, -1, -1)))
 
 
-def augment(images: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with `pad`-pixel zero padding + horizontal flip, on a uint8 batch."""
-    draws = draw_augment(len(images), gen, pad)
-    return apply_augment(images, *(d.to(images.device) for d in draws), pad=pad)
-
-
 def _gen(*keys: int) -> torch.Generator:
     seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0] >> 1)
     return torch.Generator().manual_seed(seed)

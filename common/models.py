@@ -318,10 +318,6 @@ def _wrn(name: str, num_classes: int, width: float, dropout: float) -> nn.Module
 TORCHVISION_PREFIX, TIMM_PREFIX = "torchvision.", "timm."
 
 
-def is_zoo(name: str) -> bool:
-    return not is_brought(name)
-
-
 def _timm_builder(model_name: str):
     import timm
     if model_name not in timm.list_models():
@@ -400,7 +396,7 @@ def build_model(arch: dict, importable: frozenset[str] = frozenset()) -> nn.Modu
     the first `width` channels of each keyed group (common.narrowing.narrow); the caller loads the
     values. `importable`: the package.module:callable names this stage invocation may import (its
     config's model.arch, `Config.importable`): a checkpoint alone never makes a stage import code."""
-    if is_zoo(arch["name"]):
+    if not is_brought(arch["name"]):
         model = _build_full(arch["name"], int(arch["num_classes"]), float(arch["width"]),
                             float(arch.get("dropout", 0.0)))
     else:
@@ -413,7 +409,7 @@ def build_model(arch: dict, importable: frozenset[str] = frozenset()) -> nn.Modu
             raise UserError(f"arch mids name no channel group of this model: {', '.join(unknown)} (a ticket or "
                             "checkpoint of another architecture?)")
         keep, groups = {groups[k].name: torch.arange(int(w)) for k, w in mids.items()}, list(groups.values())
-        small = narrow(model, groups, keep, in_place=is_zoo(arch["name"]))
+        small = narrow(model, groups, keep, in_place=not is_brought(arch["name"]))
         error = None if small is model else _forward_error(small, arch)  # a literal width (view(-1, 256))?
         if error:   # one line naming the first group that breaks the forward alone, not a traceback later
             name = next((n for n in keep if _forward_error(narrow(model, groups, {n: keep[n]}), arch)), "?")
@@ -441,7 +437,7 @@ def arch_of(model_cfg, data_cfg) -> dict:
     the model, its classes, and its input shape where it is not the zoo's default (a brought model,
     or data.image_size set)."""
     arch = {"name": model_cfg.arch, "num_classes": NUM_CLASSES[data_cfg.dataset], "width": model_cfg.width}
-    if not is_zoo(model_cfg.arch):
+    if is_brought(model_cfg.arch):
         arch.update(kwargs=dict(model_cfg.kwargs), input_shape=list(input_shape(data_cfg)))
     elif data_cfg.image_size:
         arch["input_shape"] = list(input_shape(data_cfg))
@@ -459,18 +455,13 @@ def narrowed_arch(arch: dict, mids: dict[str, int]) -> dict:
 
 
 def check_weights(model: nn.Module, state: dict, source) -> None:
-    """One line naming the first key of `state` (from the file `source`) that `model` lacks, holds
-    in another shape, or misses in it: weights of another model, not a traceback from load_state_dict."""
+    """One line naming the first key of `state` (read from `source`) that does not fit `model`."""
     own = model.state_dict()
-    for key in own:
-        if key not in state:
-            raise UserError(f"{source}: no {key}: not weights of this config's model ({len(state)} tensors there)")
-        if tuple(state[key].shape) != tuple(own[key].shape):
-            raise UserError(f"{source}: {key} has shape {tuple(state[key].shape)}, this config's model "
-                            f"{tuple(own[key].shape)}: weights of another model or number of classes")
-    extra = [k for k in state if k not in own]
-    if extra:
-        raise UserError(f"{source}: {extra[0]} is no tensor of this config's model ({len(extra)} such keys)")
+    for key in [*own, *state]:
+        if key not in state or key not in own or state[key].shape != own[key].shape:
+            said = ("missing" if key not in state else "no tensor of this config's model" if key not in own else
+                    f"of shape {tuple(state[key].shape)}, this config's model {tuple(own[key].shape)}")
+            raise UserError(f"{source}: {key} {said}: weights of another model or number of classes")
 
 
 def count_params(model_or_state) -> int:

@@ -33,17 +33,14 @@ def channel_columns(channels: torch.Tensor, repeat: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- modules
-def _own_tensors(module: nn.Module) -> set[str]:
-    return {n for n, _ in module.named_parameters(recurse=False)} | {n for n, _ in module.named_buffers(recurse=False)}
-
-
 def narrowing_problem(model: nn.Module, group: ChannelGroup) -> str | None:
     """Why `narrow` cannot cut `group` in `model` ("BatchNormXyz cannot be narrowed (holds foo)"), or None."""
     modules = dict(model.named_modules())
     roles = [(p, LAYER_TENSORS) for p, _ in group.producers] + [(c, LAYER_TENSORS) for c, _, _ in group.consumers]
     roles += [(m, MEMBER_TENSORS) for m in group.members]
     for name, allowed in roles:
-        extra = sorted(_own_tensors(modules[name]) - allowed)
+        own = [*modules[name].named_parameters(recurse=False), *modules[name].named_buffers(recurse=False)]
+        extra = sorted({n for n, _ in own} - allowed)
         if extra:
             return f"{type(modules[name]).__name__} cannot be narrowed (holds {', '.join(extra)})"
     return None

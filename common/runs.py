@@ -78,11 +78,6 @@ def write_csv(rows: list[dict], path: Path):
     write_text_atomic(buf.getvalue(), path)
 
 
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def save_config(cfg_dict: dict, path: Path):
     write_text_atomic(yaml.safe_dump(cfg_dict, sort_keys=False), path)
 

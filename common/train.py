@@ -153,9 +153,3 @@ def correct_per_sample(model: nn.Module, data, batch_size: int, device) -> tuple
         correct.append(out.argmax(1) == y)
         n += len(y)
     return (torch.cat(correct).cpu() if correct else torch.zeros(0, dtype=torch.bool)), loss.item() / max(1, n)
-
-
-def evaluate(model: nn.Module, data, batch_size: int, device) -> tuple[float, float]:
-    """(top-1 accuracy in %, mean loss) on an ImageSet."""
-    correct, loss = correct_per_sample(model, data, batch_size, device)
-    return 100.0 * int(correct.sum()) / max(1, len(correct)), loss

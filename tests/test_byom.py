@@ -266,5 +266,5 @@ def test_weights_trained_elsewhere_are_pruned_fine_tuned_and_ranked(tmp_path):
     torch.save(tvm.resnet18(num_classes=100).state_dict(), tmp_path / "other.pth")
     r = run_cli(["03_prune.py", *base, "--from", str(tmp_path / "other.pth"), "--tag", "other"])
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'other.pth'}: fc.weight has shape (100, 512), this config's model (10, 512): "
+        f"error: {tmp_path / 'other.pth'}: fc.weight of shape (100, 512), this config's model (10, 512): "
         "weights of another model or number of classes")

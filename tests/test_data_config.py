@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from common.config import load_config, parse_set
-from common.data import Stream, augment, balanced_subset, load_cifar, normalize
+from common.data import Stream, apply_augment, draw_augment, balanced_subset, load_cifar, normalize
 from common.errors import UserError
 from conftest import DATA
 
@@ -27,7 +27,7 @@ def test_balanced_subset_is_deterministic_and_balanced():
 
 def test_augment_is_a_shifted_crop_or_its_mirror():
     imgs = load_cifar(DATA, "cifar10", train=False).images[:64]
-    out = augment(imgs, torch.Generator().manual_seed(0))
+    out = apply_augment(imgs, *draw_augment(len(imgs), torch.Generator().manual_seed(0)))
     padded = torch.nn.functional.pad(imgs, (4, 4, 4, 4))
     for i in range(64):  # every output is one of the 81 crops of the padded image, maybe flipped
         wins = padded[i].unfold(1, 32, 1).unfold(2, 32, 1)  # 3 x 9 x 9 x 32 x 32

@@ -1,4 +1,5 @@
 """Stage 02: the filter distance against hand-computed values and a naive loop, then 01 → 02 on real CIFAR-10."""
+import csv
 import json
 import math
 import shutil
@@ -11,7 +12,6 @@ from common.distance import (channel_masks, filter_distance, kept_count, mask_di
                              pairwise_distances, rankings, reversed_value)
 from common.emergence import early_bird_epoch, emergence_epoch
 from common.errors import UserError
-from common.runs import read_csv
 from conftest import TINY, _merge, run_cli, stage
 
 LN2 = math.log(2)
@@ -186,7 +186,7 @@ def test_01_then_02_writes_every_pair_and_readable_figures(quick_run, capsys):
     cfg, root = quick_run
     distance.main(["--config", str(cfg), "--run-dir", str(root / "loft")])
     out = root / "loft/distance"
-    rows = read_csv(out / "filter_distance.csv")
+    rows = list(csv.DictReader(open(out / "filter_distance.csv", newline="")))
     assert list(rows[0]) == ["layer", "epoch_a", "epoch_b", "distance", "distance_norm", "distance_topk"]
     layers = ["layer1.1.conv1", "layer2.1.conv1", "layer3.1.conv1", "layer4.1.conv1", "network_mean", "network_weighted"]
     pairs = {(r["layer"], int(r["epoch_a"]), int(r["epoch_b"])) for r in rows}
@@ -200,7 +200,7 @@ def test_01_then_02_writes_every_pair_and_readable_figures(quick_run, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["distance_to_final"]["3"] == 0.0 and summary["epochs"] == [0, 1, 2, 3]
     assert summary["layers"]["layer2.1.conv1"]["k"] == kept_count(summary["layers"]["layer2.1.conv1"]["filters"], 0.5)
-    eb = read_csv(out / "early_bird.csv")
+    eb = list(csv.DictReader(open(out / "early_bird.csv", newline="")))
     assert len(eb) == 16 and all(0 <= float(r["mask_distance"]) <= 1 for r in eb)
     for name in ("distance_to_final.png", "early_bird.png", "heatmap_layer2.1.conv1.png", "heatmap_network_mean.png"):
         img = mpimg.imread(out / name)
