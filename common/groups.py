@@ -442,5 +442,5 @@ def discovered(model: nn.Module, input_shape=(3, 32, 32)) -> Discovery:
     if key not in _DISCOVERED:
         TRACES[0] += 1
         example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
-        _DISCOVERED[key] = discover(model, input_shape, example.to(next(model.parameters()).device))
+        _DISCOVERED[key] = discover(model, input_shape, example.to(next(model.parameters())))  # its device, dtype
     return _DISCOVERED[key]
