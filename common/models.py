@@ -387,7 +387,7 @@ def _brought(arch: dict, importable: frozenset[str]) -> nn.Module:
         try:
             inspect.signature(make).bind(**kwargs)
         except TypeError as refused:
-            raise UserError(f"model.arch={name} does not take model.kwargs={kwargs}: {refused}") from None
+            raise UserError(f"model.arch={name}: its signature refuses model.kwargs={kwargs} ({refused})") from None
         except ValueError:   # no signature to ask (a builtin)
             pass
         raise UserError(f"model.arch={name}: building the model raised {_one_line(e)}") from None
