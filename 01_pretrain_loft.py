@@ -99,7 +99,7 @@ def main(argv=None):
     with agreed(env, f"writing {out / 'comm.json'}"):
         if env.is_main:
             write_comm_json(cfg, arch, len(train_set), comm_total, out, epochs_run)
-            finished(out, stage_command("02_filter_distance.py", args), stage_command("03_prune.py", args))
+            finished(out, stage_command("02_filter_distance.py", args, cfg), stage_command("03_prune.py", args, cfg))
     teardown(env)  # after an error none: a barrier would wait for a peer that may be gone
 
 

@@ -43,7 +43,7 @@ def main(argv=None):
     from common.prune import check_tag
     run = run_dir_of(args, cfg)
     out = run / (f"distance_{check_tag(args.tag)}" if args.tag else "distance")
-    made_by = stage_command("01_pretrain_loft.py", args)
+    made_by = stage_command("01_pretrain_loft.py", args, cfg)
     from common.models import arch_of
     series = load_series(run / "pretrain", made_by, cfg.prune.kind, cfg.importable,
                          files=[Path(f) for f in args.sources] if args.sources else None,
@@ -103,7 +103,7 @@ def main(argv=None):
         print(f"{e:5d}  {v:16.4f}  {step}  {m:18.4f}")
     print(f"wrote {out}/: filter_distance.csv, early_bird.csv, {len(res.filters)} heatmaps, distance_to_final.png, "
           f"early_bird.png{', compare.png' if args.compare else ''}, summary.json")
-    finished(out, stage_command("03_prune.py", args))
+    finished(out, stage_command("03_prune.py", args, cfg))
 
 
 if __name__ == "__main__":

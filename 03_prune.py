@@ -45,8 +45,9 @@ def main(argv=None):
         raise UserError(f"{out / 'ticket.pt'} already exists; pass --force to overwrite it or --tag to write beside it")
     check_writable(out)
 
-    src_path = Path(args.source) if args.source else last_epoch(run / "pretrain", pretrain_command(args))
-    src = load_source(src_path, cfg, None if args.source else pretrain_command(args))
+    made_by = None if args.source else stage_command("01_pretrain_loft.py", args, cfg)
+    src_path = Path(args.source) if args.source else last_epoch(run / "pretrain", made_by)
+    src = load_source(src_path, cfg, made_by)
     model = build_model(src.arch, cfg.importable)
     check_weights(model, src.model, src_path)
     model.load_state_dict(src.model)
@@ -75,11 +76,7 @@ def main(argv=None):
     tb.add({k: getattr(ticket, k) for k in ("params_before", "params_after", "flops_before", "flops_after")}, 0)
     tb.close()
     print(f"wrote {out / 'ticket.pt'}")
-    finished(out, stage_command("04_finetune.py", args, "--ticket", str(out / "ticket.pt")))
-
-
-def pretrain_command(args) -> str:
-    return stage_command("01_pretrain_loft.py", args)
+    finished(out, stage_command("04_finetune.py", args, cfg, "--ticket", str(out / "ticket.pt")))
 
 
 def last_epoch(folder: Path, made_by: str) -> Path:

@@ -47,9 +47,10 @@ def main(argv=None):
     fc, run = cfg.finetune, run_dir_of(args, cfg)
     ticket_path = Path(args.ticket) if args.ticket else \
         run / f"prune_{default_tag(cfg.prune.kind, cfg.prune.ratio)}" / "ticket.pt"
-    make_ticket = stage_command("03_prune.py", args)
+    make_ticket = stage_command("03_prune.py", args, cfg)
     ticket = load_ticket(ticket_path, make_ticket)
-    lineage = check_lineage(ticket, ticket_path, fc.mode, fc.rewind_epoch, remake_command(ticket, ticket_path, args))
+    remake = remake_command(ticket, ticket_path, args, cfg)
+    lineage = check_lineage(ticket, ticket_path, fc.mode, fc.rewind_epoch, remake)
     out = run / f"finetune_{check_tag(args.tag) if args.tag else default_folder(ticket_path, fc)}"
     weights = ticket_weights(ticket, fc.mode, fc.rewind_epoch, cfg.seed, cfg.importable)
     complexity = training_complexity(ticket, fc, input_shape(cfg.data), cfg.importable)
@@ -101,12 +102,12 @@ def main(argv=None):
     teardown(env)  # after an error none: a barrier would wait for a peer that may be gone
 
 
-def remake_command(ticket, ticket_path: Path, args) -> str:
+def remake_command(ticket, ticket_path: Path, args, cfg) -> str:
     """The 03 command that makes this ticket again from the files as they are now: from the last
     pretraining epoch, or (iterative pruning) from the ticket it was pruned from."""
     from_pretraining = ticket.source_kind == PretrainEpoch.KIND  # None: made before it was recorded
     again_from = [] if from_pretraining else ["--from", ticket.source]
-    return stage_command("03_prune.py", args, *again_from, "--tag", ticket_path.parent.name.removeprefix("prune_"),
+    return stage_command("03_prune.py", args, cfg, *again_from, "--tag", ticket_path.parent.name.removeprefix("prune_"),
                          "--force")
 
 

@@ -7,6 +7,7 @@ import os
 import shlex
 import sys
 
+from common.config import is_file_callable
 from common.errors import UserError
 
 # errors about where files go, not bugs: the user fixes them by freeing space or choosing a folder
@@ -16,21 +17,30 @@ FILESYSTEM_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS, errno
 
 def python_command() -> str:
     """The interpreter running this stage, as hints name it: relative to the working folder when it
-    lies inside it (`.venv/bin/python` after the README's install), else its full path."""
+    lies inside it (`.venv/bin/python` after the README's install), else its full path. Its `python`
+    name where that is the same interpreter: under the DeepSpeed launcher sys.executable is the
+    `python3` of the launcher script's first line."""
     exe = sys.executable or "python"
+    plain = os.path.join(os.path.dirname(exe), "python")
+    if os.path.basename(exe) != "python" and os.path.exists(plain) and os.path.samefile(plain, exe):
+        exe = plain
     rel = os.path.relpath(exe)
     return exe if rel.startswith("..") else rel
 
 
-def stage_command(script: str, args, *extra: str) -> str:
+def stage_command(script: str, args, cfg, *extra: str) -> str:
     """The full command line that runs `script` on the same config, run folder and overrides as
-    `args` (a parsed stage command line), for hints that say which command makes a missing file."""
+    `args` (a parsed stage command line), for hints that say which command makes a missing file.
+    It starts with this process's PYTHONPATH when `cfg` (the stage's config) brings its model as
+    package.module:callable, which every stage imports from there."""
     words = [python_command(), script, "--config", str(args.config)]
     if args.run_dir:
         words += ["--run-dir", str(args.run_dir)]
     for item in args.set:
         words += ["--set", item]
-    return shlex.join(words + list(extra))
+    path = os.environ.get("PYTHONPATH")
+    from_path = path and any(not is_file_callable(name) for name in cfg.importable)
+    return (f"PYTHONPATH={shlex.quote(path)} " if from_path else "") + shlex.join(words + list(extra))
 
 
 def _close_progress_bars():

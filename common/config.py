@@ -159,6 +159,11 @@ def _coerce(key: str, value, typ):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif typ is float:
+        if isinstance(value, str):   # YAML 1.1 (PyYAML) reads 1e-3 and 5e-4, which have no dot, as strings
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise UserError(f"config key {key}: {value!r} is not a finite number")
@@ -301,9 +306,11 @@ def parse_set(items: list[str]) -> dict:
 
 
 def _merge(a: dict, b: dict) -> dict:
+    """`b` over `a`, mapping into mapping key by key; an empty mapping in `b` replaces (empties) `a`'s:
+    `--set model.kwargs={}` clears the file's kwargs."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -376,7 +383,8 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
                        "Config keys: common/config.py.")
     p.add_argument("--config", required=True, help="yaml/NAME.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (YAML-parsed value), repeatable")
+                   help="override a config key (YAML-parsed value), repeatable; a mapping value merges into the "
+                        "file's key by key, {} empties it (model.kwargs={})")
     p.add_argument("--run-dir", default=None, help="default: runs/<config stem>")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the DeepSpeed launcher
     return p

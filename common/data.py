@@ -114,12 +114,15 @@ def _download(root: Path, dataset: str = "cifar10"):
     """Fetch the release through torchvision into a hidden temporary folder in `root`, then rename
     it into place: never a half-extracted folder under the name that is read as data."""
     name, tv_class = _CIFAR[dataset][:2]
+    made = [p for p in (root, *root.parents) if not p.exists()]   # the folders this download creates
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
     except OSError as e:
+        _remove_empty(made)
         raise UserError(f"data.root={shown_root(root)}: no {name}/ there and no folder can be made there to "
                         f"download it ({e.strerror or type(e).__name__})") from None
+    done = False
     try:
         try:
             import torchvision
@@ -136,8 +139,20 @@ def _download(root: Path, dataset: str = "cifar10"):
         except OSError:
             if not (root / name).is_dir():  # else another node sharing this folder renamed its copy first
                 raise
+        done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # also after an interrupt; only a kill leaves it (hidden, unread)
+        if not done:
+            _remove_empty(made)   # a failed download leaves no empty data/ behind
+
+
+def _remove_empty(folders: list[Path]):
+    """Remove `folders` (deepest first) where they are empty: what a failed download created."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:   # not empty (another process wrote there) or already gone
+            return
 
 
 def cifar_dir(root: str | Path, dataset: str, download: bool = True) -> Path:

@@ -11,7 +11,6 @@ import torch
 from common.checkpoint import save_figure_atomic
 from common.distance import NETWORK_MEAN, NETWORK_WEIGHTED
 from common.distance_series import Analysis, to_final
-from common.emergence import EB_EPS
 
 
 def _pyplot():
@@ -55,7 +54,8 @@ def plot_heatmap(epochs: list[int], d: dict[str, torch.Tensor], layer: str, k: i
 
 
 def plot_distance_to_final(epochs: list[int], analysis: Analysis, marks: dict[str, int | None], path: Path):
-    """Left: normalised top-k F(final, e) per layer and network mean. Right: early-bird mask distance."""
+    """Left: normalised top-k F(final, e) per layer and network mean. Right: early-bird mask distance to
+    the final epoch (no eps line: the early-bird rule compares each epoch with the 4 before it, early_bird.png)."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
     for layer in analysis.filters:
@@ -66,7 +66,6 @@ def plot_distance_to_final(epochs: list[int], analysis: Analysis, marks: dict[st
     left.set_title("filter distance to the final epoch, F(final, e)")
     left.set_ylabel("normalised top-k filter distance")
     right.plot(epochs, analysis.mask_dist[-1].tolist(), color="tab:red", lw=2, marker=".", label="early-bird mask distance")
-    right.axhline(EB_EPS, color="tab:red", ls=":", lw=1, label=f"early-bird eps = {EB_EPS}")
     right.set_title("early-bird BN mask distance to the final epoch")
     right.set_ylabel("fraction of BN channels whose mask differs")
     for (name, e), color in zip(marks.items(), ("black", "tab:red")):

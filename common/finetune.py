@@ -22,7 +22,7 @@ from common.checkpoint import FinetunedTicket, PretrainEpoch, Ticket, load
 from common.config import section_from_file
 from common.costs import train_flops_per_sample
 from common.errors import UserError
-from common.lineage import check_unchanged, file_sha256
+from common.lineage import check_unchanged, epoch_files, file_sha256
 from common.models import build_model
 from common.prune import slice_blocks
 from common.schedule import Schedule, schedule_of, ticket_schedule_source
@@ -36,12 +36,17 @@ def _full_arch(arch: dict) -> dict:
 
 
 def rewind_path(ticket: Ticket, epoch: int) -> Path:
-    return Path(ticket.pretrain_dir) / f"epoch_{epoch:03d}.pt"
+    """The pretraining checkpoint of `epoch`; absent, one line listing the epochs that can be rewound to."""
+    path = Path(ticket.pretrain_dir) / f"epoch_{epoch:03d}.pt"
+    if not path.is_file():
+        known = ticket.pretrain_sha256 or {str(e): f for e, f in epoch_files(Path(ticket.pretrain_dir)).items()}
+        raise UserError(f"{path}: no such pretraining checkpoint; finetune.rewind_epoch={epoch} must be an epoch "
+                        f"the ticket's pretraining run saved ({', '.join(sorted(known, key=int)) or 'none left'})")
+    return path
 
 
 def rewind_checkpoint(ticket: Ticket, epoch: int) -> PretrainEpoch:
-    return load(rewind_path(ticket, epoch), PretrainEpoch,
-                made_by="01_pretrain_loft.py (finetune.rewind_epoch must be a saved epoch)")
+    return load(rewind_path(ticket, epoch), PretrainEpoch)
 
 
 def rewind_weights(ticket: Ticket, epoch: int, importable: frozenset[str] = frozenset()) -> dict:
@@ -174,10 +179,6 @@ def check_lineage(ticket: Ticket, ticket_path: Path, mode: str, rewind_epoch: in
     if mode in ("rewind", "rise"):
         path = rewind_path(ticket, rewind_epoch)
         known = ticket.pretrain_sha256
-        if not path.is_file():
-            saved = ", ".join(sorted(known, key=int)) if known else "see the pretraining folder"
-            raise UserError(f"{path}: no such pretraining checkpoint; finetune.rewind_epoch={rewind_epoch} must be "
-                            f"an epoch the ticket's pretraining run saved ({saved})")
         rewind = {"path": str(path), "sha256": file_sha256(path)}
         if known is not None and known.get(str(rewind_epoch)) != rewind["sha256"]:
             raise UserError(f"{path} changed since {ticket_path} was made from its pretraining run "

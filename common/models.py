@@ -337,8 +337,17 @@ def _import_callable(name: str):
             module = importlib.import_module(module_name)
         return getattr(module, attr)
     except (ImportError, AttributeError, FileNotFoundError) as e:
-        hint = "" if is_file_callable(name) else " (is its folder on PYTHONPATH?)"
-        raise UserError(f"model.arch={name}: cannot import it ({type(e).__name__}: {e}){hint}") from None
+        top = module_name.split(".")[0]   # the package itself not found, not a module it imports
+        ours = isinstance(e, ModuleNotFoundError) and (module_name + ".").startswith(f"{e.name}.")
+        hint = f" (is the folder holding {top} on PYTHONPATH?)" if ours and not is_file_callable(name) else ""
+        raise UserError(f"model.arch={name}: cannot import it ({_one_line(e)}){hint}") from None
+    except Exception as e:   # the module's own code failed as it ran: its error, not a traceback of ours
+        raise UserError(f"model.arch={name}: importing {module_name} raised {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    """`Type: first line of the message`, at most 300 characters."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"[:300]
 
 
 def _brought(arch: dict, importable: frozenset[str]) -> nn.Module:
@@ -368,8 +377,16 @@ def _brought(arch: dict, importable: frozenset[str]) -> nn.Module:
         kwargs["num_classes"] = int(arch["num_classes"])
     try:
         model = make(**kwargs)
-    except TypeError as e:
-        raise UserError(f"model.arch={name} with model.kwargs={kwargs}: {e}") from None
+    except UserError:
+        raise
+    except Exception as e:   # blamed on model.kwargs only when the callable's signature refuses them
+        try:
+            inspect.signature(make).bind(**kwargs)
+        except TypeError as refused:
+            raise UserError(f"model.arch={name}: its signature refuses model.kwargs={kwargs} ({refused})") from None
+        except ValueError:   # no signature to ask (a builtin)
+            pass
+        raise UserError(f"model.arch={name}: building the model raised {_one_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"model.arch={name} returned a {type(model).__name__}, not an nn.Module")
     return _global_pools_as_means(model)

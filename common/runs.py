@@ -27,7 +27,8 @@ def check_stage_dir(path: Path, resume: bool, force: bool, is_main: bool = True)
         if not (path / "last.pt").is_file():
             raise UserError(f"--resume: {path / 'last.pt'} does not exist, nothing to resume")
     elif path.exists() and any(path.iterdir()) and not force:
-        raise UserError(f"{path} already holds outputs; pass --resume to continue, --force to start over"
+        resumable = "pass --resume to continue, " if (path / "last.pt").is_file() else "no last.pt to resume; pass "
+        raise UserError(f"{path} already holds outputs; {resumable}--force to start over"
                         f"{' or --tag to write beside it' if path.name.startswith('finetune_') else ''}")
     if is_main:
         check_writable(path)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from common.config import is_brought
 from common.errors import UserError
 from common.groups import ChannelGroup, Discovery, discovered
 from common.narrowing import narrowing_problem
@@ -192,8 +193,13 @@ def _chosen(model: nn.Module, arch: dict | None, partition_stage1: bool) -> tupl
         raise UserError(f"{type(model).__name__} is not partitionable with model.group_preset={choice['preset']}"
                         f"{' and the include/exclude patterns' if choice['include'] or choice['exclude'] else ''}: "
                         f"none of its {len(refs)} channel groups is chosen (01 --dry-run lists them); "
-                        "choose groups, or use pretrain.method=dense, localsgd or gpipe and prune.kind=magnitude")
+                        f"choose groups, or use pretrain.method={_unsplit_methods(arch)} and prune.kind=magnitude")
     return refs, chosen
+
+
+def _unsplit_methods(arch: dict | None) -> str:
+    """The pretraining methods that need no chosen group, for this arch (GPipe cuts zoo models only)."""
+    return "dense or localsgd" if is_brought((arch or {}).get("name", "")) else "dense, localsgd or gpipe"
 
 
 def is_partitionable(model: nn.Module, arch: dict | None = None) -> bool:

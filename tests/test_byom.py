@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 
 import numpy as np
@@ -268,3 +269,45 @@ def test_weights_trained_elsewhere_are_pruned_fine_tuned_and_ranked(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         f"error: {tmp_path / 'other.pth'}: fc.weight of shape (100, 512), this config's model (10, 512): "
         "weights of another model or number of classes")
+
+
+BROKEN = '''import torch.nn as nn
+{top}
+
+def build(num_classes=10, width=8):
+    {body}
+    return nn.Sequential(nn.Conv2d(3, width, 3), nn.Flatten(), nn.LazyLinear(num_classes))
+'''
+
+
+@pytest.mark.parametrize("top, body, kwargs, message", [
+    ("raise ValueError('needs a GPU')", "", {}, r"importing .*broken.py raised ValueError: needs a GPU$"),
+    ("", "raise RuntimeError('out of\\nideas')", {}, r"building the model raised RuntimeError: out of$"),
+    ("", "width = width + 'px'", {"width": 4}, r"building the model raised TypeError: unsupported operand"),
+    ("", "", {"depth": 3}, r"its signature refuses model.kwargs=\{'depth': 3, 'num_classes': 10\} \(got an unexpected"),
+])
+def test_a_brought_module_or_builder_that_raises_is_one_line_and_exit_2(tmp_path, capsys, top, body, kwargs,
+                                                                        message):
+    """Whatever the user's code raises: one line naming model.arch, exit code 2; model.kwargs is
+    blamed only when the builder's signature refuses them, not for a TypeError inside it."""
+    from common.cli import run_stage
+    (tmp_path / "broken.py").write_text(BROKEN.format(top=top, body=body or "pass"))
+    cfg = brought_model_config(tmp_path, "broken", {"arch": "broken.py:build", "kwargs": kwargs})
+    with pytest.raises(SystemExit) as e:
+        run_stage(stage("01_pretrain_loft").main, ["--config", str(cfg), "--dry-run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: model.arch={tmp_path}/broken.py:build")
+    assert re.search(message, err[0]), err[0]
+    assert ("model.kwargs" in err[0]) == ("refuses" in message)
+
+
+def test_a_package_not_found_asks_for_pythonpath_and_a_missing_dependency_does_not(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "needs_dep.py").write_text("import no_such_dependency_xyz\n")
+    endings = {"no_such_pkg_xyz.nets:build":
+               "No module named 'no_such_pkg_xyz') (is the folder holding no_such_pkg_xyz on PYTHONPATH?)",
+               "needs_dep:build": "No module named 'no_such_dependency_xyz')"}   # a module it imports: no hint
+    for name, ending in endings.items():
+        with pytest.raises(UserError, match="cannot import it") as e:
+            build_model({**CNN, "name": name}, frozenset({name}))
+        assert str(e.value).endswith(ending), str(e.value)

@@ -1,9 +1,11 @@
-"""A config a stage cannot use is one line naming the problem, exit 2, before torch is imported:
-an unreadable or non-UTF-8 file, a bad key or value, a batch larger than the data set."""
+"""Configs: one a stage cannot use is one line naming the problem, exit 2, before torch is
+imported (an unreadable or non-UTF-8 file, a bad key or value, a batch larger than the data set);
+values YAML 1.1 reads otherwise than a user means; what `--set` does to a mapping."""
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from common.config import load_config
 from common.errors import UserError
@@ -71,3 +73,34 @@ def test_a_config_error_is_refused_before_torch_is_imported(tiny_config, tmp_pat
     refusal = next((l for l in r.stdout.splitlines() if l.startswith("refused: ")), "")
     assert message in refusal, r.stdout + r.stderr
     assert "heavy: []" in r.stdout, r.stdout
+
+
+# ------------------------------------------------------------ parsing: values YAML 1.1 reads otherwise than
+# a user means, and what `--set` does to a mapping the file already sets
+@pytest.mark.parametrize("written", ["1e-3", "1E-3", "1.0e-3", "0.001"])
+def test_a_float_key_takes_an_exponent_without_a_dot(written, tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-3 as the string '1e-3'; a float key takes it as the number."""
+    assert load_config(None, [f"pretrain.lr={written}"]).pretrain.lr == 0.001
+    path = tmp_path / "c.yaml"
+    path.write_text(f"pretrain:\n  lr: {written}\n  weight_decay: 5e-4\n")
+    cfg = load_config(path)
+    assert (cfg.pretrain.lr, cfg.pretrain.weight_decay) == (0.001, 0.0005)
+
+
+@pytest.mark.parametrize("value, message", [("abc", "expected float, got str 'abc'"), (".nan", "not a finite"),
+                                            ("1e999", "not a finite"), ("true", "expected float, got bool")])
+def test_a_float_key_still_refuses_what_is_no_number(value, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, [f"pretrain.lr={value}"])
+
+
+def test_an_empty_mapping_in_set_replaces_and_a_mapping_merges(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"arch": "torchvision.resnet18",
+                                              "kwargs": {"zero_init_residual": True, "width_per_group": 64}}}))
+    assert load_config(path, ["model.kwargs={}"]).model.kwargs == {}
+    assert load_config(path, ["model.kwargs={width_per_group: 32}"]).model.kwargs == {
+        "zero_init_residual": True, "width_per_group": 32}
+    assert load_config(path, ["model.kwargs.width_per_group=16"]).model.kwargs == {
+        "zero_init_residual": True, "width_per_group": 16}
+    assert load_config(path, ["model={}"]).model.arch == "preresnet18"   # the whole section back to its defaults
