@@ -19,14 +19,15 @@ from common.checkpoint import FinetunedTicket, PretrainEpoch, ResumeState, field
 from common.cli import python_command, run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.errors import UserError
-from common.runs import (check_stage_dir, clear_stage_dir, finished, finished_before, resume_point, save_config,
-                         write_csv)
+from common.runs import (check_stage_dir, clear_stage_dir, finished, finished_before, lock_stage_dir, resume_point,
+                         save_config, unlocks_at_end, write_csv)
 from common.tb import Scalars, epoch_lr
 
 # torch, DeepSpeed and the modules built on them take seconds to load: each function imports them
 # where it needs them, so a config error is one line before any of that
 
 
+@unlocks_at_end
 def main(argv=None):
     p = stage_parser(__doc__.splitlines()[0])
     p.add_argument("--ticket", default=None, help="ticket.pt or a fine-tuned final.pt (default: from prune.*)")
@@ -54,6 +55,7 @@ def main(argv=None):
     weights = ticket_weights(ticket, fc.mode, fc.rewind_epoch, cfg.seed, cfg.importable)
     complexity = training_complexity(ticket, fc, input_shape(cfg.data), cfg.importable)
     env = setup_from_config(cfg.dist)
+    lock_stage_dir(out, env)  # one writer: a second run into this folder is refused, naming this one
     resuming = on_main(env, f"checking {out}", check_stage_dir, out, args.resume, args.force)  # rank 0's folder
     train_set, test_set, lossless = load_splits(cfg, env)
     epochs, schedule, schedule_note = ticket_schedule(ticket, fc, len(train_set))
