@@ -161,8 +161,24 @@ def save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage, complexit
         "lineage": lineage,
     }
     write_text_atomic(json.dumps(result, indent=1), out / "result.json")
-    print(json.dumps(result, indent=1))
-    print(f"wrote {out / 'result.json'}")
+    print(summary(result, out / "result.json"))
+
+
+def summary(result: dict, path: Path) -> str:
+    """A few lines a researcher reads at the end of 04: accuracy, size, training cost, and where the rest is."""
+    lossless = (f"; lossless images: best {result['best_test_acc_lossless']:.2f} %, final "
+                f"{result['final_test_acc_lossless']:.2f} %" if "best_test_acc_lossless" in result else "")
+    sparse = result["flops_per_sample_sparse"]
+    parts = result["train_flops_parts"]
+    return "\n".join([
+        f"test accuracy: best {result['best_test_acc']:.2f} %, final {result['final_test_acc']:.2f} % after "
+        f"{result['finetune_epochs']} epochs ({result['mode']}){lossless}",
+        f"parameters: {result['params_trainable']:,} trainable, {result['params_nonzero']:,} nonzero of "
+        f"{result['params_total']:,}; {sparse or result['flops_per_sample']:,} FLOPs per sample"
+        f"{' (sparse count)' if sparse else ''}",
+        f"training FLOPs: {result['train_flops']:.3g} ({parts['before_this_stage']:.3g} in the starting weights + "
+        f"{parts['finetune']:.3g} here); mask search {result['mask_search_flops']:.3g}",
+        f"all of it: {path}"])
 
 
 if __name__ == "__main__":
