@@ -111,7 +111,7 @@ def _take_over_if_gone(lock: Path):
                         f"checked from here); if that process has ended, delete {lock}")
     if _running(holder["pid"]):
         raise UserError(f"{lock.parent} is being written by {who}; wait for it to end, or write elsewhere "
-                        "(another --run-dir or --tag)")
+                        f"(another --run-dir or --tag); if pid {holder['pid']} is no stage of yours, delete {lock}")
     taken = lock.with_name(f"{LOCK_FILE}.{os.getpid()}")
     try:
         os.rename(lock, taken)   # atomic: of two takers, one moves it
