@@ -51,8 +51,8 @@ def read_run(folder: Path) -> dict:
     cfg = flat(yaml.safe_load((folder / "pretrain/config.yaml").read_text()))
     pre = last_row(folder / "pretrain/metrics.csv")
     comm = read_json(folder / "pretrain/comm.json") or {}
-    epochs_now = pretrain_hashes(folder / "pretrain")
-    our_tickets = {file_sha256(t) for t in folder.glob("prune_*/ticket.pt")}
+    now = {"epochs": pretrain_hashes(folder / "pretrain"), "seed": cfg.get("seed"),
+           "tickets": {file_sha256(t) for t in folder.glob("prune_*/ticket.pt")}}
     tickets, apart = {}, []
     for result_file in sorted(folder.glob("finetune_*/result.json")):
         res = read_json(result_file)
@@ -65,7 +65,7 @@ def read_run(folder: Path) -> dict:
             "nonzero params": res.get("params_nonzero"),
             "FLOPs/sample": res.get("flops_per_sample_sparse") or res.get("flops_per_sample"),
             "comm. bytes": comm.get("measured_payload_bytes"), "training FLOPs": res.get("train_flops")}
-        mark = lineage_mark(folder, result_file.parent, res, epochs_now, our_tickets)
+        mark = lineage_mark(folder, now, result_file.parent, res)
         if mark:
             apart.append({"name": name, "mark": mark, **cells})
         else:
@@ -77,21 +77,22 @@ def read_run(folder: Path) -> dict:
             "distance": read_json(folder / "distance/summary.json")}
 
 
-def lineage_mark(run: Path, result_dir: Path, result: dict, epochs_now: dict, our_tickets: set) -> str | None:
-    """None when the result was trained from this run's pretraining as it is now (by the hashes of
-    the pretraining epochs its ticket recorded, and of its rewind checkpoint); else why it is not:
-    stale (its ticket is this run's, the pretraining was redone since) or foreign (another run's)."""
+def lineage_mark(run: Path, now: dict, result_dir: Path, result: dict) -> str | None:
+    """None when the result was trained from this run's pretraining as it is `now` (its epochs'
+    hashes, seed, tickets' hashes), by the hashes of the pretraining epochs its ticket recorded and
+    of its rewind checkpoint; else why it is not: stale (its ticket is this run's, the pretraining
+    was redone since) or foreign (another run's)."""
     lineage = result.get("lineage") or {}
     ticket, rewind = lineage.get("ticket") or {}, lineage.get("rewind")
     trained = load(result_dir / "final.pt", FinetunedTicket) if (result_dir / "final.pt").is_file() else None
     recorded = (trained.pretrain_sha256 if trained else None) or {}   # none in files older than the hashes
-    if all(epochs_now.get(e) == h for e, h in recorded.items()) and (not rewind or rewind["sha256"] in epochs_now.values()):
+    rewound_here = not rewind or rewind["sha256"] in now["epochs"].values()
+    if rewound_here and all(now["epochs"].get(e) == h for e, h in recorded.items()):
         return None
     origin = Path(trained.pretrain_dir) if trained else Path(rewind["path"]).parent
-    if ticket.get("sha256") in our_tickets or origin.resolve() == (run / "pretrain").resolve():
+    if ticket.get("sha256") in now["tickets"] or origin.resolve() == (run / "pretrain").resolve():
         made = (yaml.safe_load((result_dir / "config.yaml").read_text()) or {}).get("seed")
-        now = flat(yaml.safe_load((run / "pretrain/config.yaml").read_text())).get("seed")
-        seeds = f"seed {made} then, {now} now" if made != now else "its epoch files changed since"
+        seeds = f"seed {made} then, {now['seed']} now" if made != now["seed"] else "its epoch files changed since"
         return f"**stale**: pretrain/ was redone after its ticket was made ({seeds})"
     return f"**foreign**: ticket {ticket.get('path', result.get('ticket'))} of the pretraining in {origin}"
 
