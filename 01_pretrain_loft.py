@@ -13,14 +13,15 @@ import sys
 from common.checkpoint import PretrainEpoch, ResumeState, save, write_text_atomic
 from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
-from common.runs import (check_stage_dir, clear_stage_dir, finished, finished_before, resume_point, save_config,
-                         write_csv)
+from common.runs import (check_stage_dir, clear_stage_dir, finished, finished_before, lock_stage_dir, resume_point,
+                         save_config, unlocks_at_end, write_csv)
 from common.tb import Scalars, epoch_lr
 
 # torch, DeepSpeed and the modules built on them take seconds to load: each function imports them
 # where it needs them, so a config error is one line before any of that
 
 
+@unlocks_at_end
 def main(argv=None):
     p = stage_parser(__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true",
@@ -46,6 +47,7 @@ def main(argv=None):
         return
     out = run_dir_of(args, cfg) / "pretrain"
     env = setup_from_config(cfg.dist)
+    lock_stage_dir(out, env)  # one writer: a second run into this folder is refused, naming this one
     resuming = on_main(env, f"checking {out}", check_stage_dir, out, args.resume, args.force)  # rank 0's folder
     train_set, test_set, lossless = load_splits(cfg, env)
     torch.manual_seed(cfg.seed)

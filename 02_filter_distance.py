@@ -18,13 +18,14 @@ from pathlib import Path
 from common.checkpoint import write_text_atomic
 from common.cli import python_command, run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
-from common.runs import check_analysis_dir, finished, save_config, write_csv
+from common.runs import check_analysis_dir, finished, lock_stage_dir, save_config, unlocks_at_end, write_csv
 from common.tb import Scalars
 
 # torch, DeepSpeed and the modules built on them take seconds to load: each function imports them
 # where it needs them, so a config error is one line before any of that
 
 
+@unlocks_at_end
 def main(argv=None):
     p = stage_parser(__doc__.splitlines()[0])
     p.add_argument("--from", dest="sources", nargs="+", default=None, metavar="FILE",
@@ -51,6 +52,7 @@ def main(argv=None):
     print(f"{run / 'pretrain'}: epochs {series.epochs[0]}..{series.epochs[-1]} of {series.arch['name']} "
           f"(width {series.arch['width']}, method {series.method}), {len(series.norms)} prunable layers")
 
+    lock_stage_dir(out)  # one writer: a second run into this folder is refused, naming this one
     check_analysis_dir(out, cfg.to_dict(), ("prune.ratio", "prune.kind", "distance."), args.force)
     res = analyse(series, cfg.prune.ratio)
     ep = series.epochs

@@ -19,13 +19,14 @@ from common.cli import run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.errors import UserError
 from common.lineage import epoch_files, pretrain_hashes, record
-from common.runs import check_writable, finished, save_config
+from common.runs import check_writable, finished, lock_stage_dir, save_config, unlocks_at_end
 from common.tb import Scalars
 
 # torch, DeepSpeed and the modules built on them take seconds to load: each function imports them
 # where it needs them, so a config error is one line before any of that
 
 
+@unlocks_at_end
 def main(argv=None):
     p = stage_parser(__doc__.splitlines()[0])
     p.add_argument("--from", dest="source", default=None,
@@ -41,6 +42,7 @@ def main(argv=None):
     from common.prune import check_tag, default_tag, format_table, format_totals, prune_filters, prune_magnitude
     pc, run = cfg.prune, run_dir_of(args, cfg)
     out = run / f"prune_{check_tag(args.tag) if args.tag else default_tag(pc.kind, pc.ratio)}"
+    lock_stage_dir(out)  # one writer: a second run into this folder is refused, naming this one
     if (out / "ticket.pt").exists() and not args.force:
         raise UserError(f"{out / 'ticket.pt'} already exists; pass --force to overwrite it or --tag to write beside it")
     check_writable(out)

@@ -19,14 +19,15 @@ from common.checkpoint import FinetunedTicket, PretrainEpoch, ResumeState, field
 from common.cli import python_command, run_stage, stage_command
 from common.config import load_config, run_dir_of, stage_parser
 from common.errors import UserError
-from common.runs import (check_stage_dir, clear_stage_dir, finished, finished_before, resume_point, save_config,
-                         write_csv)
+from common.runs import (check_stage_dir, clear_stage_dir, finished, finished_before, lock_stage_dir, resume_point,
+                         save_config, unlocks_at_end, write_csv)
 from common.tb import Scalars, epoch_lr
 
 # torch, DeepSpeed and the modules built on them take seconds to load: each function imports them
 # where it needs them, so a config error is one line before any of that
 
 
+@unlocks_at_end
 def main(argv=None):
     p = stage_parser(__doc__.splitlines()[0])
     p.add_argument("--ticket", default=None, help="ticket.pt or a fine-tuned final.pt (default: from prune.*)")
@@ -55,6 +56,7 @@ def main(argv=None):
     weights = ticket_weights(ticket, fc.mode, fc.rewind_epoch, cfg.seed, cfg.importable)
     complexity = training_complexity(ticket, fc, input_shape(cfg.data), cfg.importable)
     env = setup_from_config(cfg.dist)
+    lock_stage_dir(out, env)  # one writer: a second run into this folder is refused, naming this one
     resuming = on_main(env, f"checking {out}", check_stage_dir, out, args.resume, args.force)  # rank 0's folder
     train_set, test_set, lossless = load_splits(cfg, env)
     epochs, schedule, schedule_note = ticket_schedule(ticket, fc, len(train_set))
@@ -160,8 +162,24 @@ def save_result(ticket, ticket_path, trainer, rows, cfg, out, lineage, complexit
         "lineage": lineage,
     }
     write_text_atomic(json.dumps(result, indent=1), out / "result.json")
-    print(json.dumps(result, indent=1))
-    print(f"wrote {out / 'result.json'}")
+    print(summary(result, out / "result.json"))
+
+
+def summary(result: dict, path: Path) -> str:
+    """A few lines a researcher reads at the end of 04: accuracy, size, training cost, and where the rest is."""
+    lossless = (f"; lossless images: best {result['best_test_acc_lossless']:.2f} %, final "
+                f"{result['final_test_acc_lossless']:.2f} %" if "best_test_acc_lossless" in result else "")
+    sparse = result["flops_per_sample_sparse"]
+    parts = result["train_flops_parts"]
+    return "\n".join([
+        f"test accuracy: best {result['best_test_acc']:.2f} %, final {result['final_test_acc']:.2f} % after "
+        f"{result['finetune_epochs']} epochs ({result['mode']}){lossless}",
+        f"parameters: {result['params_trainable']:,} trainable, {result['params_nonzero']:,} nonzero of "
+        f"{result['params_total']:,}; {sparse or result['flops_per_sample']:,} FLOPs per sample"
+        f"{' (sparse count)' if sparse else ''}",
+        f"training FLOPs: {result['train_flops']:.3g} ({parts['before_this_stage']:.3g} in the starting weights + "
+        f"{parts['finetune']:.3g} here); mask search {result['mask_search_flops']:.3g}",
+        f"all of it: {path}"])
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from common.data import Stream, input_shape
 from common.dist import Comm, DistEnv, workers_of_rank
 from common.errors import UserError
 from common.fused import fuse, fused_criterion, worker_views
-from common.progress import progress
+from common.progress import EpochBar
 from common.loft import FlatLayout, RoundExchange, draw_partition, mean_of_workers, worker_arch
 from common.models import build_model
 from common.narrowing import SlicePlan
@@ -43,9 +43,9 @@ def recal_stream(train_set, cfg) -> Stream:
     return Stream(train_set, min(cfg.data.eval_batch_size, len(train_set)), cfg.seed, RECAL_STREAM)
 
 
-def _progress(it, epoch, env, unit):
-    """A bar on a terminal (rank 0), nothing in a log: the stage prints one line per epoch."""
-    return progress(it, f"epoch {epoch} {unit}", env.is_main)
+def _epoch_bar(epoch: int, steps: int, env: DistEnv) -> EpochBar:
+    """A bar of the epoch's steps on a terminal (rank 0), nothing in a log: the stage prints one line per epoch."""
+    return EpochBar(f"epoch {epoch}", steps, env.is_main)
 
 
 def _cpu(state: dict | None) -> dict | None:
@@ -248,7 +248,11 @@ class Loft:
 
     def train_epoch(self, epoch: int) -> float:
         first, last = self.round, epoch_end_round(epoch, self.steps_per_epoch, self.K)
-        losses = [self.run_round(r) for r in _progress(range(first, last), epoch, self.env, "rounds")]
+        losses = []
+        with _epoch_bar(epoch, (last - first) * self.K, self.env) as bar:
+            for r in range(first, last):
+                losses.append(self.run_round(r))
+                bar.update(self.K, losses[-1], self.K * len(self.my_workers))
         total = torch.stack(losses).sum().double().cpu() if losses else torch.zeros((), dtype=torch.float64)
         count = float(len(losses) * self.K * len(self.my_workers))
         loss = self.comm.sum_metric(torch.stack([total, torch.tensor(count, dtype=torch.float64)]))
@@ -369,11 +373,13 @@ class Dense:
         steps = range(self.step, epoch * self.steps_per_epoch)
         comm = self.comm if self.env.distributed else None
         losses, checked = [], 0
-        for t in _progress(steps, epoch, self.env, "steps"):
-            losses.append(self.train_step(t))
-            if len(losses) - checked == CHECK_EVERY or t == steps.stop - 1:
-                check_finite(torch.stack(losses[checked:]), f"steps {steps.start + checked}-{t}", comm)
-                checked = len(losses)
+        with _epoch_bar(epoch, len(steps), self.env) as bar:
+            for t in steps:
+                losses.append(self.train_step(t))
+                bar.update(1, losses[-1])
+                if len(losses) - checked == CHECK_EVERY or t == steps.stop - 1:
+                    check_finite(torch.stack(losses[checked:]), f"steps {steps.start + checked}-{t}", comm)
+                    checked = len(losses)
         self.step = epoch * self.steps_per_epoch
         total = torch.stack(losses).sum().double().cpu() if losses else torch.zeros((), dtype=torch.float64)
         loss = self.comm.sum_metric(torch.stack([total, torch.tensor(float(len(losses)), dtype=torch.float64)]))

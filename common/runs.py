@@ -1,12 +1,18 @@
-"""Run folders: refuse to clobber a finished stage, CSV metrics, the saved config."""
+"""Run folders: one writer at a time, refuse to clobber a finished stage, CSV metrics, the saved config."""
 from __future__ import annotations
 
 import csv
 import errno
+import functools
 import io
+import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -17,6 +23,131 @@ from common.cli import python_command
 from common.errors import UserError
 
 
+# ------------------------------------------------------------------ one writer per stage folder
+LOCK_FILE = ".lock"   # FOLDER/.lock: {"pid", "host", "since"} of the stage writing FOLDER now
+_held: list[tuple[Path, str, list[Path]]] = []  # (lock, its text, folders made for it) of the running main
+
+
+def unlocks_at_end(main):
+    """A stage's `main`: every lock `lock_stage_dir` took in it is given back when it returns or raises."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        depth = len(_held)
+        try:
+            return main(*args, **kwargs)
+        finally:
+            while len(_held) > depth:
+                _release(*_held.pop())
+    return run
+
+
+def lock_stage_dir(folder: Path, env=None):
+    """Hold FOLDER/.lock until the stage's main ends (`unlocks_at_end`), rank 0 alone (`env` None:
+    one process). A folder another live process is writing is refused in one line naming it (pid,
+    host, since when); a lock whose process is gone (killed on this host) is taken over with one
+    line. A lock from another host is honoured: its process cannot be checked from here. Folders
+    made for the lock are removed again at the end if the stage wrote nothing into them."""
+    from common.dist import agreed  # torch: a stage locks once its config has been checked
+    with agreed(env, f"locking {folder}"):
+        if env is None or env.is_main:
+            _held.append(_acquire(Path(folder)))
+
+
+def _acquire(folder: Path) -> tuple[Path, str, list[Path]]:
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # removed again if left empty
+    lock = folder / LOCK_FILE
+    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                       "since": datetime.now().isoformat(sep=" ", timespec="seconds")})
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                _take_over_if_gone(lock)   # raises while its holder lives
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(mine)
+            return lock, mine, made
+    except OSError as e:
+        _remove_empty(made)
+        raise cannot_write(folder, e) from None
+    except BaseException:
+        _remove_empty(made)
+        raise
+
+
+def _holder(lock: Path) -> dict | None:
+    """The lock's {"pid", "host", "since"}; None once it is gone. A lock being written (created,
+    not yet filled) is read again for up to a second."""
+    for _ in range(20):
+        try:
+            return json.loads(lock.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            time.sleep(0.05)
+    return {"pid": "?", "host": "?", "since": f"{datetime.fromtimestamp(lock.stat().st_mtime):%Y-%m-%d %H:%M:%S}"}
+
+
+def _running(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):  # another user's process, or a pid we cannot read: alive
+        return True
+    return True
+
+
+def _take_over_if_gone(lock: Path):
+    """Remove a lock whose process is gone (one line saying so); raise while its holder may still write."""
+    holder = _holder(lock)
+    if holder is None:
+        return  # given back meanwhile: try again
+    who = f"pid {holder['pid']} on {holder['host']} since {holder['since']}"
+    if holder["host"] != socket.gethostname():
+        raise UserError(f"{lock.parent} is being written by {who} (another host, so its process cannot be "
+                        f"checked from here); if that process has ended, delete {lock}")
+    if _running(holder["pid"]):
+        raise UserError(f"{lock.parent} is being written by {who}; wait for it to end, or write elsewhere "
+                        f"(another --run-dir or --tag); if pid {holder['pid']} is no stage of yours, delete {lock}")
+    taken = lock.with_name(f"{LOCK_FILE}.{os.getpid()}")
+    try:
+        os.rename(lock, taken)   # atomic: of two takers, one moves it
+    except FileNotFoundError:
+        return
+    if _holder(taken) != holder:  # another taker's fresh lock, moved by mistake: put it back
+        os.rename(taken, lock)
+        return
+    taken.unlink()
+    print(f"note: {lock} was left by {who}, which is no longer running; taking it over", file=sys.stderr)
+
+
+def _release(lock: Path, mine: str, made: list[Path]):
+    try:
+        if lock.read_text() == mine:  # ours still (not deleted by hand and taken by another)
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+    _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]):
+    """The folders made for a lock, deepest first, as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def outputs(path: Path) -> list[Path]:
+    """What a stage folder holds besides its lock."""
+    return [p for p in path.iterdir() if p.name != LOCK_FILE] if path.is_dir() else []
+
+
+# ------------------------------------------------------------------ a stage folder's state
 def check_stage_dir(path: Path, resume: bool, force: bool, is_main: bool = True) -> bool:
     """True when resuming. A folder holding outputs needs --resume (continue) or --force (start
     over; cleared later by `clear_stage_dir`, once every input has been checked). Also proves the
@@ -26,7 +157,7 @@ def check_stage_dir(path: Path, resume: bool, force: bool, is_main: bool = True)
     if resume:
         if not (path / "last.pt").is_file():
             raise UserError(f"--resume: {path / 'last.pt'} does not exist, nothing to resume")
-    elif path.exists() and any(path.iterdir()) and not force:
+    elif outputs(path) and not force:
         resumable = "pass --resume to continue, " if (path / "last.pt").is_file() else "no last.pt to resume; pass "
         raise UserError(f"{path} already holds outputs; {resumable}--force to start over"
                         f"{' or --tag to write beside it' if path.name.startswith('finetune_') else ''}")
@@ -63,9 +194,9 @@ def finished_before(out: Path, last_output: str) -> bool:
 
 
 def clear_stage_dir(path: Path):
-    """--force: remove the old outputs; call only after every input and setting has been validated."""
-    if path.exists() and any(path.iterdir()):
-        shutil.rmtree(path)
+    """--force: remove the old outputs (not the lock); call only after every input and setting has been validated."""
+    for p in outputs(path):
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     path.mkdir(parents=True, exist_ok=True)
 
 

@@ -104,11 +104,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CLI_ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+
+
 def run_cli(args: list[str], launcher: list[str] | None = None, timeout=600) -> subprocess.CompletedProcess:
     """Run a stage script as a user would: python SCRIPT ... or deepspeed ... SCRIPT ..."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     cmd = (launcher or [sys.executable]) + args
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env={**os.environ, **CLI_ENV}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_cli(args: list[str]) -> subprocess.Popen:
+    """`run_cli` in the background (python SCRIPT ...): the caller waits for it or kills it."""
+    return subprocess.Popen([sys.executable] + args, cwd=REPO, env={**os.environ, **CLI_ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def deepspeed_launcher(ranks: int) -> list[str]:

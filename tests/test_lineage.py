@@ -291,18 +291,7 @@ def test_event_files_hold_the_stage_scalars(own_copy):
     assert dist == {int(e): pytest.approx(v, abs=1e-5) for e, v in summary["distance_to_final"].items()}
 
 
-def test_progress_is_a_bar_on_a_terminal_and_nothing_in_a_log(monkeypatch):
-    from common.progress import progress
-    from tqdm import tqdm
-    items = range(3)
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
-    assert progress(items, "x") is items
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    bar = progress(items, "x")
-    assert isinstance(bar, tqdm) and list(bar) == [0, 1, 2]
-    assert progress(items, "x", enabled=False) is items  # e.g. ranks other than 0
-
-
+# the bar on a terminal: tests/test_progress.py
 def test_a_stage_logged_to_a_file_has_no_carriage_returns_and_one_line_per_epoch(lineage, tmp_path, monkeypatch,
                                                                                   capfd):
     cfg, _ = lineage
