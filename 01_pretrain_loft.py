@@ -33,7 +33,6 @@ def main(argv=None):
     cfg = load_config(args.config, args.set)
     # the config is valid: only now load torch, DeepSpeed and the training modules
     import torch
-    from common.data import NUM_CLASSES, input_shape
     from common.dist import Comm, agreed, on_main, setup_from_config, teardown
     from common.emergence import EmergenceWatch
     from common.evaluation import load_splits
