@@ -300,7 +300,7 @@ def _judge(tp_group, graph, names: dict, internal: dict, trace: _Trace):
     if not reasons:
         consumers_repeat, mismatches = _consumer_repeats(consumers, names, width, nodes)
         reasons += mismatches
-        if width // segments < 2:   # each conv group keeps a channel: none could go, nor be split
+        if conv_groups and width // segments < 2:   # each conv group keeps a channel: none could go
             alone = [(c, g) for c, g in conv_groups.items() if width // g < 2] or list(conv_groups.items())
             reasons.append(("grouped conv", ", ".join(f"{c}, groups={g}" for c, g in alone)
                             + f": {width // segments} channel per conv group"))

@@ -156,3 +156,22 @@ def test_timm_regnety_004_narrowed_equals_masked_and_l1_removes_half_its_paramet
 def test_a_grouped_conv_with_one_channel_per_conv_group_is_still_a_reason():
     kinds = reason_kinds(dict(discover(MixedGroups()).rejected)["g2"])
     assert kinds == ["grouped conv"]
+
+
+def test_fused_workers_train_a_grouped_model_as_the_workers_in_turn(tmp_path):
+    """A fused grouped conv is S·g conv groups, worker s's the g of block s: one round of one step
+    gives each worker's tensors as the workers in turn do (PyTorch's native CPU kernels, which run a
+    grouped conv group by group; ~1e-7 from summation order)."""
+    from common.data import load_cifar
+    from conftest import DATA
+    from test_launches import RESNEXT, loft_of
+    cifar = load_cifar(DATA, "cifar10", train=True, download=False).subset(torch.arange(64))
+    results = {}
+    with torch.backends.mkldnn.flags(enabled=False):
+        for fused in (False, True):
+            loft = loft_of(tmp_path, cifar, RESNEXT, workers=2, local_iters=1, fused_workers=fused)
+            before = {k: v.clone() for k, v in loft.state.items()}
+            loft.run_round(0)
+            results[fused] = loft.state
+    assert float((results[True]["5.conv2.weight"] - before["5.conv2.weight"]).abs().max()) > 1e-4   # trained
+    assert max(float((results[True][k].double() - v.double()).abs().max()) for k, v in results[False].items()) < 1e-5
