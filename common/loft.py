@@ -31,8 +31,9 @@ def draw_partition(blocks: list[BlockRef], workers: int, seed: int, round_: int)
     """block name → S disjoint sorted index sets covering range(mid), sizes differing by ≤ 1.
 
     A group of s segments (read per conv group by a grouped conv: ChannelGroup.segments) is split
-    segment by segment: worker w gets the same number of channels (differing by ≤ 1 between
-    workers) from every segment, so its j-th channel of segment i sits at i·k + j of its set.
+    segment by segment: worker w gets the same number k of channels (differing by ≤ 1 between
+    workers) from every segment, so its j-th channel of segment i sits at i·k + j of its set (set
+    sizes then differ by 0 or s).
     Seeded by (seed, round) only, so every rank draws the same partition without talking."""
     gen = _gen(seed, PARTITION_STREAM, round_)
     out = {}

@@ -175,3 +175,13 @@ def test_fused_workers_train_a_grouped_model_as_the_workers_in_turn(tmp_path):
             results[fused] = loft.state
     assert float((results[True]["5.conv2.weight"] - before["5.conv2.weight"]).abs().max()) > 1e-4   # trained
     assert max(float((results[True][k].double() - v.double()).abs().max()) for k, v in results[False].items()) < 1e-5
+
+
+def test_more_workers_than_channels_per_conv_group_is_one_line(tmp_path):
+    from common.data import load_cifar
+    from conftest import DATA
+    from test_launches import RESNEXT, loft_of
+    cifar = load_cifar(DATA, "cifar10", train=True, download=False).subset(torch.arange(64))
+    with pytest.raises(UserError, match=r"^pretrain.workers=5 exceeds the narrowest partitioned block "
+                                        r"\(4 channels per conv group of 4\)$"):
+        loft_of(tmp_path, cifar, RESNEXT, workers=5)
