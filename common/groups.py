@@ -2,12 +2,14 @@
 
 A channel group is a set of C channels that producers (output channels of a Conv or Linear)
 hand only through per-channel operations (BatchNorm, activations, pooling, a depthwise conv, a
-squeeze-excitation gate, a flatten) to consumers that read them as input channels. Nothing here
+squeeze-excitation gate, a flatten) to consumers that read them as input channels; a grouped conv
+(groups g > 1) produces or reads them per conv group, so the group's channels then form g equal
+blocks (`segments`) that keep as many channels each. Nothing here
 names a layer: Torch-Pruning's `DependencyGraph` traces one forward and lists, for every
 Conv/Linear, every (node, dimension) its output channels touch; `discover` keeps the Torch-Pruning
 groups whose every node is per-channel and records, for the others, which place ends them and why
-(an add, a concat, a reshape into heads, a norm over the channels, a grouped conv, the model
-output, an unknown op or a custom autograd function).
+(an add, a concat, a reshape into heads, a norm over the channels, a grouped conv with one channel
+per conv group, the model output, an unknown op or a custom autograd function).
 
     found = discover(model, input_shape=(3, 32, 32))
     found.groups          # [ChannelGroup(name="layer2.1.conv1", width=128, producers=..., ...), ...]
@@ -43,15 +45,23 @@ class ChannelGroup:
     producers: (module, dim of its weight and bias holding the group's output channels)
     consumers: (module, dim of its weight holding the input channels, repeat): a consumer behind a
                flatten reads each channel `repeat` times, as `repeat` consecutive input columns
-    members:   per-channel modules between them (BN, depthwise conv, PReLU): every tensor, dim 0"""
+    members:   per-channel modules between them (BN, depthwise conv, PReLU): every tensor, dim 0
+    segments:  the channels form this many equal consecutive blocks, and a keep set (pruned, a
+               worker's share) keeps as many channels of each: the conv groups of the grouped convs
+               that produce or read them (the lcm of their g; 1 without grouped convs)
+    grouped:   (consumer, g) for each consumer that is a grouped conv: the rows of its conv group i
+               (weight dim 0, block i of g) read segment i of g, at weight dim 1 (width/g columns)"""
     name: str
     width: int
     producers: tuple[tuple[str, int], ...]
     consumers: tuple[tuple[str, int, int], ...]
     members: tuple[str, ...] = ()
+    segments: int = 1
+    grouped: tuple[tuple[str, int], ...] = ()
 
     def entries(self, state: dict) -> dict[str, tuple[int, int]]:
-        """State-dict keys of `state` that live on the group's channels → (dim, repeat)."""
+        """State-dict keys of `state` that live on the group's channels → (dim, repeat); a grouped
+        consumer's weight (`grouped`) holds them per conv group (`conv_groups`)."""
         out = {}
         for module, dim in self.producers:
             out.update({f"{module}.{leaf}": (dim, 1) for leaf in ("weight", "bias")})
@@ -60,6 +70,10 @@ class ChannelGroup:
         for module in self.members:
             out.update({f"{module}.{leaf}": (0, 1) for leaf in ("weight", "bias", "running_mean", "running_var")})
         return {k: v for k, v in out.items() if k in state}
+
+    def conv_groups(self) -> dict[str, int]:
+        """Weight key of each grouped consumer → its g (see `grouped`)."""
+        return {f"{module}.weight": g for module, g in self.grouped}
 
 
 @dataclass
@@ -230,6 +244,7 @@ def _op_name(grad_fn) -> str:
 def _judge(tp_group, graph, names: dict, internal: dict, trace: _Trace):
     """A ChannelGroup, or (place, reasons) saying what in the Torch-Pruning group is not per-channel."""
     producers, consumers, members, reasons = [], [], [], []
+    conv_groups = {}   # grouped producer or consumer → its g
     root = tp_group[0].dep.target.module
     width = graph.get_out_channels(root)
     nodes = {}   # node → role, the group's nodes outside modules' inner ops
@@ -258,6 +273,8 @@ def _judge(tp_group, graph, names: dict, internal: dict, trace: _Trace):
                 members.append(name)
             else:
                 reasons.append((kind, f"{name}, groups={module.groups}" if kind == "grouped conv" else name))
+            if kind in ("producer", "consumer") and isinstance(module, CONV_TYPES) and module.groups > 1:
+                conv_groups[name] = module.groups
         elif isinstance(module, nn.modules.batchnorm._BatchNorm) and _output_shape(node.grad_fn)[1] == width:
             members.append(name)
         elif isinstance(module, nn.PReLU):
@@ -279,19 +296,26 @@ def _judge(tp_group, graph, names: dict, internal: dict, trace: _Trace):
         reasons.append(("model input", "the channels come from the input, not from a Conv or Linear"))
     if not consumers and not reasons:
         reasons.append(("unknown op", "no Conv or Linear reads the channels"))
+    segments = math.lcm(*conv_groups.values()) if conv_groups else 1
     if not reasons:
         consumers_repeat, mismatches = _consumer_repeats(consumers, names, width, nodes)
         reasons += mismatches
+        if conv_groups and width // segments < 2:   # each conv group keeps a channel: none could go
+            alone = [(c, g) for c, g in conv_groups.items() if width // g < 2] or list(conv_groups.items())
+            reasons.append(("grouped conv", ", ".join(f"{c}, groups={g}" for c, g in alone)
+                            + f": {width // segments} channel per conv group"))
     if reasons:
         return _place(producers or [names.get(root, "?")], names), _join(reasons)
     producer_dims = tuple((p, 0) for p in _in_module_order(producers, names))
     consumer_dims = tuple((c, 1, consumers_repeat[c]) for c in _in_module_order(consumers, names))
+    grouped = tuple((c, conv_groups[c]) for c, _, _ in consumer_dims if c in conv_groups)
     return ChannelGroup(_place(producers, names), width, producer_dims, consumer_dims,
-                        tuple(_in_module_order(members, names)))
+                        tuple(_in_module_order(members, names)), segments, grouped)
 
 
 def _layer_role(module: nn.Module, role: str, width: int) -> str:
-    """What a Conv/Linear is to the group: producer, consumer, member (depthwise) or a reason."""
+    """What a Conv/Linear is to the group: producer, consumer, member (depthwise) or a reason. A
+    grouped conv (1 < g, not depthwise) produces or reads the group per conv group (`segments`)."""
     fan_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
     if role == "out" and fan_out != width:   # Torch-Pruning coupled it through an op that changes widths
         return "unknown op"      # (the layer's name is the detail)
@@ -299,7 +323,9 @@ def _layer_role(module: nn.Module, role: str, width: int) -> str:
         return "consumer" if role == "in" else "producer"
     if module.groups == module.in_channels == module.out_channels == width:
         return "member"
-    return "grouped conv"
+    if module.groups == module.out_channels:   # Torch-Pruning couples its inputs with its outputs (depthwise)
+        return "grouped conv"
+    return "consumer" if role == "in" else "producer"
 
 
 def _consumer_repeats(consumers, names, width, nodes) -> tuple[dict[str, int], list]:

@@ -6,7 +6,8 @@ A pruning criterion is one scoring function and one registration:
   group (common.groups.ChannelGroup; higher = kept); `prune.kind=name` then prunes structurally (narrower blocks, `kept` indices);
 - `@weight_criterion(name)`: fn(weight) → one score per weight (higher = kept); `prune.kind=name`
   then prunes by masks (unstructured, `mask`).
-Keep counts: a block keeps ceil((1 - p)·C) filters (at least one); a group of n weights keeps
+Keep counts: a block keeps ceil((1 - p)·C) filters (at least one; a group of s segments, read per
+conv group by a grouped conv, ceil((1 - p)·C/s) of each segment); a group of n weights keeps
 round((1 - p)·n), half up. Both round (1 - p)·x to 6 decimals first, so that 0.3·10 is 3, not
 3.0000000000000004, and a half never depends on float noise.
 """
@@ -76,7 +77,10 @@ def unstructured_keep(n: int, ratio: float) -> int:
     return int(math.floor(round((1.0 - ratio) * n, 6) + 0.5))
 
 
-def top_filters(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices of the `keep` largest scores, ties to the lower index, returned sorted ascending."""
-    order = torch.sort(scores, descending=True, stable=True).indices
-    return torch.sort(order[:keep]).values
+def top_filters(scores: torch.Tensor, keep: int, segments: int = 1) -> torch.Tensor:
+    """Indices of the `keep` largest scores of each of `segments` equal consecutive blocks (a
+    group read per conv group by a grouped conv: ChannelGroup.segments; one block: the `keep`
+    largest overall), ties to the lower index, returned sorted ascending."""
+    blocks = scores.view(segments, -1)
+    order = torch.sort(blocks, dim=1, descending=True, stable=True).indices[:, :keep]
+    return torch.sort((order + torch.arange(segments)[:, None] * blocks.shape[1]).reshape(-1)).values

@@ -30,12 +30,19 @@ PARTITION_STREAM = 7_000_001  # generator namespace for partitions, apart from d
 def draw_partition(blocks: list[BlockRef], workers: int, seed: int, round_: int) -> dict[str, list[torch.Tensor]]:
     """block name → S disjoint sorted index sets covering range(mid), sizes differing by ≤ 1.
 
+    A group of s segments (read per conv group by a grouped conv: ChannelGroup.segments) is split
+    segment by segment: worker w gets the same number k of channels (differing by ≤ 1 between
+    workers) from every segment, so its j-th channel of segment i sits at i·k + j of its set (set
+    sizes then differ by 0 or s).
     Seeded by (seed, round) only, so every rank draws the same partition without talking."""
     gen = _gen(seed, PARTITION_STREAM, round_)
     out = {}
     for b in blocks:
-        perm = torch.randperm(b.mid, generator=gen)
-        out[b.name] = [torch.sort(chunk).values for chunk in torch.tensor_split(perm, workers)]
+        s = b.group.segments
+        per = b.mid // s
+        perms = torch.stack([torch.randperm(per, generator=gen) for _ in range(s)])   # [s, per]
+        perms += torch.arange(s)[:, None] * per
+        out[b.name] = [torch.sort(chunk.reshape(-1)).values for chunk in torch.tensor_split(perms, workers, dim=1)]
     return out
 
 
@@ -108,6 +115,10 @@ class RoundExchange:
     element at worker index (i_0, i_1, ...) lies at
         offset + Σ_uncut dims i_d·stride_d + Σ_cut dims stride_d·(r·channels[i_d // r] + i_d % r),
     `channels` being the worker's channels of the cut's group this round (r: the cut's repeat).
+    A grouped conv's input cut (g conv groups, k of the worker's columns each, n_d columns in the
+    global tensor) reads, in a row of conv group q = i_0 // (the worker's rows / g),
+        stride_d·(channels[q·k + i_d] − q·n_d),
+    its sets holding as many channels of each conv group, sorted (`draw_partition`).
     All but `channels[...]` is fixed, a worker's widths being the same every round, so
     `begin_round` finds every position of all S workers as base + Σ_cuts mult·table[slot], `table`
     the round's channel sets concatenated: four operators.
@@ -170,8 +181,8 @@ class _DtypeExchange:
         self.shared_keys = [k for k in keys if k not in plan.entries]
         base, slot, mult, self.part_sizes = [], [], [], []
         for w in range(S):
-            pieces = [self._element_positions(layout, plan.entries[k], k, w, widths, starts, sentinel)
-                      for k in self.part_keys]
+            pieces = [self._element_positions(layout, plan.entries[k], plan.conv_groups.get(k, 1), k, w, widths,
+                                              starts, sentinel) for k in self.part_keys]
             self.part_sizes.append(sum(len(p[0]) for p in pieces))
             for b, s, m in pieces:
                 base.append(b), slot.append(s), mult.append(m)
@@ -218,15 +229,17 @@ class _DtypeExchange:
         self.local_flat = local_flat
 
     @staticmethod
-    def _element_positions(layout, cuts, k, w, widths, starts, sentinel):
+    def _element_positions(layout, cuts, conv_groups, k, w, widths, starts, sentinel):
         """(base, slot, mult) of worker w's elements of partitioned entry k, row-major: position =
         base + mult[0]·table[slot[0]] + mult[1]·table[slot[1]] (an entry cut once: slot[1] points
-        at the table's final 0)."""
+        at the table's final 0). `conv_groups` > 1: k is a grouped conv's weight, its dim-1 cut per
+        conv group."""
         cut_at = {dim: (group, repeat) for group, dim, repeat in cuts}
         if len(cut_at) > 2 or len(cut_at) < len(cuts):
             raise ValueError(f"RoundExchange: {k} is cut {len(cuts)} times along dims {sorted(cut_at)}")
         gshape, gstride = layout.shapes[k], row_major_strides(layout.shapes[k])
-        shape = [widths[cut_at[d][0]][w] * cut_at[d][1] if d in cut_at else n for d, n in enumerate(gshape)]
+        shape = [widths[cut_at[d][0]][w] * cut_at[d][1] // (conv_groups if d == 1 else 1) if d in cut_at else n
+                 for d, n in enumerate(gshape)]
         base = torch.full(shape, layout.offsets[k], dtype=torch.int64)
         slot = [torch.full(shape, sentinel, dtype=torch.int64) for _ in range(2)]
         mult = [torch.zeros(shape, dtype=torch.int64) for _ in range(2)]
@@ -235,8 +248,12 @@ class _DtypeExchange:
             i = torch.arange(n).view([n if e == d else 1 for e in range(len(shape))])
             if d in cut_at:
                 group, repeat = cut_at[d]
+                first = starts[w, group] + i // repeat
+                if d == 1 and conv_groups > 1:   # row i_0's conv group q reads its own k channels, at c − q·n_1
+                    q = torch.arange(shape[0]).view([-1] + [1] * (len(shape) - 1)) // (shape[0] // conv_groups)
+                    first, base = first + q * n, base - q * gshape[d] * gstride[d]
                 base += (i % repeat) * gstride[d]
-                slot[c] = (starts[w, group] + i // repeat).expand(shape)
+                slot[c] = first.expand(shape)
                 mult[c] = torch.full(shape, gstride[d] * repeat, dtype=torch.int64)
                 c += 1
             else:

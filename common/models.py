@@ -42,7 +42,7 @@ from torchvision.models.mobilenetv3 import _mobilenet_v3_conf  # what mobilenet_
 from common.config import is_brought, is_file_callable
 from common.data import NUM_CLASSES, input_shape
 from common.errors import UserError
-from common.narrowing import narrow
+from common.narrowing import first_channels, narrow
 from common.selection import GROUP_DEFAULTS, block_refs
 
 
@@ -410,9 +410,10 @@ def _build_full(name: str, num_classes: int, width: float, dropout: float = 0.0)
 def build_model(arch: dict, importable: frozenset[str] = frozenset()) -> nn.Module:
     """Rebuild a model from its description: {name, num_classes, width, mids?, dropout? (WRN only),
     and for a model the user brings kwargs, input_shape, groups?}. `mids` (group key → width) keeps
-    the first `width` channels of each keyed group (common.narrowing.narrow); the caller loads the
-    values. `importable`: the package.module:callable names this stage invocation may import (its
-    config's model.arch, `Config.importable`): a checkpoint alone never makes a stage import code."""
+    the first `width` channels of each keyed group (of each conv group where a grouped conv reads it:
+    common.narrowing.first_channels); the caller loads the values. `importable`: the
+    package.module:callable names this stage invocation may import (its config's model.arch,
+    `Config.importable`): a checkpoint alone never makes a stage import code."""
     if not is_brought(arch["name"]):
         model = _build_full(arch["name"], int(arch["num_classes"]), float(arch["width"]),
                             float(arch.get("dropout", 0.0)))
@@ -425,7 +426,8 @@ def build_model(arch: dict, importable: frozenset[str] = frozenset()) -> nn.Modu
         if unknown:
             raise UserError(f"arch mids name no channel group of this model: {', '.join(unknown)} (a ticket or "
                             "checkpoint of another architecture?)")
-        keep, groups = {groups[k].name: torch.arange(int(w)) for k, w in mids.items()}, list(groups.values())
+        keep = {groups[k].name: first_channels(groups[k], int(w)) for k, w in mids.items()}
+        groups = list(groups.values())
         small = narrow(model, groups, keep, in_place=not is_brought(arch["name"]))
         error = None if small is model else _forward_error(small, arch)  # a literal width (view(-1, 256))?
         if error:   # one line naming the first group that breaks the forward alone, not a traceback later

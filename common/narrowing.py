@@ -11,7 +11,7 @@ tensor no pruner cuts cannot be narrowed (`narrowing_problem`); the selection le
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -46,6 +46,30 @@ def narrowing_problem(model: nn.Module, group: ChannelGroup) -> str | None:
     return None
 
 
+def take(v: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """`v` cut along `dim` to `idx`. A grouped cut (idx [g, k]: k channels of each of g segments, as
+    `SlicePlan.cuts` gives for a grouped conv's input dim) keeps, in the rows of conv group i (block i
+    of g along dim 0), the columns of the channels idx[i]: channel c of segment i is column
+    c − i·v.shape[dim]."""
+    if idx.dim() == 1:
+        return v.index_select(dim, idx)
+    g, k = idx.shape
+    columns = idx - torch.arange(g, device=idx.device)[:, None] * v.shape[dim]
+    blocks = v.unflatten(0, (g, -1))                              # [g, rows/g, ...]
+    shape = [g] + [k if d == dim + 1 else 1 for d in range(1, blocks.dim())]
+    index = columns.view(shape).expand(*blocks.shape[:dim + 1], k, *blocks.shape[dim + 2:])
+    return blocks.gather(dim + 1, index).flatten(0, 1)
+
+
+def first_channels(group: ChannelGroup, n: int) -> torch.Tensor:
+    """The first n channels of `group` as a keep set: the first n/segments of each segment (a
+    narrowed model's channels are its source's kept ones in order, so these are what it holds)."""
+    per, k = group.width // group.segments, n // group.segments
+    if n % group.segments:
+        raise UserError(f"group {group.name}: {n} channels are not {group.segments} equal conv groups")
+    return (torch.arange(group.segments)[:, None] * per + torch.arange(k)).reshape(-1)
+
+
 def _check_keep(groups: list[ChannelGroup], keep: dict) -> dict[str, torch.Tensor]:
     by_name = {g.name: g for g in groups}
     out = {}
@@ -53,9 +77,13 @@ def _check_keep(groups: list[ChannelGroup], keep: dict) -> dict[str, torch.Tenso
         if name not in by_name:
             raise UserError(f"no channel group named {name!r} (groups: {', '.join(by_name) or 'none'})")
         idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1).cpu()
-        width = by_name[name].width
+        width, segments = by_name[name].width, by_name[name].segments
         if idx.numel() == 0 or idx.unique().numel() != idx.numel() or idx.min() < 0 or idx.max() >= width:
             raise UserError(f"group {name}: kept channels must be distinct indices in [0, {width}), at least one")
+        counts = torch.bincount(idx // (width // segments), minlength=segments)
+        if segments > 1 and (counts != counts[0]).any():
+            raise UserError(f"group {name}: a grouped conv reads its {width} channels as {segments} conv groups of "
+                            f"{width // segments}; keep as many of each (kept {counts.min()} to {counts.max()})")
         out[name] = idx.sort().values
     return out
 
@@ -66,7 +94,8 @@ def narrow(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, torch.T
     """A copy of `model` (`model` itself if `in_place`) with every group named in `keep` (group
     name → kept channels) cut to those channels, in ascending order, in its producers, members and
     consumers. Groups are those traced on `model` as it is, so two groups on one module (a
-    Bottleneck's 3x3 conv) cut both of its dims."""
+    Bottleneck's 3x3 conv) cut both of its dims. A grouped consumer keeps, in each conv group's
+    rows, the columns of that group's kept channels (as many in each: `groups` stays g)."""
     keep = _check_keep(groups, keep)
     model = model if in_place else copy.deepcopy(model)
     modules = dict(model.named_modules())
@@ -82,8 +111,14 @@ def narrow(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, torch.T
         for name, _ in g.producers:
             m = modules[name]
             (tp.prune_linear_out_channels if isinstance(m, nn.Linear) else tp.prune_conv_out_channels)(m, removed)
+        conv_groups = dict(g.grouped)
         for name, _, repeat in g.consumers:
             m = modules[name]
+            if name in conv_groups:   # Torch-Pruning's in-channel pruner keeps conv group 0's columns for all
+                m.weight = nn.Parameter(take(m.weight.detach(), 1, keep[g.name].view(m.groups, -1)),
+                                        m.weight.requires_grad)
+                m.in_channels = len(keep[g.name])
+                continue
             columns = channel_columns(torch.tensor(removed), repeat).tolist()
             (tp.prune_linear_in_channels if isinstance(m, nn.Linear) else tp.prune_conv_in_channels)(m, columns)
         for name in g.members:
@@ -129,29 +164,37 @@ def _mask_input(columns: torch.Tensor, channel_dim: int):
 class SlicePlan:
     """Which state entries live on keyed channel groups: key → ((group key, dim, repeat), ...).
     An entry on two groups (a Bottleneck's conv2: outputs on its own group, inputs on conv1's) is
-    cut along both dims; `repeat` > 1 where a flatten gives each channel that many columns."""
+    cut along both dims; `repeat` > 1 where a flatten gives each channel that many columns.
+    `conv_groups`: key → g for a grouped conv's weight, whose dim-1 cut is per conv group
+    (ChannelGroup.grouped; `take`)."""
     entries: dict[str, tuple[tuple[str, int, int], ...]]
+    conv_groups: dict[str, int] = field(default_factory=dict)
 
     @staticmethod
     def of(blocks, state: dict) -> "SlicePlan":
         """`blocks`: keyed groups (common.selection.BlockRef)."""
         entries: dict[str, tuple] = {}
+        conv_groups = {}
         for b in blocks:
             for k, (dim, repeat) in b.group.entries(state).items():
                 entries[k] = (*entries.get(k, ()), (b.name, dim, repeat))
-        return SlicePlan(entries)
+            conv_groups.update(b.group.conv_groups())
+        return SlicePlan(entries, {k: g for k, g in conv_groups.items() if k in entries})
 
     def cuts(self, key: str, channels: dict) -> list[tuple[int, torch.Tensor]]:
-        """(dim, indices) that cut entry `key` to `channels` (group key → kept channels)."""
-        return [(dim, channel_columns(channels[group], repeat))
+        """(dim, indices) that cut entry `key` to `channels` (group key → kept channels); a grouped
+        conv's input cut: (1, the kept channels as [g, k], k of each conv group) (see `take`)."""
+        g = self.conv_groups.get(key, 1)
+        return [(dim, channels[group].view(g, -1) if g > 1 and dim == 1 else channel_columns(channels[group], repeat))
                 for group, dim, repeat in self.entries.get(key, ()) if group in channels]
 
     def shape(self, state: dict, key: str, channels: dict) -> list[int]:
         """Shape of entry `key` cut to `channels` (group key → kept channels)."""
         shape = list(state[key].shape)
+        g = self.conv_groups.get(key, 1)
         for group, dim, repeat in self.entries.get(key, ()):
             if group in channels:
-                shape[dim] = len(channels[group]) * repeat
+                shape[dim] = len(channels[group]) * repeat // (g if dim == 1 else 1)
         return shape
 
 
@@ -161,6 +204,6 @@ def select_channels(state: dict, plan: SlicePlan, channels: dict[str, torch.Tens
     for k, v in state.items():
         cuts = plan.cuts(k, channels)
         for dim, idx in cuts:
-            v = v.index_select(dim, idx)
+            v = take(v, dim, idx)
         sub[k] = v if cuts else v.clone()
     return sub

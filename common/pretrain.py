@@ -211,17 +211,22 @@ class Loft:
         blocks = partitioned_blocks(model, self.cfg.pretrain.partition_stage1, self.arch, self.cfg.pretrain.overlap)
         if not blocks:
             raise UserError(f"model.arch={self.arch['name']}: no partitionable blocks")
-        narrowest = min(b.mid for b in blocks)
-        if self.S > narrowest:
-            raise UserError(f"pretrain.workers={self.S} exceeds the narrowest partitioned block ({narrowest} channels)")
+        narrowest = min(blocks, key=lambda b: b.mid // b.group.segments)   # a worker takes channels of every segment
+        if self.S > narrowest.mid // narrowest.group.segments:
+            per = f" per conv group of {narrowest.group.segments}" if narrowest.group.segments > 1 else ""
+            raise UserError(f"pretrain.workers={self.S} exceeds the narrowest partitioned block "
+                            f"({narrowest.mid // narrowest.group.segments} channels{per})")
         return blocks
 
     def check_fusable(self, part: dict):
-        """Fused workers need equal shapes: S must divide every partitioned block's width."""
+        """Fused workers need equal shapes: S must divide every partitioned block's width (its
+        width per conv group where a grouped conv reads it)."""
+        segments = {b.name: b.group.segments for b in self.blocks}
         for name, sets in part.items():
             if len({len(s) for s in sets}) > 1:
                 mid = sum(len(s) for s in sets)
-                raise UserError(f"pretrain.fused_workers: block {name} has {mid} channels, not divisible by "
+                per = f" ({segments[name]} conv groups of {mid // segments[name]})" if segments[name] > 1 else ""
+                raise UserError(f"pretrain.fused_workers: block {name} has {mid} channels{per}, not divisible by "
                                 f"pretrain.workers={self.S} (the fused workers need equal widths)")
 
     def run_round(self, r: int) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Structured (LoFT; Li et al. 2016). For every prunable channel group (`common.selection.prunable_blocks`:
 with the `paper` preset, blocks [1:] of every stage) keep the ceil((1-p)·C) producer (conv1)
-filters of largest L1 norm (at least one; ties go to the lower index), with the group's member
+filters of largest L1 norm (at least one; ties go to the lower index; where a grouped conv produces
+or reads the group, ceil((1-p)·C/g) in each of its g conv groups), with the group's member
 (mid-BN) channels and its consumers' (conv2's) input channels. Kept indices are sorted ascending,
 so channel order is preserved. The result is the model narrowed by `common.narrowing.narrow` (a
 physically smaller model, rebuilt later by `build_model` from `arch["mids"]`), whose forward
@@ -71,7 +72,8 @@ def prune_filters(model: nn.Module, arch: dict, ratio: float,
     rel, rows = {}, []
     for b in blocks:
         norms = FILTER_CRITERIA[kind](state, b.group)
-        rel[b.name] = top_filters(norms, structured_keep(b.mid, ratio))
+        segments = b.group.segments   # a grouped conv's conv groups keep as many filters each
+        rel[b.name] = top_filters(norms, structured_keep(b.mid // segments, ratio), segments)
         rows.append({"block": b.name, "before": b.mid, "after": len(rel[b.name]),
                      "l1_threshold": float(norms[rel[b.name]].min())})
     new_arch = narrowed_arch(arch, {name: len(idx) for name, idx in rel.items()})

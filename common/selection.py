@@ -108,7 +108,8 @@ def format_groups(found: Discovery, chosen: Selection | None = None) -> str:
     rows = [("group", "width", "producers", "consumers", "chosen" if chosen else "")]
     for g in found.groups:
         consumers = ", ".join(c if r == 1 else f"{c} (x{r})" for c, _, r in g.consumers)
-        rows.append((g.name, str(g.width), ", ".join(p for p, _ in g.producers), consumers, chosen_text(g.name)))
+        width = f"{g.segments}x{g.width // g.segments}" if g.segments > 1 else str(g.width)   # per conv group
+        rows.append((g.name, width, ", ".join(p for p, _ in g.producers), consumers, chosen_text(g.name)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [f"{r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]:<{widths[3]}}  {r[4]}".rstrip()
              for r in rows]

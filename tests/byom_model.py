@@ -1,7 +1,8 @@
 """A model a user brings (`model.arch: byom_model:small_cnn`, the tests folder on sys.path):
 conv-BN-ReLU twice, a flatten, two linear layers. Its groups: conv1's channels (consumed by
 conv2), conv2's (consumed by fc1 behind the flatten, each channel over 16 columns) and fc1's
-hidden units (consumed by fc2): the Linear → ReLU → Linear chain is one more group."""
+hidden units (consumed by fc2): the Linear → ReLU → Linear chain is one more group. Beside it,
+BN subclasses, a shared conv, a literal view, and `tiny_resnext` (grouped convs)."""
 import torch
 import torch.nn as nn
 
@@ -72,3 +73,31 @@ class LiteralViewNet(nn.Module):
     def forward(self, x):
         x = self.pool(torch.relu(self.conv2(torch.relu(self.conv1(x)))))
         return self.fc(x.view(-1, 16 * 16))
+
+
+class GroupedBottleneck(nn.Module):
+    """conv1 (1x1) → BN → ReLU → conv2 (3x3, `groups` conv groups) → BN → ReLU [→ squeeze-excitation
+    gate] → conv3 (1x1) → BN, added to a projection shortcut: a ResNeXt bottleneck (RegNetY's with `se`)."""
+
+    def __init__(self, in_ch: int, mid: int, out_ch: int, groups: int, se: bool = False):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(in_ch, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv2, self.bn2 = nn.Conv2d(mid, mid, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(mid)
+        self.se = nn.Sequential(nn.Conv2d(mid, mid // 4, 1), nn.ReLU(), nn.Conv2d(mid // 4, mid, 1)) if se else None
+        self.conv3, self.bn3 = nn.Conv2d(mid, out_ch, 1, bias=False), nn.BatchNorm2d(out_ch)
+        self.shortcut = nn.Conv2d(in_ch, out_ch, 1, bias=False)
+
+    def forward(self, x):
+        y = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        if self.se is not None:
+            y = y * torch.sigmoid(self.se(y.mean((2, 3), keepdim=True)))
+        return torch.relu(self.bn3(self.conv3(y)) + self.shortcut(x))
+
+
+def tiny_resnext(num_classes: int = 10, width: int = 16, groups: int = 4) -> nn.Module:
+    """Stem, a ResNeXt bottleneck, a RegNetY-like one (with SE), then the mean and a classifier."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
+        GroupedBottleneck(width, width, 2 * width, groups),
+        GroupedBottleneck(2 * width, 2 * width, 2 * width, groups, se=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(2 * width, num_classes))

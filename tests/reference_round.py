@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from common.loft import floor_mean_of_workers, mean_of_workers
-from common.narrowing import SlicePlan, select_channels
+from common.narrowing import SlicePlan, select_channels, take
 
 
 def extract(state: dict, plan: SlicePlan, part: dict, worker: int) -> dict:
@@ -20,13 +20,19 @@ def partition_to(part: dict, device) -> dict:
 
 def place(target: torch.Tensor, cuts: list[tuple[int, torch.Tensor]], values: torch.Tensor) -> None:
     """Write `values` into `target` at the cut's indices (one dim: a row/column placement; two: the
-    block [rows x columns], the rest of those rows and columns untouched)."""
+    block [rows x columns], the rest of those rows and columns untouched). A grouped conv's input
+    cut (indices [g, k]) places, in the rows of conv group i, the columns of channels idx[i]."""
     (dim, idx), rest = cuts[0], cuts[1:]
     if rest:
-        block = target.index_select(dim, idx)
+        block = take(target, dim, idx)
         place(block, rest, values)
         values = block
-    target.index_copy_(dim, idx, values.to(target.dtype))
+    if idx.dim() == 1:
+        target.index_copy_(dim, idx, values.to(target.dtype))
+        return
+    columns = target.shape[dim]
+    for i, (rows, vals) in enumerate(zip(target.chunk(len(idx), 0), values.chunk(len(idx), 0))):
+        rows.index_copy_(dim, idx[i] - i * columns, vals.to(target.dtype))
 
 
 def _flat(tensors) -> torch.Tensor:

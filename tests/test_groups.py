@@ -302,10 +302,13 @@ class ChannelNorms(nn.Module):
 
 
 class Grouped(nn.Module):
+    """A depth multiplier conv (groups = its 8 inputs, 16 outputs): conv's channels are one per conv
+    group, so none could be removed (tests/test_grouped_conv.py: grouped convs that narrow)."""
+
     def __init__(self):
         super().__init__()
-        self.conv, self.bn, self.grouped = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, groups=2)
-        self.head = nn.Linear(8, 2)
+        self.conv, self.bn, self.grouped = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 16, 3, groups=8)
+        self.head = nn.Linear(16, 2)
 
     def forward(self, x):
         return self.head(self.grouped(torch.relu(self.bn(self.conv(x)))).mean((2, 3)))
@@ -361,7 +364,7 @@ def test_what_the_rejection_models_keep():
     """Around the rejected places, the per-channel groups are still found."""
     assert [g.name for g in discover(TwoOutputs()).groups] == ["conv"]
     assert [g.name for g in discover(CustomFunction()).groups] == ["conv2"]
-    assert [g.name for g in discover(Grouped()).groups] == []
+    assert [g.name for g in discover(Grouped()).groups] == ["grouped"]   # 2 of its outputs per conv group
     assert dict(discover(CustomFunction()).rejected)["conv"] == "custom autograd function (Double)"
 
 

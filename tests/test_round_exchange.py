@@ -48,6 +48,7 @@ def loft_of(tmp_path, cifar, model, device="cpu", **pretrain):
 TINY_MODEL = TINY["model"]
 R50 = {"arch": "torchvision.resnet50", "kwargs": {"width_per_group": 8}}
 EFFNET = {"arch": "timm.efficientnet_b0", "group_preset": "all"}   # timm's BatchNormAct2d, SE gates
+RESNEXT = {"arch": "byom_model:tiny_resnext", "group_preset": "all"}   # grouped convs (4 conv groups)
 
 
 @pytest.mark.parametrize("model,pretrain", [
@@ -58,8 +59,11 @@ EFFNET = {"arch": "timm.efficientnet_b0", "group_preset": "all"}   # timm's Batc
     (R50, {"workers": 4}),                      # block-diagonal: conv2 cut along both dims
     (EFFNET, {"workers": 2}),
     (TINY_MODEL, {"workers": 2, "carry_momentum": True}),
+    (RESNEXT, {"workers": 2}),                  # a grouped conv's input cut per conv group, with its rows
+    (RESNEXT, {"workers": 3, "carry_momentum": True}),   # 4 channels per conv group: sets of 2, 1, 1 each
+    (RESNEXT, {"workers": 2, "fused_workers": True}),
 ], ids=["in-turn", "channels-last", "fused", "localsgd", "resnet50-block-diagonal", "timm-efficientnet",
-        "carried-momentum"])
+        "carried-momentum", "resnext-grouped", "resnext-3-workers", "resnext-fused"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_flat_exchange_loads_and_aggregates_as_extract_and_aggregate(tmp_path, cifar, model, pretrain, device):
     """RoundExchange against the per-tensor reference (extract, aggregate), bit for bit: the
