@@ -3,6 +3,7 @@ per run the unpruned reference and the emergence epochs, results of another line
 ticket, a pretraining redone since) listed apart and marked, repeats of a seed never pooled as
 seeds, and a plot with a title, axes, a legend and one point per run."""
 import contextlib
+import csv
 import io
 import json
 import statistics
@@ -11,7 +12,6 @@ import sys
 import pytest
 import yaml
 
-from common.runs import read_csv
 
 from conftest import REPO, TINY, _merge, stage
 
@@ -92,7 +92,7 @@ def test_report_gives_each_runs_unpruned_reference_and_emergence_epochs(tree):
     runs, _ = tree
     md, _ = report.report(runs)
     summary = json.loads((runs / "a/distance/summary.json").read_text())
-    last = read_csv(runs / "a/pretrain/metrics.csv")[-1]
+    last = list(csv.DictReader(open(runs / "a/pretrain/metrics.csv", newline="")))[-1]
     row = next(l for l in md.splitlines() if l.startswith(f"| {runs / 'a'} | 0 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == f"{float(last['test_acc']):.2f} (epoch 1)"
