@@ -2,7 +2,7 @@
 are a group of g segments (ChannelGroup.segments), cut by keeping as many channels of each, so the
 conv stays g dense conv groups. Narrowed = masked, a keep uneven across segments is refused, L1
 pruning ranks per segment, and LoFT's partition gives every worker as many channels of each
-segment (the round exchange against the reference: tests/test_launches.py)."""
+segment (the round exchange against the reference: tests/test_round_exchange.py)."""
 import pytest
 import torch
 import torch.nn as nn
@@ -163,7 +163,7 @@ def test_fused_workers_train_a_grouped_model_as_the_workers_in_turn(tmp_path):
     grouped conv group by group; ~1e-7 from summation order)."""
     from common.data import load_cifar
     from conftest import DATA
-    from test_launches import RESNEXT, loft_of
+    from test_round_exchange import RESNEXT, loft_of
     cifar = load_cifar(DATA, "cifar10", train=True, download=False).subset(torch.arange(64))
     results = {}
     with torch.backends.mkldnn.flags(enabled=False):
@@ -179,7 +179,7 @@ def test_fused_workers_train_a_grouped_model_as_the_workers_in_turn(tmp_path):
 def test_more_workers_than_channels_per_conv_group_is_one_line(tmp_path):
     from common.data import load_cifar
     from conftest import DATA
-    from test_launches import RESNEXT, loft_of
+    from test_round_exchange import RESNEXT, loft_of
     cifar = load_cifar(DATA, "cifar10", train=True, download=False).subset(torch.arange(64))
     with pytest.raises(UserError, match=r"^pretrain.workers=5 exceeds the narrowest partitioned block "
                                         r"\(4 channels per conv group of 4\)$"):
